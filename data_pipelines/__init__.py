@@ -1,0 +1,1 @@
+"""Raw clips -> manifests -> WebDataset shards -> streamed, decoded, augmented batches."""

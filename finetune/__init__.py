@@ -1,0 +1,1 @@
+"""Export, probing and fine-tuning of pretrained audio-visual emotion encoders."""
