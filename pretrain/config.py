@@ -20,7 +20,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     """Merge schema defaults <- YAML file (and its `defaults:` chain) <- `key=value` overrides.
 
     The YAML may name a parent file under `base:` (relative to itself) so size and protocol
-    configs can share a common body.
+    configs can share a common body, and any mapping may hold `_file_: other.yaml` to be filled
+    from that file (e.g. `model: {_file_: ../model/base.yaml}`), keys beside it winning.
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
@@ -43,7 +44,19 @@ def _yaml_chain(path: Path) -> list[DictConfig]:
         raise ConfigError(f"cannot parse YAML config {path}: {err}") from err
     base = node.pop("base", None)
     chain = _yaml_chain((path.parent / str(base)).resolve()) if base else []
-    return [*chain, node]
+    return [*chain, _include_files(node, path.parent)]
+
+
+def _include_files(node: Any, folder: Path) -> Any:
+    if not isinstance(node, DictConfig):
+        return node
+    included = node.pop("_file_", None)
+    for key in list(node.keys()):
+        node[key] = _include_files(node[key], folder)
+    if included is None:
+        return node
+    layers = _yaml_chain((folder / str(included)).resolve())
+    return OmegaConf.merge(*layers, node)
 
 
 def _merge(cfg: DictConfig, layer: Any, where: str) -> DictConfig:
