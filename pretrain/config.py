@@ -52,6 +52,8 @@ def _include_files(node: Any, folder: Path) -> Any:
         return node
     included = node.pop("_file_", None)
     for key in list(node.keys()):
+        if OmegaConf.is_interpolation(node, key):
+            continue  # reading it would resolve `${...}` before the whole config exists
         node[key] = _include_files(node[key], folder)
     if included is None:
         return node

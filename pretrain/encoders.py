@@ -1,0 +1,407 @@
+"""Audio-visual encoders (DESIGN §2): a video ViT over 2x16x16 tubelets, an audio ViT over 16x16
+fbank patches, and a cross-modal fusion encoder, as two separate stacks (HiCMAE) or one shared stack
+(VAEmo's unified encoder). Imports only torch, timm and einops so exports and fine-tuning never need
+training code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LN_EPS = 1e-6
+
+
+@dataclass
+class ModelConfig:
+    """The architecture; defaults are HiCMAE-base. Stored in checkpoints as `asdict(cfg)`."""
+
+    kind: str = "separate"  # "separate" (HiCMAE) | "unified" (VAEmo: one shared block stack)
+    num_frames: int = 16
+    img_size: int = 160
+    tubelet: int = 2
+    patch: int = 16
+    fbank_frames: int = 256
+    mel_bins: int = 128
+    width: int = 512
+    heads: int = 8
+    depth: int = 10
+    fusion_depth: int = 2
+    decoder_width: int = 384
+    decoder_heads: int = 6
+    decoder_depth: int = 4
+    mlp_ratio: float = 4.0
+    skip_layers: list[int] = field(default_factory=lambda: [4, 7, 10])  # 1-based hierarchical levels
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+    qv_bias: bool = True  # q and v biases, no k bias (a k bias only shifts every logit of a row equally)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig keys {unknown}; expected a subset of {[f.name for f in fields(cls)]}"
+            )
+        cfg = cls(**{k: (list(v) if k == "skip_layers" else v) for k, v in d.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        need(self.kind in ("separate", "unified"), f"kind must be 'separate' or 'unified', got {self.kind!r}")
+        need(
+            self.num_frames % self.tubelet == 0,
+            f"num_frames={self.num_frames} must be a multiple of tubelet={self.tubelet}",
+        )
+        need(
+            self.img_size % self.patch == 0,
+            f"img_size={self.img_size} must be a multiple of patch={self.patch}",
+        )
+        need(
+            self.fbank_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
+            f"fbank_frames={self.fbank_frames} and mel_bins={self.mel_bins} must be multiples of patch={self.patch}",
+        )
+        need(self.width % self.heads == 0, f"width={self.width} must be divisible by heads={self.heads}")
+        need(
+            self.decoder_width % self.decoder_heads == 0,
+            f"decoder_width={self.decoder_width} must be divisible by decoder_heads={self.decoder_heads}",
+        )
+        need(
+            all(1 <= k <= self.depth for k in self.skip_layers),
+            f"skip_layers={list(self.skip_layers)} must lie in 1..depth={self.depth}",
+        )
+        need(
+            self.decoder_depth == len(self.skip_layers) + 1,
+            f"decoder_depth={self.decoder_depth} must be 1 + len(skip_layers)={len(self.skip_layers)} "
+            "(one self-attention block, then one cross block per skip level)",
+        )
+
+    @property
+    def video_grid(self) -> tuple[int, int, int]:
+        g = self.img_size // self.patch
+        return self.num_frames // self.tubelet, g, g
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        return self.fbank_frames // self.patch, self.mel_bins // self.patch
+
+    @property
+    def num_video_tokens(self) -> int:
+        return math.prod(self.video_grid)
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return math.prod(self.audio_grid)
+
+    @property
+    def video_patch_dim(self) -> int:
+        return self.tubelet * self.patch * self.patch * 3
+
+    @property
+    def audio_patch_dim(self) -> int:
+        return self.patch * self.patch
+
+
+def normalize_video(video: Tensor) -> Tensor:
+    """video: (B, T, 3, H, W) uint8 -> float32 normalised with ImageNet mean/std."""
+    if video.dtype != torch.uint8:
+        raise TypeError(f"normalize_video expects uint8 frames (B, T, 3, H, W), got {video.dtype}")
+    mean = video.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 1, 3, 1, 1)
+    std = video.new_tensor(IMAGENET_STD, dtype=torch.float32).view(1, 1, 3, 1, 1)
+    return (video.float() / 255.0 - mean) / std
+
+
+def sinusoid_table(num_tokens: int, dim: int) -> Tensor:
+    """Fixed 1-D sin/cos position table over a flattened token grid: (1, N, dim)."""
+    pos = torch.arange(num_tokens, dtype=torch.float64)[:, None]
+    rates = 1.0 / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
+    angles = pos * rates[None, :]
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angles), torch.cos(angles))
+    return table.float().unsqueeze(0)
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """x: (B, N, D), ids: (B, K) -> (B, K, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA with q and v biases only; `cross=True` takes keys/values
+    from a separate context sequence."""
+
+    def __init__(self, dim: int, heads: int, qv_bias: bool = True, cross: bool = False):
+        super().__init__()
+        self.heads, self.cross = heads, cross
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=qv_bias)
+            self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x: (B, N, D), context: (B, M, D) for cross attention -> (B, N, D)."""
+        if self.cross:
+            q = self.q(x)
+            kv_bias = None if self.v_bias is None else torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+            k, v = F.linear(context, self.kv.weight, kv_bias).chunk(2, dim=-1)
+        else:
+            bias = None
+            if self.q_bias is not None:
+                bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _mlp(dim: int, mlp_ratio: float) -> Mlp:
+    return Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, then MLP."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, qv_bias: bool = True, drop_path: float = 0.0
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads, qv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = _mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossSelfBlock(nn.Module):
+    """ "Cross then self" block: the query stream attends to a context stream (separate norms for
+    query and context), then to itself, then MLP."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, qv_bias: bool = True, drop_path: float = 0.0
+    ):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm_context = nn.LayerNorm(dim, eps=LN_EPS)
+        self.cross_attn = Attention(dim, heads, qv_bias, cross=True)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads, qv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = _mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x: (B, N, D), context: (B, M, D) -> (B, N, D)."""
+        x = x + self.drop_path(self.cross_attn(self.norm_q(x), self.norm_context(context)))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VideoPatchEmbed(nn.Module):
+    """Tubelets (tubelet x patch x patch) -> tokens + fixed positions (+ a modality token)."""
+
+    def __init__(self, cfg: ModelConfig, modality_token: bool = False):
+        super().__init__()
+        size = (cfg.tubelet, cfg.patch, cfg.patch)
+        self.proj = nn.Conv3d(3, cfg.width, kernel_size=size, stride=size)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_video_tokens, cfg.width), persistent=False)
+        self.modality_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if modality_token else None
+
+    def forward(self, video: Tensor) -> Tensor:
+        """video: (B, T, 3, H, W) float -> (B, T/t * H/p * W/p, D), tokens in (t, h, w) order."""
+        x = self.proj(rearrange(video, "b t c h w -> b c t h w")).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed.to(x.dtype)
+        return x if self.modality_token is None else x + self.modality_token
+
+
+class AudioPatchEmbed(nn.Module):
+    """16x16 fbank patches -> tokens + fixed positions (+ a modality token)."""
+
+    def __init__(self, cfg: ModelConfig, modality_token: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_audio_tokens, cfg.width), persistent=False)
+        self.modality_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if modality_token else None
+
+    def forward(self, fbank: Tensor) -> Tensor:
+        """fbank: (B, F, M) -> (B, F/p * M/p, D), tokens in (time, freq) order."""
+        x = self.proj(fbank.unsqueeze(1)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed.to(x.dtype)
+        return x if self.modality_token is None else x + self.modality_token
+
+
+class FusionEncoder(nn.Module):
+    """Cross-modal fusion (HiCMAE): each layer updates both streams from the previous layer's outputs,
+    video attending to audio and audio to video; separate final norms."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        args = (cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, cfg.drop_path)
+        self.video_blocks = nn.ModuleList(CrossSelfBlock(*args) for _ in range(cfg.fusion_depth))
+        self.audio_blocks = nn.ModuleList(CrossSelfBlock(*args) for _ in range(cfg.fusion_depth))
+        self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+
+    def forward(self, v: Tensor, a: Tensor, run=None) -> tuple[Tensor, Tensor]:
+        run = run or (lambda block, *xs: block(*xs))
+        for vb, ab in zip(self.video_blocks, self.audio_blocks):
+            v, a = run(vb, v, a), run(ab, a, v)
+        return self.video_norm(v), self.audio_norm(a)
+
+
+class JointFusionEncoder(nn.Module):
+    """Unified fusion (VAEmo-style): self-attention blocks over the concatenated video and audio
+    tokens, so one set of weights serves both directions; separate final norms."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, cfg.drop_path)
+            for _ in range(cfg.fusion_depth)
+        )
+        self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+
+    def forward(self, v: Tensor, a: Tensor, run=None) -> tuple[Tensor, Tensor]:
+        run = run or (lambda block, *xs: block(*xs))
+        x = torch.cat([v, a], dim=1)
+        for block in self.blocks:
+            x = run(block, x)
+        v, a = x.split([v.shape[1], a.shape[1]], dim=1)
+        return self.video_norm(v), self.audio_norm(a)
+
+
+@dataclass
+class EncoderOutput:
+    """Per-block outputs after the final norm, `(B, N, D)` each (index k-1 is layer k), and the
+    fusion encoder's outputs. N is the number of visible tokens when ids_keep were given."""
+
+    video_layers: list[Tensor]
+    audio_layers: list[Tensor]
+    fused_video: Tensor
+    fused_audio: Tensor
+
+
+class AVEncoder(nn.Module):
+    """Video + audio encoders and the fusion encoder. `kind="separate"`: one ViT per modality;
+    `kind="unified"`: modality-specific patch embeddings and modality tokens, one shared block stack
+    and a joint fusion encoder (about half the parameters)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.grad_checkpointing = cfg.grad_checkpointing
+        unified = cfg.kind == "unified"
+        self.video_embed = VideoPatchEmbed(cfg, modality_token=unified)
+        self.audio_embed = AudioPatchEmbed(cfg, modality_token=unified)
+        # stochastic depth grows linearly with depth; fusion blocks use the top rate
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r) for r in rates)
+
+        if unified:
+            self.blocks = stack()
+        else:
+            self.video_blocks, self.audio_blocks = stack(), stack()
+        self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.fusion = JointFusionEncoder(cfg) if unified else FusionEncoder(cfg)
+        self.apply(init_weights)
+        for embed in (self.video_embed, self.audio_embed):
+            w = embed.proj.weight.data  # a patch embedding is a linear map of the flattened patch
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if embed.modality_token is not None:
+                trunc_normal_(embed.modality_token, std=0.02)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"{m}_embed.modality_token" for m in ("video", "audio") if self.cfg.kind == "unified"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _run(self, block: nn.Module, *xs: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *xs, use_reentrant=False)
+        return block(*xs)
+
+    def _encode(self, x: Tensor, blocks: nn.ModuleList, norm: nn.LayerNorm) -> list[Tensor]:
+        layers = []
+        for block in blocks:
+            x = self._run(block, x)
+            layers.append(norm(x))
+        return layers
+
+    def _check_inputs(self, video: Tensor, fbank: Tensor) -> None:
+        c = self.cfg
+        want_v = (c.num_frames, 3, c.img_size, c.img_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != want_v:
+            raise ValueError(f"video must be (B, {', '.join(map(str, want_v))}), got {tuple(video.shape)}")
+        if fbank.ndim != 3 or tuple(fbank.shape[1:]) != (c.fbank_frames, c.mel_bins):
+            raise ValueError(f"fbank must be (B, {c.fbank_frames}, {c.mel_bins}), got {tuple(fbank.shape)}")
+        if not video.is_floating_point():
+            raise TypeError(
+                "forward_features takes normalised float video; call normalize_video on uint8 frames"
+            )
+
+    def forward_features(
+        self,
+        video: Tensor,
+        fbank: Tensor,
+        video_ids_keep: Tensor | None = None,
+        audio_ids_keep: Tensor | None = None,
+    ) -> EncoderOutput:
+        """video: (B, T, 3, H, W) normalised float; fbank: (B, F, M); ids_keep: (B, K) token indices
+        of the visible tokens (only those enter the encoders)."""
+        self._check_inputs(video, fbank)
+        v, a = self.video_embed(video), self.audio_embed(fbank)
+        if video_ids_keep is not None:
+            v = gather_tokens(v, video_ids_keep)
+        if audio_ids_keep is not None:
+            a = gather_tokens(a, audio_ids_keep)
+        shared = self.cfg.kind == "unified"
+        video_layers = self._encode(v, self.blocks if shared else self.video_blocks, self.video_norm)
+        audio_layers = self._encode(a, self.blocks if shared else self.audio_blocks, self.audio_norm)
+        fused_video, fused_audio = self.fusion(video_layers[-1], audio_layers[-1], run=self._run)
+        return EncoderOutput(video_layers, audio_layers, fused_video, fused_audio)
+
+    def forward(self, video: Tensor, fbank: Tensor) -> EncoderOutput:
+        return self.forward_features(video, fbank)
+
+
+def init_weights(m: nn.Module) -> None:
+    """DESIGN §2 init: xavier-uniform linears with zero bias, LayerNorm (1, 0)."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,148 @@
+"""Pretraining objectives (DESIGN §2): reconstruction targets and the hierarchical cross-modal
+contrastive loss, which gathers negatives across ranks itself (open_clip's shape) so the training loop
+never sees all_gather.
+
+Distributed convention: with world size W, every rank gathers all ranks' features (gradient kept)
+and returns the symmetric InfoNCE of its *own* rows against *all* columns. The mean of the W rank
+losses equals the single-process loss on the concatenated batch, and the gradient that reaches a
+rank's features is W times the single-process gradient (each rank's loss also pulls on the others'
+features); DDP/DeepSpeed average gradients over ranks, which divides the W back out, so the final
+parameter gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------- reconstruction targets
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise each patch over its pixels, separately per channel: (..., P, C) -> (..., P, C).
+    Unbiased std, as the reference."""
+    mean = patches.mean(dim=-2, keepdim=True)
+    std = patches.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+    return (patches - mean) / (std + eps)
+
+
+def frame_difference(tubelets: Tensor) -> Tensor:
+    """(..., t, P, C) -> same shape, frames 1.. replaced by their difference from frame 0 of the
+    tubelet: the target then asks for motion, not a second copy of the appearance."""
+    return torch.cat([tubelets[..., :1, :, :], tubelets[..., 1:, :, :] - tubelets[..., :1, :, :]], dim=-3)
+
+
+def video_target(patches: Tensor, tubelet: int, norm_pix: bool = True, frame_diff: bool = True) -> Tensor:
+    """patches: (B, N, tubelet * p * p * 3) of de-normalised [0, 1] pixels in (t, p, p, c) order ->
+    target of the same shape."""
+    b, n, d = patches.shape
+    x = patches.reshape(b, n, tubelet, d // (tubelet * 3), 3).float()
+    if norm_pix:
+        x = normalize_patches(x.flatten(2, 3)).view_as(x)
+    if frame_diff:
+        x = frame_difference(x)
+    return x.reshape(b, n, d)
+
+
+def audio_target(patches: Tensor, norm_pix: bool = True) -> Tensor:
+    """patches: (B, N, p * p) fbank patches -> target of the same shape (normalised per patch)."""
+    patches = patches.float()
+    return normalize_patches(patches.unsqueeze(-1)).squeeze(-1) if norm_pix else patches
+
+
+def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over the masked tokens: both (B, N_masked, D)."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ---------------------------------------------------------------- gathered contrastive loss
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local slice (one all_reduce);
+    works on gloo and NCCL alike."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """(B, D) local rows -> ((W * B, D) all ranks' rows in rank order, offset of the local rows).
+    Identity without an initialised process group. Every rank must pass the same B."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+
+
+class GatheredInfoNCE(nn.Module):
+    """Symmetric InfoNCE between paired features, with negatives from all ranks (one all_gather).
+
+    a, b: (B, D) -> scalar, or (B, L, D) -> (L,) one loss per level, the levels sharing the gather.
+    `logit_scale` is log(1 / temperature), a parameter when learnable (clamped at 100 as in CLIP)."""
+
+    def __init__(
+        self, temperature: float = 0.07, learnable_temperature: bool = False, gather_negatives: bool = True
+    ):
+        super().__init__()
+        self.gather_negatives = gather_negatives
+        scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale, persistent=False)
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.logit_scale.detach().exp())
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        single = a.ndim == 2
+        pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, [L,] 2, D)
+        if single:
+            pairs = pairs.unsqueeze(1)
+        everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        rows, levels = pairs.shape[:2]
+        labels = (torch.arange(rows, device=a.device) + offset).repeat(levels)
+
+        def one_way(q: Tensor, keys: Tensor) -> Tensor:  # (B, L, D) vs (W*B, L, D) -> (L,)
+            logits = scale * torch.einsum("bld,cld->lbc", q, keys)
+            return F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(levels, rows).mean(1)
+
+        loss = (one_way(pairs[:, :, 0], everyone[:, :, 1]) + one_way(pairs[:, :, 1], everyone[:, :, 0])) / 2
+        return loss[0] if single else loss
+
+
+class HierarchicalContrastiveLoss(nn.Module):
+    """InfoNCE between pooled video and audio features at several levels, summed; one temperature.
+
+    Input per level: (B, N, D) token features (already passed through the encoder's final norm);
+    they are mean-pooled over the visible tokens here."""
+
+    def __init__(
+        self, temperature: float = 0.07, learnable_temperature: bool = False, gather_negatives: bool = True
+    ):
+        super().__init__()
+        self.info_nce = GatheredInfoNCE(temperature, learnable_temperature, gather_negatives)
+
+    def forward(self, levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """levels: name -> (video tokens (B, Nv, D), audio tokens (B, Na, D)) -> (sum, per-level losses)."""
+        video = torch.stack([v.mean(dim=1) for v, _ in levels.values()], dim=1)  # (B, L, D)
+        audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
+        losses = self.info_nce(video, audio)
+        return losses.sum(), dict(zip(levels, losses.unbind(0)))

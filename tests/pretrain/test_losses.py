@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import math
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain.losses import (
+    GatheredInfoNCE,
+    HierarchicalContrastiveLoss,
+    audio_target,
+    frame_difference,
+    video_target,
+)
+
+WORLD, ROWS, LEVELS, DIM = 2, 3, 2, 8
+
+
+def test_video_target_normalises_each_tubelet_and_channel_then_takes_frame_differences():
+    g = torch.Generator().manual_seed(0)
+    patches = torch.rand(2, 5, 2 * 4 * 4 * 3, generator=g)  # tubelet 2, patch 4
+    plain = video_target(patches, tubelet=2, norm_pix=True, frame_diff=False).view(2, 5, 2 * 16, 3)
+    torch.testing.assert_close(plain.mean(2), torch.zeros(2, 5, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain.std(2), torch.ones(2, 5, 3), atol=1e-4, rtol=0)
+    diff = video_target(patches, tubelet=2, norm_pix=True, frame_diff=True).view(2, 5, 2, 16, 3)
+    frames = plain.view(2, 5, 2, 16, 3)
+    torch.testing.assert_close(diff[:, :, 0], frames[:, :, 0])
+    torch.testing.assert_close(diff[:, :, 1], frames[:, :, 1] - frames[:, :, 0])
+    raw = video_target(patches, tubelet=2, norm_pix=False, frame_diff=False)
+    torch.testing.assert_close(raw, patches)
+
+
+def test_frame_difference_keeps_the_first_frame_of_each_tubelet():
+    x = torch.arange(2 * 3 * 2, dtype=torch.float).view(1, 2, 3, 2, 1).expand(-1, -1, -1, -1, 3)
+    out = frame_difference(x)
+    torch.testing.assert_close(out[:, :, 0], x[:, :, 0])
+    torch.testing.assert_close(out[:, :, 2], x[:, :, 2] - x[:, :, 0])
+
+
+def test_audio_target_normalises_each_patch():
+    patches = torch.randn(2, 6, 256) * 3 + 1
+    out = audio_target(patches)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(-1), torch.ones(2, 6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(audio_target(patches, norm_pix=False), patches)
+
+
+def _manual_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def test_info_nce_is_symmetric_cross_entropy_with_temperature_per_level():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, LEVELS, DIM, generator=g), torch.randn(5, LEVELS, DIM, generator=g)
+    losses = GatheredInfoNCE(temperature=0.07)(a, b)
+    assert losses.shape == (LEVELS,)
+    for level in range(LEVELS):
+        torch.testing.assert_close(losses[level], _manual_info_nce(a[:, level], b[:, level], 0.07))
+    torch.testing.assert_close(
+        GatheredInfoNCE(0.5)(a[:, 0], b[:, 0]), _manual_info_nce(a[:, 0], b[:, 0], 0.5)
+    )
+
+
+def test_hierarchical_loss_sums_levels_of_mean_pooled_tokens():
+    g = torch.Generator().manual_seed(1)
+    levels = {
+        f"l{k}": (torch.randn(4, 6, DIM, generator=g), torch.randn(4, 3, DIM, generator=g)) for k in (1, 2, 3)
+    }
+    total, per_level = HierarchicalContrastiveLoss(0.1)(levels)
+    assert list(per_level) == ["l1", "l2", "l3"]
+    for name, (v, a) in levels.items():
+        torch.testing.assert_close(per_level[name], _manual_info_nce(v.mean(1), a.mean(1), 0.1))
+    torch.testing.assert_close(total, sum(per_level.values()))
+
+
+def test_learnable_temperature_is_a_parameter_that_receives_gradient():
+    loss_fn = GatheredInfoNCE(temperature=0.07, learnable_temperature=True)
+    assert math.isclose(loss_fn.temperature, 0.07, rel_tol=1e-6)
+    loss_fn(torch.randn(4, DIM), torch.randn(4, DIM)).backward()
+    assert loss_fn.logit_scale.grad is not None and loss_fn.logit_scale.grad != 0
+    assert "logit_scale" not in dict(GatheredInfoNCE(0.07).named_parameters())
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(WORLD * ROWS, LEVELS, 4, DIM, generator=g)  # (B, L, N, D) video-ish
+    audio = torch.randn(WORLD * ROWS, LEVELS, 5, DIM, generator=g)
+    proj = torch.nn.Linear(DIM, DIM)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(DIM, DIM, generator=g))
+        proj.bias.copy_(torch.randn(DIM, generator=g))
+    return tokens, audio, proj
+
+
+def _loss(proj, video, audio, loss_fn):
+    levels = {f"l{k}": (proj(video[:, k]), audio[:, k]) for k in range(LEVELS)}
+    return loss_fn(levels)[0]
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        video, audio, proj = _global_batch()
+        rows = slice(rank * ROWS, (rank + 1) * ROWS)
+        video, audio = video[rows].clone().requires_grad_(), audio[rows].clone().requires_grad_()
+        ddp = torch.nn.parallel.DistributedDataParallel(proj)  # averages gradients over ranks
+        loss = _loss(ddp, video, audio, HierarchicalContrastiveLoss(0.07, gather_negatives=True))
+        loss.backward()
+        with torch.no_grad():
+            local = _loss(proj, video, audio, HierarchicalContrastiveLoss(0.07, gather_negatives=False))
+        result = {
+            "loss": loss.detach(),
+            "local_loss": local,
+            "video_grad": video.grad,
+            "audio_grad": audio.grad,
+            "weight_grad": proj.weight.grad,
+            "bias_grad": proj.bias.grad,
+        }
+        torch.save({k: v.detach() for k, v in result.items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_loss_and_ddp_gradients_equal_the_single_process_batch_with_two_gloo_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    video, audio, proj = _global_batch()
+    video.requires_grad_(), audio.requires_grad_()
+    loss = _loss(proj, video, audio, HierarchicalContrastiveLoss(0.07))
+    loss.backward()
+    # the mean of the rank losses is the single-process loss on the concatenated batch
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss.detach())
+    # per rank, gradients w.r.t. its own inputs are WORLD x the single-process ones (DDP divides them back)
+    for rank, r in enumerate(ranks):
+        rows = slice(rank * ROWS, (rank + 1) * ROWS)
+        torch.testing.assert_close(r["video_grad"] / WORLD, video.grad[rows])
+        torch.testing.assert_close(r["audio_grad"] / WORLD, audio.grad[rows])
+        # after DDP's averaging the parameter gradient is exactly the single-process one
+        torch.testing.assert_close(r["weight_grad"], proj.weight.grad)
+        torch.testing.assert_close(r["bias_grad"], proj.bias.grad)
+    # without gathering each rank sees only its own negatives: a different (easier) loss
+    assert not torch.allclose(sum(r["local_loss"] for r in ranks) / WORLD, loss.detach())
