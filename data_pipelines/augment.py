@@ -1,0 +1,109 @@
+"""Video augmentations on uint8 clips `(T, C, H, W)`, one set of parameters per clip.
+
+Every frame of a clip gets the same crop, flip and colour change: the masked autoencoder reconstructs
+tubelets across time, and per-frame jitter would turn into fake motion. Parameters are drawn from an
+explicit `torch.Generator`, so a clip's augmentation is a function of its seed only (the loader seeds
+it per sample, which keeps resumed runs identical). The pixel work is `torchvision.transforms.v2`
+functional ops, which treat the leading T dimension as a batch of images.
+
+Pretraining (DESIGN.md section 2) uses the multi-scale crop only; fine-tuning adds flip and jitter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+
+@dataclass(frozen=True)
+class VideoAugConfig:
+    """Training-time clip augmentation. `crop_scale` is the area fraction of the random crop."""
+
+    img_size: int = 160
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.0  # probability
+    color_jitter: float = 0.0  # brightness / contrast / saturation factors drawn from [1 - s, 1 + s]
+
+
+def sample_crop(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """Random area-and-aspect crop box `(top, left, h, w)` (Inception-style random resized crop).
+
+    Falls back to the largest centred box with an aspect ratio inside `ratio` when no sampled box
+    fits, so the result is always a valid crop.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class VideoAugment:
+    """Random resized crop -> optional horizontal flip -> optional colour jitter, shared by all frames."""
+
+    def __init__(self, cfg: VideoAugConfig) -> None:
+        if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {cfg.crop_scale}")
+        if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {cfg.crop_ratio}")
+        if not 0 <= cfg.hflip <= 1 or cfg.color_jitter < 0:
+            raise ValueError(f"hflip must be a probability and color_jitter >= 0, got {cfg.hflip}, {cfg.color_jitter}")
+        self.cfg = cfg
+
+    def __call__(self, video: Tensor, generator: torch.Generator) -> Tensor:
+        """video: (T, C, H, W) uint8 -> (T, C, img_size, img_size) uint8."""
+        cfg = self.cfg
+        top, left, h, w = sample_crop(video.shape[-2], video.shape[-1], cfg.crop_scale, cfg.crop_ratio, generator)
+        video = TF.resized_crop(video, top, left, h, w, [cfg.img_size, cfg.img_size], antialias=True)
+        if cfg.hflip > 0 and torch.rand(1, generator=generator).item() < cfg.hflip:
+            video = TF.horizontal_flip(video)
+        if cfg.color_jitter > 0:
+            video = color_jitter(video, cfg.color_jitter, generator)
+        return video
+
+
+def color_jitter(video: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Brightness, contrast and saturation by factors in [1 - s, 1 + s], applied in a random order."""
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    factors = (1 - strength + 2 * strength * torch.rand(3, generator=generator)).clamp(min=0).tolist()
+    for i in torch.randperm(3, generator=generator).tolist():
+        video = ops[i](video, factors[i])
+    return video
+
+
+def eval_video_transform(video: Tensor, img_size: int) -> Tensor:
+    """Deterministic view: resize the shorter side to `img_size`, then centre crop a square.
+
+    video: (T, C, H, W) uint8 -> (T, C, img_size, img_size) uint8; a no-op when already that size.
+    """
+    height, width = video.shape[-2:]
+    if height == width == img_size:
+        return video
+    if min(height, width) != img_size:
+        video = TF.resize(video, [img_size], antialias=True)
+    return TF.center_crop(video, [img_size, img_size])

@@ -1,0 +1,266 @@
+"""`AVDataModule`: shards -> train (pretrain mode) / val / test (exact-once mode) DataLoaders.
+
+Batches are built inside the loader workers (`batch_size=None` DataLoaders). The train stream's
+position is part of the datamodule's `state_dict`, which Lightning stores in every checkpoint: the
+epoch, the batches of it consumed, and each worker's raw stream position. On resume the stream skips
+the consumed raw samples before decoding them, so the run sees exactly the batches an uninterrupted
+run would have seen (same keys, same augmentations, same order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.augment import VideoAugConfig
+from data_pipelines.features import AUDIOSET_MEAN, AUDIOSET_STD, FbankConfig
+from data_pipelines.stream import (
+    AVStream,
+    SampleFilter,
+    StreamConfig,
+    StreamStart,
+    eval_pipeline,
+    pretrain_pipeline,
+    resolve_rank,
+)
+
+
+@dataclass
+class DataConfig:
+    """Data section of a run config (see docs/loader.md for every key)."""
+
+    shards: str = ""  # shard directory with index.json, or a brace/glob pattern of .tar files
+    train_groups: list[str] | None = None  # None: every group of the shard directory
+    val_groups: list[str] | None = None  # None: no validation loader
+    test_groups: list[str] | None = None  # None: no test loader
+    batch_size: int = 8  # per rank
+    eval_batch_size: int | None = None  # default: batch_size
+    num_workers: int = 4
+    pin_memory: bool = True  # only takes effect when CUDA is available
+    epoch_length: int = 1000  # training batches per rank per epoch (the stream is resampled)
+    shuffle_buffer: int = 1000  # raw samples per worker
+    num_frames: int = 16
+    img_size: int = 160
+    sample_rate: int = 16000
+    fbank_frames: int = 256
+    mel_bins: int = 128
+    fbank_mean: float = AUDIOSET_MEAN
+    fbank_std: float = AUDIOSET_STD
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    audio_gain_db: float = 0.0
+    freq_mask: int = 0  # SpecAugment, training only
+    time_mask: int = 0
+    seed: int = 0
+    error_log_dir: str | None = None  # corrupt-sample JSONL logs; None: log lines and counters only
+    max_consecutive_errors: int = 200
+
+    @classmethod
+    def from_any(cls, cfg: DataConfig | dict | Any) -> DataConfig:
+        """Accept a DataConfig, a plain dict or an OmegaConf node; unknown keys are an error."""
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(names)}")
+        return cls(**cfg)
+
+    def stream(self, train: bool) -> StreamConfig:
+        fbank = FbankConfig(self.sample_rate, self.mel_bins, self.fbank_frames, self.fbank_mean, self.fbank_std,
+                            self.freq_mask, self.time_mask)
+        aug = VideoAugConfig(self.img_size, tuple(self.crop_scale), tuple(self.crop_ratio), self.hflip,
+                             self.color_jitter)
+        batch = self.batch_size if train else (self.eval_batch_size or self.batch_size)
+        return StreamConfig(batch, self.num_frames, self.img_size, fbank, aug, self.audio_gain_db,
+                            self.shuffle_buffer, self.epoch_length, self.seed, self.max_consecutive_errors)
+
+
+def resolve_shards(spec: str, groups: list[str] | None) -> list[str]:
+    """Shard URLs of a directory (optionally only `groups`) or of a brace/glob pattern."""
+    from data_pipelines.shards import shard_urls
+
+    if not spec:
+        raise ValueError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
+    if os.path.isdir(spec):
+        return shard_urls(Path(spec), groups)
+    if groups:
+        raise ValueError(f"data.shards={spec!r} is a pattern, not a shard directory, so *_groups cannot select from it")
+    import webdataset as wds
+
+    urls = []
+    for pattern in wds.shardlists.expand_urls(spec):
+        urls += sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if not urls or len(missing) == len(urls):
+        raise ValueError(f"data.shards={spec!r} matches no shard files")
+    if missing:
+        raise ValueError(f"data.shards={spec!r}: {len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[:3]}")
+    return urls
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over an `AVStream` that asks its owner for the epoch (and resume point) each
+    time it is iterated, and reports every yielded batch when no Lightning Trainer consumes it."""
+
+    def __init__(self, dataset: AVStream, on_iter: Callable[[AVStream], None] | None = None,
+                 on_batch: Callable[[dict], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.on_iter, self.on_batch = on_iter, on_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.on_iter is not None:
+            self.on_iter(self.dataset)
+        iterator = super().__iter__()
+        if self.on_batch is None:
+            return iterator
+        return self._reporting(iterator)
+
+    def _reporting(self, iterator: Iterator[dict]) -> Iterator[dict]:
+        for batch in iterator:
+            self.on_batch(batch)
+            yield batch
+
+
+class AVDataModule(pl.LightningDataModule):
+    """Train / val / test loaders producing the batch dict of docs/architecture.md.
+
+    `train_filter`, `val_filter`, `test_filter`: optional `sample_filter(meta_json) -> bool` per split
+    (module-level functions or partials, so loader workers can receive them), e.g. to carve validation
+    speakers out of the training folds. `rank`/`world_size` default to the process group.
+    """
+
+    def __init__(self, cfg: DataConfig | dict | Any, *, train_filter: SampleFilter | None = None,
+                 val_filter: SampleFilter | None = None, test_filter: SampleFilter | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg = DataConfig.from_any(cfg)
+        self.filters = {"train": train_filter, "val": val_filter, "test": test_filter}
+        self._rank, self._world_size = rank, world_size
+        self._next_epoch = 0  # epoch counter when no Trainer tells us
+        self._resume: dict | None = None
+        self._progress = {"epoch": 0, "batches": 0, "positions": []}
+        self.corrupt_counts: dict[str, dict[int, int]] = {"pretrain": {}, "eval": {}}
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> StreamLoader:
+        cfg = self.cfg
+        urls = self._urls(cfg.train_groups)
+        stream = pretrain_pipeline(urls, cfg.stream(train=True), sample_filter=self.filters["train"],
+                                   log_dir=cfg.error_log_dir, **self._ranks())
+        return StreamLoader(stream, on_iter=self._begin_train_epoch,
+                            on_batch=None if self.trainer is not None else self._consumed,
+                            **self._loader_kwargs(persistent=False))
+
+    def val_dataloader(self) -> StreamLoader | list:
+        return self._eval_loader(self.cfg.val_groups, "val")
+
+    def test_dataloader(self) -> StreamLoader | list:
+        return self._eval_loader(self.cfg.test_groups, "test")
+
+    def _eval_loader(self, groups: list[str] | None, split: str) -> StreamLoader | list:
+        if groups is None:
+            return []
+        stream = eval_pipeline(self._urls(groups), self.cfg.stream(train=False), sample_filter=self.filters[split],
+                               log_dir=self.cfg.error_log_dir, **self._ranks())
+        return StreamLoader(stream, on_batch=None if self.trainer is not None else self._count_corrupt,
+                            **self._loader_kwargs(persistent=self.cfg.num_workers > 0))
+
+    def _urls(self, groups: list[str] | None) -> list[str]:
+        urls = resolve_shards(self.cfg.shards, groups)
+        self._check_index(urls)
+        return urls
+
+    def _ranks(self) -> dict:
+        rank, world_size = resolve_rank(self._rank, self._world_size)
+        return {"rank": rank, "world_size": world_size}
+
+    def _loader_kwargs(self, persistent: bool) -> dict:
+        # The train loader is never persistent: its workers take the epoch and resume point with them
+        # when each epoch starts.
+        return {"num_workers": self.cfg.num_workers, "pin_memory": self.cfg.pin_memory and torch.cuda.is_available(),
+                "persistent_workers": persistent}
+
+    def _check_index(self, urls: list[str]) -> None:
+        """Fail early, naming the file, when the shards hold a different number of frames."""
+        for folder in {os.path.dirname(u) for u in urls}:
+            index = Path(folder) / "index.json"
+            if not index.is_file():
+                continue
+            shard_cfg = json.loads(index.read_text()).get("config", {})
+            frames = shard_cfg.get("num_frames")
+            if frames is not None and frames != self.cfg.num_frames:
+                raise ValueError(f"{index} says the shards hold num_frames={frames}, but data.num_frames="
+                                 f"{self.cfg.num_frames}; set data.num_frames={frames} or rewrite the shards")
+            rate = shard_cfg.get("sample_rate")
+            if rate is not None and rate != self.cfg.sample_rate:
+                raise ValueError(f"{index} says the audio is {rate} Hz, but data.sample_rate={self.cfg.sample_rate}")
+
+    # ------------------------------------------------------------ stream position (resume)
+
+    def _begin_train_epoch(self, stream: AVStream) -> None:
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+        else:
+            epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        start = StreamStart()
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = StreamStart(self._resume["batches"], tuple(self._resume["positions"]))
+        self._resume = None
+        stream.epoch, stream.start = epoch, start
+        self._progress = {"epoch": epoch, "batches": start.batches, "positions": list(start.positions)}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this when a batch is about to be used (after its prefetching)."""
+        if isinstance(batch, dict) and "stream" in batch:
+            if self.trainer is not None and self.trainer.training:
+                self._consumed(batch)
+            else:
+                self._count_corrupt(batch)
+        return batch
+
+    def _consumed(self, batch: dict) -> None:
+        info = batch["stream"]
+        positions = self._progress["positions"]
+        positions += [0] * (info["worker"] + 1 - len(positions))
+        positions[info["worker"]] = info["position"]
+        self._progress["batches"] += 1
+        self.corrupt_counts["pretrain"][info["worker"]] = info["corrupt"]
+
+    def _count_corrupt(self, batch: dict) -> None:
+        info = batch["stream"]
+        self.corrupt_counts["eval"][info["worker"]] = info["corrupt"]
+
+    def state_dict(self) -> dict:
+        """Training stream position: plain ints, so `torch.load(weights_only=True)` reads it."""
+        return {"epoch": int(self._progress["epoch"]), "batches": int(self._progress["batches"]),
+                "positions": [int(p) for p in self._progress["positions"]], "num_workers": self.cfg.num_workers,
+                "batch_size": self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_workers", "batch_size"):
+            if key in state and state[key] != getattr(self.cfg, key):
+                raise ValueError(f"cannot resume the data stream: the checkpoint used data.{key}={state[key]}, "
+                                 f"this run has {getattr(self.cfg, key)}; resume with the same value")
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
+                        "positions": [int(p) for p in state["positions"]]}
+        self._next_epoch = self._resume["epoch"]
+        self._progress = dict(self._resume, positions=list(self._resume["positions"]))

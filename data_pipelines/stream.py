@@ -1,0 +1,416 @@
+"""WebDataset pipelines that turn shards into the batch dict of docs/architecture.md.
+
+Two modes, one function each, both built from small named stages and batched inside the workers:
+
+- `pretrain_pipeline`: resampled shards -> raw samples -> filter -> shuffle buffer -> number ->
+  skip (resume) -> decode + augment -> batch, `epoch_length` batches per rank per epoch. Everything
+  random is seeded from (seed, epoch, rank, worker), and augmentation per sample from its position in
+  that worker's stream, so a stream can be resumed mid-epoch by skipping raw samples before decoding.
+- `eval_pipeline`: every sample exactly once across ranks x workers. The samples of all shards, in
+  order, are cut into `world_size * num_workers` contiguous ranges whose sizes differ by at most one
+  (sizes from index.json); a worker reads only the shards its range touches and skips, undecoded, the
+  samples outside it. Nothing is padded or repeated, so ranks may see one batch more or less than
+  others: evaluation code must not run a collective per step (torchmetrics / an epoch-end gather do).
+
+Corrupt input (unreadable or truncated tar, garbage JPEG, missing members, wrong frame count, bad
+audio or JSON) never stops a stream and is never replaced by another sample: it is skipped, counted
+per worker, logged with rank, worker, shard URL and key, appended to `<log_dir>/corrupt-*.jsonl` when
+a `log_dir` is given, and each batch carries its worker's running count in `batch["stream"]`.
+Decoding one sample lives in `samples.py`, tar parsing in `tar_reader.py`; docs/loader.md explains
+the guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from data_pipelines.augment import VideoAugConfig
+from data_pipelines.features import FbankConfig
+from data_pipelines.samples import SampleDecoder, collate
+from data_pipelines.tar_reader import tar_samples
+
+log = logging.getLogger("emomae.data")
+
+SampleFilter = Callable[[dict], bool]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What a pipeline produces. `video_aug` is used in pretrain mode only (eval: resize/centre crop)."""
+
+    batch_size: int = 8
+    num_frames: int = 16
+    img_size: int = 160
+    fbank: FbankConfig = field(default_factory=FbankConfig)
+    video_aug: VideoAugConfig = field(default_factory=VideoAugConfig)
+    audio_gain_db: float = 0.0  # pretrain: random gain in [-g, g] dB (the reference's audio augmentation)
+    shuffle_buffer: int = 1000
+    epoch_length: int = 1000  # pretrain: batches per rank per epoch
+    seed: int = 0
+    # A worker that meets this many corrupt samples in a row stops with an error: that is a wrong
+    # config (e.g. num_frames) or a broken dataset, not an occasional bad clip.
+    max_consecutive_errors: int = 200
+
+
+class CorruptLog:
+    """Per-worker accounting of skipped samples: counter, log line and JSONL record per event."""
+
+    def __init__(self, ctx: WorkerContext, mode: str, log_dir: str | None, max_consecutive: int) -> None:
+        self.ctx, self.mode, self.max_consecutive = ctx, mode, max_consecutive
+        self.count = 0
+        self.consecutive = 0
+        self.path = None
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(log_dir) / f"corrupt-{mode}-rank{ctx.rank}-worker{ctx.worker}.jsonl"
+
+    def record(self, url: str, key: str, reason: str, kind: str = "sample") -> None:
+        self.count += 1
+        self.consecutive += 1
+        event = {"mode": self.mode, "epoch": self.ctx.epoch, "rank": self.ctx.rank, "worker": self.ctx.worker,
+                 "url": url, "key": key, "kind": kind, "reason": reason}
+        log.warning("skipping corrupt %s: rank %d worker %d shard %s key %r: %s",
+                    kind, self.ctx.rank, self.ctx.worker, url, key, reason)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(event) + "\n")
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} corrupt samples in a row in rank {self.ctx.rank} worker {self.ctx.worker} "
+                f"(last: {url} key {key!r}: {reason}); check that num_frames/audio match the shards' index.json"
+            )
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+
+def read_corrupt_logs(log_dir: str | Path) -> list[dict]:
+    """All corrupt-sample events written under `log_dir` (every rank, worker and epoch)."""
+    events = []
+    for path in sorted(Path(log_dir).glob("corrupt-*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return events
+
+
+# ---------------------------------------------------------------- who am I
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where a stream runs: resolved inside the loader worker when iteration starts."""
+
+    rank: int
+    world_size: int
+    worker: int  # logical worker id (see `StreamStart.offset`)
+    num_workers: int
+    epoch: int
+
+    @property
+    def slot(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.num_workers
+
+    def seed(self, base: int, *extra: int) -> int:
+        """A well-mixed 32-bit seed from (base, epoch, rank, worker, *extra); stable across processes."""
+        entropy = [base, self.epoch, self.rank, self.worker, *extra]
+        return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in entropy]).generate_state(1)[0])
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else the initialised process group, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        found = (rank, world_size)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    else:
+        found = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if not 0 <= found[0] < found[1]:
+        raise ValueError(f"rank must be in [0, world_size), got rank {found[0]} of {found[1]}")
+    return found
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a resumed pretraining epoch starts.
+
+    batches: batches of this epoch already consumed (all workers together).
+    positions: per logical worker, raw samples of its stream already consumed.
+    A DataLoader always starts its round robin at worker 0, while an uninterrupted run would take
+    the next batch from worker `batches % W`; the resumed stream therefore renumbers its workers by
+    `offset = batches % W` so the interleaving continues where it stopped.
+    """
+
+    batches: int = 0
+    positions: tuple[int, ...] = ()
+
+    def offset(self, num_workers: int) -> int:
+        return self.batches % num_workers
+
+    def consumed(self, worker: int, num_workers: int) -> int:
+        return self.batches // num_workers + int(worker < self.batches % num_workers)
+
+    def position(self, worker: int) -> int:
+        return self.positions[worker] if worker < len(self.positions) else 0
+
+
+# ---------------------------------------------------------------- stages
+
+
+def read_shard(url: str, errors: CorruptLog, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples `start <= index < stop` of one tar (member bytes + __key__/__url__/__index__).
+
+    A read error (truncated or missing tar) is recorded once and ends this shard only; a sample cut
+    in half by it is yielded as it is and rejected by `decode_sample` for its missing members.
+    """
+    try:
+        with gopen(url) as stream:
+            for index, sample in enumerate(tar_samples(stream, url)):
+                if index < start:
+                    continue
+                if stop is not None and index >= stop:
+                    return
+                sample["__index__"] = index
+                yield sample
+    except Exception as exn:  # any I/O or format failure of this shard; the next shard still runs
+        errors.record(url, "", f"unreadable shard: {type(exn).__name__}: {exn}", "shard")
+
+
+def read_shards(sources: Iterable[dict], errors: CorruptLog) -> Iterator[dict]:
+    """Stage: `{"url", "start"?, "stop"?}` items -> raw samples of each."""
+    for src in sources:
+        yield from read_shard(src["url"], errors, src.get("start", 0), src.get("stop"))
+
+
+def keep_samples(samples: Iterable[dict], sample_filter: SampleFilter | None, errors: CorruptLog) -> Iterator[dict]:
+    """Stage: parse each sample's JSON once and drop those `sample_filter(meta)` rejects."""
+    for raw in samples:
+        try:
+            raw["__meta__"] = json.loads(raw["json"])
+        except (KeyError, ValueError) as err:
+            errors.record(raw["__url__"], raw["__key__"], f"missing or invalid json member: {err!r}")
+            continue
+        if sample_filter is None or sample_filter(raw["__meta__"]):
+            yield raw
+
+
+def number_samples(samples: Iterable[dict]) -> Iterator[dict]:
+    """Stage: each raw sample's position in this worker's (shuffled) stream, for resuming."""
+    for position, raw in enumerate(samples):
+        raw["__pos__"] = position
+        yield raw
+
+
+def skip_consumed(samples: Iterable[dict], first: int) -> Iterator[dict]:
+    """Stage: drop the first `first` raw samples, before any decoding (the cheap part of a resume)."""
+    for raw in samples:
+        if raw["__pos__"] >= first:
+            yield raw
+
+
+def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], errors: CorruptLog) -> Iterator[dict]:
+    """Stage: decode each raw sample; a failure is recorded and the sample skipped (never replaced)."""
+    for raw in samples:
+        try:
+            sample = decode(raw)
+        except Exception as err:  # any decoder failure is a property of this sample's bytes
+            errors.record(raw["__url__"], raw["__key__"], f"{type(err).__name__}: {err}")
+            continue
+        errors.ok()
+        yield sample
+
+
+def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:
+    """Stage: attach `stream` = {worker, position (raw samples consumed), corrupt (running count)}."""
+    for batch in batches:
+        batch["stream"] = {"worker": ctx.worker, "position": batch.pop("__last_pos__") + 1, "corrupt": errors.count}
+        yield batch
+
+
+# ---------------------------------------------------------------- exact-once split
+
+
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples per shard from the `index.json` beside the shards, or None if any is unknown."""
+    sizes: dict[str, int] = {}
+    for folder in {os.path.dirname(u) for u in urls}:
+        index = Path(folder) / "index.json"
+        if not index.is_file():
+            return None
+        for s in json.loads(index.read_text()).get("shards", []):
+            sizes[os.path.join(folder, s["name"])] = int(s["samples"])
+    found = [sizes.get(u) for u in urls]
+    return None if any(n is None for n in found) else found
+
+
+def exact_once_split(urls: list[str], sizes: list[int] | None, slot: int, num_slots: int) -> list[dict]:
+    """The `{"url", "start", "stop"}` pieces slot `slot` of `num_slots` reads; all slots together read
+    every sample exactly once.
+
+    With sizes: the concatenated samples are cut into contiguous ranges of sizes differing by at most
+    one. The piece holding a shard's last sample reads to the end of the tar (`stop=None`), so samples
+    beyond a stale index count are still read once rather than lost. Without sizes: whole shards,
+    round robin (exact-once, but slots can differ by a shard).
+    """
+    if sizes is None:
+        return [{"url": u} for i, u in enumerate(urls) if i % num_slots == slot]
+    total = sum(sizes)
+    lo, hi = slot * total // num_slots, (slot + 1) * total // num_slots
+    pieces, offset = [], 0
+    for url, n in zip(urls, sizes):
+        end = offset + n
+        if n == 0:
+            # An empty-by-index shard still gets read (once) by the slot whose range holds its offset.
+            owner = next((s for s in range(num_slots) if offset < (s + 1) * total // num_slots), num_slots - 1)
+            if owner == slot:
+                pieces.append({"url": url, "start": 0, "stop": None})
+        elif lo < end and offset < hi:
+            stop = None if hi >= end else hi - offset
+            pieces.append({"url": url, "start": max(lo, offset) - offset, "stop": stop})
+        offset = end
+    return pieces
+
+
+# ---------------------------------------------------------------- the two pipelines
+
+
+def ignore_stop_signals() -> None:
+    """In a loader worker: leave SIGTERM / SIGUSR1 to the training process.
+
+    SLURM signals every process of a job step (preemption, time limit, `--signal=USR1@<s>`). A worker
+    killed by it makes the trainer raise "DataLoader worker ... killed" before it can write its
+    checkpoint; the trainer saves, stops and shuts its workers down, and a worker whose parent dies
+    exits on its own (PyTorch's worker watchdog).
+    """
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+class AVStream(IterableDataset):
+    """Base: resolves the worker context at iteration time and runs the pipeline built for it."""
+
+    mode = "base"
+
+    def __init__(self, urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
+                 world_size: int | None = None, sample_filter: SampleFilter | None = None,
+                 log_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
+        if not self.urls:
+            raise ValueError(f"{type(self).__name__}: no shard URLs given")
+        self.cfg = cfg
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.sample_filter = sample_filter
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self.epoch = 0
+        self.start = StreamStart()
+
+    def context(self) -> WorkerContext:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return WorkerContext(self.rank, self.world_size, worker, num_workers, self.epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is not None:
+            ignore_stop_signals()
+        ctx = self.context()
+        errors = CorruptLog(ctx, self.mode, self.log_dir, self.cfg.max_consecutive_errors)
+        return iter(self.build(ctx, errors))
+
+    def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
+        raise NotImplementedError
+
+
+class PretrainStream(AVStream):
+    """Infinite resampled stream cut into epochs of `epoch_length` batches per rank."""
+
+    mode = "pretrain"
+
+    def __len__(self) -> int:
+        return self.cfg.epoch_length
+
+    def context(self) -> WorkerContext:
+        base = super().context()
+        logical = (base.worker + self.start.offset(base.num_workers)) % base.num_workers
+        return WorkerContext(base.rank, base.world_size, logical, base.num_workers, base.epoch)
+
+    def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
+        cfg, W = self.cfg, ctx.num_workers
+        batches = cfg.epoch_length // W + int(ctx.worker < cfg.epoch_length % W)
+        batches -= self.start.consumed(ctx.worker, W)
+        if batches <= 0:
+            return iter(())
+        decoder = SampleDecoder(cfg, train=True)
+        shards = wds.ResampledShards(self.urls, seed=ctx.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True)
+        return wds.DataPipeline(
+            shards,
+            lambda src: read_shards(src, errors),
+            lambda src: keep_samples(src, self.sample_filter, errors),
+            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(ctx.seed(cfg.seed, 2))),
+            number_samples,
+            lambda src: skip_consumed(src, self.start.position(ctx.worker)),
+            lambda src: decode_samples(src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors),
+            wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
+            lambda src: tag_batches(src, ctx, errors),
+        ).with_epoch(nbatches=batches)
+
+
+class EvalStream(AVStream):
+    """Each sample of `urls` exactly once over all ranks x workers, in shard order, no augmentation."""
+
+    mode = "eval"
+
+    def __init__(self, *args, shard_sizes: list[int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sizes = shard_sizes
+        if self.sizes is not None and len(self.sizes) != len(self.urls):
+            raise ValueError(f"shard_sizes has {len(self.sizes)} entries for {len(self.urls)} shard URLs")
+
+    def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
+        decoder = SampleDecoder(self.cfg, train=False)
+        sizes = self.sizes if self.sizes is not None else shard_sizes(self.urls)
+        pieces = exact_once_split(self.urls, sizes, ctx.slot, ctx.num_slots)
+        return wds.DataPipeline(
+            lambda: iter(pieces),
+            lambda src: read_shards(src, errors),
+            lambda src: keep_samples(src, self.sample_filter, errors),
+            number_samples,
+            lambda src: decode_samples(src, decoder, errors),
+            wds.batched(self.cfg.batch_size, collation_fn=collate, partial=True),
+            lambda src: tag_batches(src, ctx, errors),
+        )
+
+
+def pretrain_pipeline(urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
+                      world_size: int | None = None, sample_filter: SampleFilter | None = None,
+                      log_dir: str | Path | None = None) -> PretrainStream:
+    """Pretraining stream (see module docstring); iterate it through a DataLoader with `batch_size=None`.
+
+    Set `.epoch` before each epoch and `.start` (a `StreamStart`) to resume mid-epoch.
+    """
+    return PretrainStream(urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter, log_dir=log_dir)
+
+
+def eval_pipeline(urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
+                  world_size: int | None = None, sample_filter: SampleFilter | None = None,
+                  log_dir: str | Path | None = None, shard_sizes: list[int] | None = None) -> EvalStream:
+    """Exact-once evaluation stream (see module docstring). `shard_sizes` default: index.json."""
+    return EvalStream(urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter,
+                      log_dir=log_dir, shard_sizes=shard_sizes)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+from shard_factory import make_sample
+
+from data_pipelines.tar_reader import ShardReadError, tar_samples
+
+
+def reference_samples(path: str) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__local_path__"} for s in wds.tarfile_samples([{"url": path}])]
+
+
+def test_reader_groups_members_exactly_like_webdataset(tmp_path):
+    path = str(tmp_path / "a-000000.tar")
+    with wds.TarWriter(path) as sink:  # pax headers (float mtimes) on every member
+        for i in range(5):
+            sink.write(make_sample(f"clip{i}_w000", num_frames=3, size=16, caption="é" * i, seed=i))
+    with open(path, "rb") as fh:
+        ours = list(tar_samples(fh, path))
+    assert ours == reference_samples(path)
+    assert [s["__key__"] for s in ours] == [f"clip{i}_w000" for i in range(5)]
+
+
+def test_reader_handles_gnu_long_names_ustar_prefixes_and_directories(tmp_path):
+    path = str(tmp_path / "b.tar")
+    long_dir = "d" * 120
+    for fmt in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
+        with tarfile.open(path, "w", format=fmt) as tf:
+            tf.addfile(tarfile.TarInfo(f"{long_dir[:90]}/README"))  # no extension: not part of a sample
+            info = tarfile.TarInfo(f"{long_dir[:90]}/sub")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+            for name, data in ((f"{long_dir[:90]}/k1.json", b"{}"), (f"{long_dir[:90]}/k1.wav", b"RIFF"),
+                               (f"{long_dir[:90]}/k2.json", b"[]")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as fh:
+            ours = list(tar_samples(fh, path))
+        assert ours == reference_samples(path), fmt
+        assert [s["__key__"] for s in ours] == [f"{long_dir[:90]}/k1", f"{long_dir[:90]}/k2"]
+
+
+def test_truncated_stream_yields_complete_samples_then_the_partial_one_then_raises(tmp_path):
+    path = str(tmp_path / "c.tar")
+    with wds.TarWriter(path) as sink:
+        for i in range(3):
+            sink.write(make_sample(f"k{i}_w000", num_frames=2, size=16, seed=i))
+    data = open(path, "rb").read()
+    with tarfile.open(path) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == "k2_w000.json")
+    got = []
+    with pytest.raises(ShardReadError, match="unexpected end of data"):
+        for sample in tar_samples(io.BytesIO(data[: cut.offset_data + 3]), path):
+            got.append(sample)
+    assert [s["__key__"] for s in got] == ["k0_w000", "k1_w000", "k2_w000"]
+    assert "json" in got[1] and set(got[2]) == {"__key__", "__url__", "f00.jpg", "f01.jpg"}
+    with pytest.raises(ShardReadError, match="tar header"):
+        list(tar_samples(io.BytesIO(b"not a tar file at all".ljust(1024, b"x")), path))
