@@ -173,6 +173,57 @@ class _FrameDir:
         return np.stack([np.asarray(Image.open(self.files[i]).convert("RGB")) for i in indices])
 
 
+def _read_frames(reader: object, indices: list[int], path: Path) -> np.ndarray:
+    """Frames `indices` (sorted) of `reader` as (K, H, W, 3) uint8 RGB.
+
+    One batched decode for all windows (decord seeks once per run of indices). decord 0.6.0 takes the
+    channel count from the row stride when the stride is a multiple of the width (videos 16, 24, 48
+    or 72 pixels wide, any codec; no other width from 15 to 2048): `get_batch` then fails its size
+    check or returns 4-6 "channels". Those files are read frame by frame and the row padding is cut
+    off, which gives exactly the pixels PyAV decodes.
+    """
+    failure = f"decord cannot decode frames {indices[0]}..{indices[-1]} of {path}"
+    try:
+        batch = reader.get_batch(indices)
+        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    except Exception as err:
+        if not _has_padded_rows(reader, indices[0]):
+            raise DecodeError(f"{failure}: {_first_line(err)}") from err
+        batch = None
+    if batch is not None and batch.shape[-1] == 3:
+        return batch
+    frames = []
+    for i in indices:
+        try:
+            frame = reader[i].asnumpy()
+        except Exception as err:
+            raise DecodeError(f"{failure}: {_first_line(err)}") from err
+        frames.append(_strip_row_padding(frame, path))
+    return np.stack(frames)
+
+
+def _has_padded_rows(reader: object, index: int) -> bool:
+    """Whether decord hands out frame `index` with its row padding as extra channels."""
+    if isinstance(reader, _FrameDir):
+        return False
+    try:
+        return reader[index].shape[-1] > 3
+    except Exception:
+        return False  # the batched call's own error is the one to report
+
+
+def _strip_row_padding(frame: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, C) as decord returns it, C = row stride / W, -> (H, W, 3): each row's first 3 W bytes
+    are the RGB pixels, the rest is padding."""
+    if frame.ndim != 3 or frame.shape[-1] < 3:
+        raise DecodeError(
+            f"decord returned frames of shape {frame.shape} for {path}, expected (H, W, 3) RGB; "
+            "re-encode it (ffmpeg -i IN -pix_fmt yuv420p OUT.mp4) and point the manifest at the new file"
+        )
+    h, w, c = frame.shape
+    return np.ascontiguousarray(frame.reshape(h, w * c)[:, : w * 3].reshape(h, w, 3))
+
+
 def load_audio(path: Path, sample_rate: int) -> np.ndarray:
     """The whole track of `path` as (L,) float32 mono at `sample_rate`, decoded and resampled by
     decord (ffmpeg). Raises DecodeError with decord's reason; there is no fallback decoder."""
@@ -209,15 +260,8 @@ def decode_clip(
     for w, start in enumerate(window_starts(duration, cfg.span, cfg.max_windows)):
         idx, padded = sample_frame_indices(frame_starts, duration, start, cfg.num_frames, cfg.frame_stride)
         plans.append((w, start, idx, padded))
-    # One batched decode for all windows: decord seeks once per run of indices.
     wanted = sorted({i for _, _, idx, _ in plans for i in idx})
-    try:
-        batch = reader.get_batch(wanted)
-        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
-    except Exception as err:
-        raise DecodeError(
-            f"decord cannot decode frames {wanted[0]}..{wanted[-1]} of {video}: {_first_line(err)}"
-        ) from err
+    batch = _read_frames(reader, wanted, video)
     frames = {i: crop_resize(batch[k], cfg.img_size, bbox, cfg.crop_box) for k, i in enumerate(wanted)}
 
     n_audio = cfg.audio_samples

@@ -1,12 +1,16 @@
 """A streaming reader for WebDataset tar shards that parses headers without `tarfile`.
 
-Why not `tarfile` (which `webdataset.tarfile_samples` uses): our shards have ~18 members per sample,
-each with a pax header (TarWriter stores a float mtime), and `tarfile` parses those in Python objects
-at ~1.1 ms per sample, about half of what decoding the sample's 16 JPEGs costs
-(benchmarks/bench_loader.py). This reader handles the tar subset shard writers produce (ustar, pax
-`x`/`g` records, GNU long names) with a few slices per header, reads from any stream (`wds.gopen`
+Why not `tarfile` (which `webdataset.tarfile_samples` uses): a sample has ~19 members, each with a
+512-byte header (plus a pax header in shards written with float mtimes), and `tarfile` builds Python
+objects for all of them at ~1.1 ms per sample, about half of what decoding the sample's 16 JPEGs
+costs (benchmarks/bench_loader.py). This reader handles the tar subset shard writers produce (ustar,
+pax `x`/`g` records, GNU long names) with a few slices per header, reads from any stream (`wds.gopen`
 URLs: files, `pipe:`, http) and groups members into samples exactly as WebDataset does (key = path
 up to the first dot of the file name).
+
+Per header it checks the `ustar` magic; the full checksum runs on the first header of a stream and on
+any header without the magic (old v7 tars), so garbage and misaligned reads are still caught without
+summing 512 bytes 40 times per sample. pax records are parsed only when they set `path` or `size`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (ord("0"), 0, ord("7"))
+_PAX, _GLOBAL_PAX, _GNU_LONG_NAME = ord("x"), ord("g"), ord("L")
 
 
 class ShardReadError(IOError):
@@ -22,11 +29,11 @@ class ShardReadError(IOError):
 
 
 def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
     text = field.rstrip(b"\0 ").strip()
     if not text:
         return 0
-    if field[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(field[1:], "big")
     try:
         return int(text, 8)
     except ValueError:
@@ -43,6 +50,11 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return data
 
 
+def _check_header(header: bytes) -> None:
+    if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        raise ShardReadError("tar header checksum mismatch (not a tar file, or corrupt)")
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     records, pos = {}, 0
     while pos < len(data):
@@ -56,42 +68,50 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(path, content) of each regular file in a tar stream, in order."""
+    read = stream.read
     long_name: str | None = None
-    pax: dict[str, str] = {}
+    pax: dict[str, str] | None = None
+    checked = False
     while True:
-        header = stream.read(BLOCK)
-        if not header:
-            return  # no end-of-archive blocks: tolerated, as tarfile does
+        header = read(BLOCK)
         if len(header) < BLOCK:
+            if not header:
+                return  # no end-of-archive blocks: tolerated, as tarfile does
             header += _read_exact(stream, BLOCK - len(header))
-        if header.count(0) == BLOCK:
-            return  # end-of-archive marker
-        checksum = _octal(header[148:156])
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardReadError("tar header checksum mismatch (not a tar file, or corrupt)")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        if "size" in pax:
+        if not checked or header[257:262] != b"ustar":
+            if header == _ZERO_BLOCK:
+                return  # end-of-archive marker
+            _check_header(header)
+            checked = True
+        try:  # ustar: 11 octal digits and a NUL; anything else (base-256, spaces) takes the slow path
+            size = int(header[124:135], 8)
+        except ValueError:
+            size = _octal(header[124:136])
+        kind = header[156]
+        if pax is not None and "size" in pax:
             size = int(pax["size"])
         padded = size + (-size % BLOCK)
-        data = _read_exact(stream, padded)  # content and its padding in one read
+        data = _read_exact(stream, padded) if padded else b""  # content and its padding in one read
         if padded != size:
             data = data[:size]
-        if kind == b"x":
-            pax = _pax_records(data)
+        if kind == _PAX:
+            pax = _pax_records(data) if b" path=" in data or b" size=" in data else None
             continue
-        if kind == b"L":
+        if kind == _GNU_LONG_NAME:
             long_name = data.rstrip(b"\0").decode("utf-8")
             continue
-        if kind == b"g":
+        if kind == _GLOBAL_PAX:
             continue
-        name = header[0:100].rstrip(b"\0").decode("utf-8")
-        prefix = header[345:500].rstrip(b"\0") if header[257:262] == b"ustar" else b""
-        if prefix:
-            name = prefix.decode("utf-8") + "/" + name
-        name = pax.get("path", long_name or name)
-        long_name, pax = None, {}
-        if kind in (b"0", b"\0", b"7"):
+        if pax is not None and "path" in pax:
+            name = pax["path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            if header[345] and header[257:262] == b"ustar":  # ustar prefix (long paths)
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        long_name = pax = None
+        if kind in _REGULAR:
             yield name, data
 
 
@@ -111,19 +131,20 @@ def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     the sample being read when the stream broke is yielded first, as far as it got.
     """
     current: dict | None = None
+    key_now = None
     try:
         for path, data in tar_members(stream):
             key, ext = split_key(path)
             if key is None or key.startswith("__") or ext.startswith("__"):
                 continue
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": url}
-            if ext.lower() in current:
+            if key != key_now:
+                if current is not None:
+                    yield current
+                current, key_now = {"__key__": key, "__url__": url}, key
+            ext = ext.lower()
+            if ext in current:
                 raise ShardReadError(f"{path}: duplicate member in tar file")
-            current[ext.lower()] = data
+            current[ext] = data
     except ShardReadError:
         if current is not None:
             yield current

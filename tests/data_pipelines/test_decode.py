@@ -175,3 +175,48 @@ def test_frame_directory_is_read_at_25fps_with_its_wav(tmp_path):
     assert [int(f.mean()) for f in w.frames] == [0, 40, 80, 120]
     with pytest.raises(DecodeError, match="audio file"):
         decode_clip(frames, SamplingConfig(num_frames=4, frame_stride=4, img_size=16))
+
+
+def write_patterned_clip(path: Path, width: int, height: int, frames: int = 10) -> np.ndarray:
+    """An mpeg4 mp4 of `width` x `height` gradient frames (each row and column distinct, so a wrong
+    row stride shows); returns its frames as PyAV decodes them, (T, H, W, 3) uint8."""
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("mpeg4", rate=25)
+        v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[..., 0] = np.arange(width) * 255 // width
+            frame[..., 1] = (np.arange(height) * 255 // height)[:, None]
+            frame[..., 2] = 20 * i
+            for p in v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.mark.parametrize(("width", "height"), [(16, 16), (24, 24), (48, 48), (72, 40)])
+def test_widths_decord_reads_with_row_padding_decode_to_the_pixels_pyav_sees(tmp_path, width, height):
+    # decord 0.6.0's get_batch fails on exactly these widths (it counts the row padding as channels).
+    video = tmp_path / f"w{width}.mp4"
+    reference = write_patterned_clip(video, width, height)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(SR, np.float32), SR)
+    cfg = SamplingConfig(num_frames=4, frame_stride=2, img_size=height)  # centre square, no resize
+    (w,) = decode_clip(video, cfg, audio=wav).windows
+    assert w.frames.shape == (4, height, height, 3) and w.frames.dtype == np.uint8
+    left = (width - height) // 2
+    expected = reference[w.frame_indices][:, :, left : left + height]
+    np.testing.assert_allclose(w.frames, expected, atol=2)
+
+
+def test_frames_decord_returns_without_three_channels_are_an_error_naming_the_file():
+    from data_pipelines.decode import _strip_row_padding
+
+    with pytest.raises(DecodeError, match=r"clip\.mp4, expected \(H, W, 3\) RGB; re-encode"):
+        _strip_row_padding(np.zeros((4, 6, 2), np.uint8), Path("clip.mp4"))
+    padded = np.arange(4 * 6 * 4, dtype=np.uint8).reshape(4, 6, 4)  # rows of 24 bytes, 18 used
+    np.testing.assert_array_equal(
+        _strip_row_padding(padded, Path("clip.mp4")), padded.reshape(4, 24)[:, :18].reshape(4, 6, 3)
+    )

@@ -1,0 +1,98 @@
+"""Frozen-encoder feature cache for the probes: every window of the dataset is encoded ONCE (per
+evaluated modality) and all folds, epochs and heads read the cached tensors.
+
+Linear probe: token-means of every layer and of the fusion outputs (a few KiB per window).
+Attentive probe: the fusion encoder's tokens, stored as float16 to halve memory and disk.
+Files: `features-<fingerprint>.safetensors` + `.json` (keys, clip keys, targets, timing), where the
+fingerprint covers the encoder weights, the shards and what was cached, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.heads import fusion_tokens, pool_tokens
+from finetune.module import batch_targets, drop_modality
+from pretrain.encoders import normalize_video
+
+
+@dataclass
+class FeatureCache:
+    """keys/clip_keys: one per window; targets `(N,)` or `(N, K)`; features[mode][name] `(N, ...)`."""
+
+    keys: list[str]
+    clip_keys: list[str]
+    targets: np.ndarray
+    features: dict[str, dict[str, torch.Tensor]]
+    seconds: float = 0.0
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.features.values() for t in m.values())
+
+    def select(self, mode: str, index: np.ndarray) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return {name: t[idx] for name, t in self.features[mode].items()}
+
+
+@torch.inference_mode()
+def build_cache(encoder: torch.nn.Module, batches: Iterable[dict], modes: list[str], kind: str, task: str,
+                device: torch.device | str = "cpu") -> FeatureCache:
+    """Encode every batch of an exact-once evaluation stream in each mode (av / audio / video)."""
+    if kind not in ("pooled", "tokens"):
+        raise ValueError(f"kind must be 'pooled' or 'tokens', got {kind!r}")
+    extract, dtype = (pool_tokens, torch.float32) if kind == "pooled" else (fusion_tokens, torch.float16)
+    encoder.eval().to(device)
+    keys, clip_keys, targets = [], [], []
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in modes}
+    start = time.perf_counter()
+    for batch in batches:
+        video = normalize_video(batch["video"].to(device))
+        fbank = batch["fbank"].to(device).float()
+        for mode in modes:
+            out = extract(encoder.forward_features(*drop_modality(video, fbank, mode)))
+            for name, t in out.items():
+                parts[mode].setdefault(name, []).append(t.to("cpu", dtype))
+        keys += list(batch["key"])
+        clip_keys += list(batch["clip_key"])
+        targets.append(batch_targets(batch, task).cpu().numpy())
+    if not keys:
+        raise RuntimeError("the evaluation stream gave no samples to cache")
+    features = {m: {n: torch.cat(ts) for n, ts in d.items()} for m, d in parts.items()}
+    return FeatureCache(keys, clip_keys, np.concatenate(targets), features, time.perf_counter() - start)
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_cache(cache: FeatureCache, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{m}.{n}": t.contiguous() for m, d in cache.features.items() for n, t in d.items()}
+    save_file(flat, str(path.with_suffix(".safetensors")))
+    meta = {"keys": cache.keys, "clip_keys": cache.clip_keys, "targets": cache.targets.tolist(),
+            "seconds": cache.seconds, "modes": list(cache.features)}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_cache(path: Path) -> FeatureCache | None:
+    """The cache at `path` (without suffix), or None when it is not there."""
+    tensors, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not (tensors.is_file() and meta.is_file()):
+        return None
+    info = json.loads(meta.read_text())
+    flat = load_file(str(tensors))
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in flat.items():
+        mode, key = name.split(".", 1)
+        features.setdefault(mode, {})[key] = t
+    return FeatureCache(info["keys"], info["clip_keys"], np.asarray(info["targets"]), features, info["seconds"])

@@ -1,0 +1,69 @@
+"""`emomae embed <video> --encoder <export dir> [--out x.npy]`: the clip embedding of one video file.
+
+The video goes through the same preprocessing as the shards (`data_pipelines.decode` windows, the
+export's frame count/stride/size, Kaldi fbank with the export's normalisation). The embedding of a
+window is the hierarchical feature vector `[mean of video layers, mean of audio layers, fused video,
+fused audio]` (token-means, uniform layer weights) = `(4 D,)`; the clip embedding is the mean over
+its windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipelines.decode import DecodeError, SamplingConfig, decode_clip
+from data_pipelines.features import FbankConfig, waveform_to_fbank
+from finetune.export import ExportError, load_encoder, read_export_config
+from finetune.heads import pool_tokens
+from pretrain.encoders import normalize_video
+
+
+def clip_inputs(video: Path, spec: dict, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a clip -> uint8 video `(W, T, 3, S, S)` and normalised fbank `(W, F, M)`, one row per window."""
+    sampling = SamplingConfig(num_frames=spec["num_frames"], frame_stride=spec["frame_stride"],
+                              img_size=spec["img_size"], max_windows=max_windows, sample_rate=spec["sample_rate"])
+    clip = decode_clip(Path(video), sampling)
+    fb = spec["fbank"]
+    fbank_cfg = FbankConfig(sample_rate=spec["sample_rate"], mel_bins=fb["mel_bins"], fbank_frames=fb["fbank_frames"],
+                            mean=fb["mean"], std=fb["std"])
+    frames = torch.stack([torch.from_numpy(w.frames).permute(0, 3, 1, 2) for w in clip.windows])
+    fbank = torch.stack([waveform_to_fbank(torch.from_numpy(w.audio), fbank_cfg) for w in clip.windows])
+    return frames, fbank
+
+
+@torch.inference_mode()
+def embed_clip(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor) -> np.ndarray:
+    """uint8 video `(W, T, 3, S, S)`, fbank `(W, F, M)` -> clip embedding `(4 D,)` float32."""
+    pooled = pool_tokens(encoder.forward_features(normalize_video(video), fbank.float()))
+    per_window = torch.cat([pooled["video_layers"].mean(1), pooled["audio_layers"].mean(1),
+                            pooled["fused_video"], pooled["fused_audio"]], dim=-1)
+    return per_window.mean(0).numpy().astype(np.float32)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="emomae embed", description=__doc__.splitlines()[0])
+    parser.add_argument("video", help="video file with an audio track (mp4, mpg, flv, ...)")
+    parser.add_argument("--encoder", required=True, help="export folder written by `emomae export`")
+    parser.add_argument("--out", help="save the embedding as .npy instead of printing it")
+    parser.add_argument("--max-windows", type=int, default=None, help="windows per clip (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        spec = read_export_config(args.encoder)["input"]
+        encoder = load_encoder(args.encoder)
+        video, fbank = clip_inputs(Path(args.video), spec, args.max_windows)
+    except (ExportError, DecodeError) as err:
+        print(f"emomae embed: {err}", file=sys.stderr)
+        return 1
+    emb = embed_clip(encoder, video, fbank)
+    if args.out:
+        np.save(args.out, emb)
+        print(f"saved a ({emb.shape[0]},) embedding of {video.shape[0]} window(s) to {args.out}")
+    else:
+        np.set_printoptions(precision=4, suppress=True, linewidth=110)
+        print(emb)
+    return 0

@@ -1,0 +1,206 @@
+"""Full fine-tuning as a LightningModule, and what every head shares: missing-modality inputs,
+clip-level prediction, losses and honest epoch selection.
+
+Missing modality: the absent input is replaced by zeros AFTER normalisation (video: the ImageNet-mean
+image; fbank: the AudioSet-mean spectrum). Encoder, fusion and head run unchanged, so one trained
+model reports audio-visual, audio-only and video-only figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from finetune.heads import AVMixup, ccc_loss, layer_decay_param_groups, pool_tokens, soft_cross_entropy
+from finetune.metrics import average_clips, classification_metrics, regression_metrics
+from pretrain.encoders import normalize_video
+from pretrain.optim import warmup_cosine_factor
+
+
+def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the normalised input of the missing modality: `av` keeps both, `audio` drops the video,
+    `video` drops the audio."""
+    if modality == "audio":
+        video = torch.zeros_like(video)
+    elif modality == "video":
+        fbank = torch.zeros_like(fbank)
+    elif modality != "av":
+        raise ValueError(f"modality must be av, audio or video, got {modality!r}")
+    return video, fbank
+
+
+def batch_targets(batch: dict, task: str) -> torch.Tensor:
+    """int64 `(B,)` class labels or float `(B, K)` regression targets of a batch."""
+    if task == "regression":
+        if "target" not in batch:
+            raise KeyError("regression protocol, but the batch has no 'target' (shards need float labels)")
+        return batch["target"].float()
+    return batch["label"].long()
+
+
+def task_loss(task: str, loss: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (hard or soft targets) for classification; CCC or MSE for regression."""
+    if task == "classification":
+        if target.ndim == 2:
+            return soft_cross_entropy(logits, target)
+        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+    if loss in ("auto", "ccc"):
+        return ccc_loss(logits, target)
+    return F.mse_loss(logits.float(), target)
+
+
+def evaluate(scores: np.ndarray, targets: np.ndarray, clip_keys: list[str], task: str, classes: list[str],
+             target_names: list[str] | None = None) -> dict:
+    """Clip-level metrics: window scores (softmax or regression outputs) averaged per clip first."""
+    _, clip_scores, clip_targets = average_clips(clip_keys, scores, targets)
+    if task == "classification":
+        return classification_metrics(clip_scores, clip_targets, len(classes))
+    return regression_metrics(clip_scores, clip_targets, target_names)
+
+
+def selection_metric(task: str) -> str:
+    return "uar" if task == "classification" else "ccc"
+
+
+@dataclass
+class SelectionTracker:
+    """Honest model selection: the epoch with the best VALIDATION metric (ties -> earlier epoch) is
+    the reported one, with a copy of its weights; the best epoch on TEST is kept only to report the
+    papers' protocol beside it."""
+
+    metric: str
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
+
+    def update(self, epoch: int, val: dict, test: dict, state: Callable[[], dict]) -> None:
+        previous = self.best_val
+        self.history.append({"epoch": epoch, "val": val, "test": test})
+        if previous is None or val[self.metric] > previous["val"][self.metric]:
+            self.best_state = {k: v.detach().clone().cpu() for k, v in state().items()}
+
+    @property
+    def best_val(self) -> dict | None:
+        if not self.history:
+            return None
+        return max(self.history, key=lambda h: (h["val"][self.metric], -h["epoch"]))
+
+    @property
+    def best_test(self) -> dict | None:
+        if not self.history:
+            return None
+        return max(self.history, key=lambda h: (h["test"][self.metric], -h["epoch"]))
+
+
+def lr_lambda(peak_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return warmup_cosine_factor(step, warmup_steps, max_steps, min_lr / peak_lr if peak_lr > 0 else 0.0)
+
+    return factor
+
+
+def build_optimizer(groups: list[dict], recipe, peak_lr: float, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over parameter groups carrying `lr_scale` (layer decay), per-step warm-up + cosine."""
+    for g in groups:
+        g["lr"] = peak_lr * g.get("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(recipe.betas))
+    max_steps = max(1, recipe.epochs * steps_per_epoch)
+    factor = lr_lambda(peak_lr, recipe.min_lr, recipe.warmup_epochs * steps_per_epoch, max_steps)
+    return optimizer, LambdaLR(optimizer, factor)
+
+
+class FullFinetuneModel(nn.Module):
+    """AVEncoder + hierarchical feature-fusion head on all tokens. `forward` takes normalised inputs."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, video: torch.Tensor, fbank: torch.Tensor, modality: str = "av") -> torch.Tensor:
+        """video `(B, T, 3, H, W)` normalised float, fbank `(B, F, M)` -> `(B, num_outputs)`."""
+        video, fbank = drop_modality(video, fbank, modality)
+        return self.head(pool_tokens(self.encoder.forward_features(video, fbank)))
+
+
+class FinetuneModule(pl.LightningModule):
+    """Training step with AV mixup/cutmix, layer-wise lr decay, per-epoch validation AND test
+    evaluation (dataloader 0 = validation split of training speakers, 1 = test fold)."""
+
+    def __init__(self, model: FullFinetuneModel, task: str, classes: list[str], target_names: list[str],
+                 recipe, peak_lr: float, steps_per_epoch: int, seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.task, self.classes, self.target_names = task, list(classes), list(target_names)
+        self.recipe, self.peak_lr, self.steps_per_epoch = recipe, peak_lr, steps_per_epoch
+        num_classes = len(classes) if task == "classification" else None
+        self.mixup = AVMixup(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.switch_prob,
+                             recipe.label_smoothing, num_classes)
+        self.rng = np.random.default_rng(seed)
+        self.tracker = SelectionTracker(selection_metric(task))
+        self._outputs: dict[int, list] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        video, fbank = normalize_video(batch["video"]), batch["fbank"].float()
+        target = batch_targets(batch, self.task)
+        video, fbank, mixed = self.mixup(video, fbank, target, self.rng)
+        if not self.mixup.active and self.task == "classification":
+            mixed = target
+        logits = self.model(video, fbank)
+        loss = task_loss(self.task, self.recipe.loss, logits, mixed, self.recipe.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=video.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.model(normalize_video(batch["video"]), batch["fbank"].float())
+        scores = logits.float().softmax(-1) if self.task == "classification" else logits.float()
+        self._outputs.setdefault(dataloader_idx, []).append(
+            (scores.cpu().numpy(), batch_targets(batch, self.task).cpu().numpy(), list(batch["clip_key"]))
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._outputs.clear()
+            return
+        results = {}
+        for idx, name in ((0, "val"), (1, "test")):
+            parts = self._outputs.get(idx, [])
+            if not parts:
+                raise RuntimeError(f"no {name} batches were evaluated; the {name} split is empty")
+            scores = np.concatenate([p[0] for p in parts])
+            targets = np.concatenate([p[1] for p in parts])
+            keys = [k for p in parts for k in p[2]]
+            results[name] = evaluate(scores, targets, keys, self.task, self.classes, self.target_names)
+        self._outputs.clear()
+        metric = self.tracker.metric
+        self.tracker.update(self.current_epoch, results["val"], results["test"], self.model.state_dict)
+        self.log_dict({f"val/{metric}": results["val"][metric], f"test/{metric}": results["test"][metric]})
+
+    def configure_optimizers(self):
+        enc_cfg = self.model.encoder.cfg
+        groups = layer_decay_param_groups(
+            self.model.encoder, self.model.head, enc_cfg.depth, enc_cfg.fusion_depth,
+            self.recipe.layer_decay, self.recipe.weight_decay, self.model.encoder.no_weight_decay(),
+        )
+        optimizer, scheduler = build_optimizer(groups, self.recipe, self.peak_lr, self.steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.inference_mode()
+def predict(model: Callable[..., torch.Tensor], batches: Iterable[dict], task: str, modality: str,
+            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Window-level scores of a full model over an evaluation stream: (scores, targets, clip_keys)."""
+    scores, targets, keys = [], [], []
+    for batch in batches:
+        video = normalize_video(batch["video"].to(device))
+        out = model(video, batch["fbank"].to(device).float(), modality).float()
+        scores.append((out.softmax(-1) if task == "classification" else out).cpu().numpy())
+        targets.append(batch_targets(batch, task).cpu().numpy())
+        keys += list(batch["clip_key"])
+    return np.concatenate(scores), np.concatenate(targets), keys
+

@@ -1,0 +1,366 @@
+"""`emomae pretrain <config.yaml> key=value ...`: the run config schema, the Trainer built from it,
+checkpoints and resume, and the end-of-run summary.
+
+The run directory holds everything a run produced:
+`config.yaml` (fully resolved), `checkpoints/{last,step*}.ckpt`, `images/step*.png`, `csv/`, `tb/`,
+`wandb/`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from data_pipelines.datamodule import DataConfig
+from pretrain.config import ConfigError, load_config, save_config
+from pretrain.encoders import ModelConfig
+from pretrain.inject import InjectConfig
+from pretrain.mae import ObjectiveConfig
+from pretrain.optim import OptimConfig, scaled_lr
+
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+LOGGERS = ("csv", "tensorboard", "wandb")
+SIGTERM_EXIT = 128 + 15  # what a shell reports for a job ended by SIGTERM
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = "auto"  # int, list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3
+    deepspeed_config: str | None = None  # ZeRO YAML; default configs/deepspeed/zero{2,3}.yaml
+    precision: str = "auto"  # auto = bf16-mixed on a bf16-capable GPU, 32-true elsewhere
+    compile: bool = False  # torch.compile the model (GPU; slow to start, faster steps)
+    max_steps: int = 1000
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 500
+    ckpt_keep: int = 3  # step checkpoints kept besides last.ckpt; -1 keeps all
+    find_unused_parameters: bool = False
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    logger: Any = "csv"  # csv | tensorboard | wandb, or a list of them
+    project: str = "emomae"
+    entity: str | None = None
+    run_name: str | None = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+    image_every_n_steps: int = 500  # reconstruction PNG; 0 = never
+    image_samples: int = 2
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/pretrain"
+    seed: int = 0
+    stage: str = "mae"  # mae (stage 1) | inject (stage 2: caption alignment, pretrain/inject.py, docs/vaemo.md)
+    init: str | None = None  # stage 2: the stage-1 checkpoint whose weights it starts from (weights only)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    resume: str = "auto"  # auto (run_dir/checkpoints/last.ckpt if present) | never | <checkpoint path>
+
+
+@dataclass
+class PretrainSummary:
+    run_dir: str
+    steps: int
+    seconds: float
+    last_checkpoint: str | None
+    losses: dict[str, float]
+    interrupted_by: str | None = None
+
+    def __str__(self) -> str:
+        losses = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.losses.items()))
+        stop = f" (stopped by {self.interrupted_by})" if self.interrupted_by else ""
+        return (
+            f"pretrain: {self.steps} steps in {self.seconds:.1f} s{stop}\n"
+            f"  losses: {losses}\n  checkpoint: {self.last_checkpoint}\n  run dir: {self.run_dir}"
+        )
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """YAML + overrides -> a typed PretrainConfig (dataclass objects, not OmegaConf nodes)."""
+    node = load_config(PretrainConfig, path, overrides)
+    cfg: PretrainConfig = OmegaConf.to_object(node)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: PretrainConfig) -> None:
+    """Cross-field checks that a schema cannot express; each error names its key."""
+    t = cfg.trainer
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy must be one of {STRATEGIES}, got {t.strategy!r}")
+    for name in loggers_of(cfg.logging):
+        if name not in LOGGERS:
+            raise ConfigError(f"logging.logger: unknown logger {name!r}; choose from {LOGGERS}")
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
+    if t.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
+    if cfg.stage not in ("mae", "inject") or (cfg.init and cfg.stage != "inject"):
+        raise ConfigError(f"stage must be 'mae' or 'inject' (init= needs stage=inject), got stage={cfg.stage!r}")
+    if cfg.stage == "inject" and not cfg.init:
+        raise ConfigError("stage=inject starts from a stage-1 run: set init=<stage-1 checkpoint .ckpt>")
+    try:
+        cfg.inject.check()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    schedule = cfg.optim.schedule_steps or t.max_steps
+    if cfg.optim.warmup_steps >= schedule and schedule > 1:
+        raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below the schedule length "
+                          f"({schedule}: optim.schedule_steps, else trainer.max_steps)")
+    if t.ckpt_every_n_steps < 1:
+        raise ConfigError(f"trainer.ckpt_every_n_steps must be >= 1, got {t.ckpt_every_n_steps}")
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+    if t.strategy.startswith("deepspeed") and not _on_gpu(t):
+        raise ConfigError(
+            f"trainer.strategy={t.strategy} needs CUDA GPUs (DeepSpeed's Lightning strategy runs on CUDA only); "
+            "on CPU use trainer.strategy=auto or ddp"
+        )
+
+
+def loggers_of(logging: LoggingConfig) -> list[str]:
+    names = logging.logger
+    if names is None:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _on_gpu(t: TrainerConfig) -> bool:
+    return t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(t: TrainerConfig) -> str:
+    """'auto' -> bf16-mixed on a GPU that has bf16 (Ampere+), else fp32 (bf16 on CPU is very slow)."""
+    if t.precision != "auto":
+        return t.precision
+    return "bf16-mixed" if _on_gpu(t) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resume_path(cfg: PretrainConfig) -> str | None:
+    """The checkpoint to continue from: `resume=auto` takes run_dir/checkpoints/last.ckpt when present."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise ConfigError(f"resume: checkpoint {path} does not exist (use resume=auto or resume=never)")
+    return str(path)
+
+
+def build_loggers(cfg: PretrainConfig, run_dir: Path, resolved: dict) -> list:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    out = []
+    for name in loggers_of(cfg.logging):
+        if name == "csv":  # a new version folder per (re)start: Lightning's CSV writer truncates otherwise
+            out.append(CSVLogger(save_dir=run_dir, name="csv"))
+        elif name == "tensorboard":
+            out.append(TensorBoardLogger(save_dir=run_dir, name="tb", default_hp_metric=False))
+        elif name == "wandb":
+            # the id is kept in the run dir so a resumed or requeued job continues the same W&B run
+            id_file = run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            if not run_id:
+                # chosen before the run starts (the logger knows its id only once rank 0 creates the
+                # experiment); WANDB_RUN_ID is what slurm/pretrain.sbatch derives from the run dir
+                import os
+                import secrets
+
+                run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(8)
+                if _is_global_zero():
+                    id_file.write_text(run_id)
+            logger = WandbLogger(
+                project=cfg.logging.project, entity=cfg.logging.entity, name=cfg.logging.run_name or run_dir.name,
+                save_dir=str(run_dir), id=run_id, resume="allow", tags=list(cfg.logging.tags), config=resolved,
+            )
+            out.append(logger)
+    return out
+
+
+def _is_global_zero() -> bool:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def build_strategy(cfg: PretrainConfig, precision: str, world_size: int):
+    t = cfg.trainer
+    if t.strategy == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=t.find_unused_parameters)
+    if t.strategy.startswith("deepspeed"):
+        from pretrain.deepspeed import CONFIG_DIR, STRATEGY_FILES, build_deepspeed_config, deepspeed_strategy
+
+        yaml_path = t.deepspeed_config or CONFIG_DIR / STRATEGY_FILES[t.strategy]
+        ds = build_deepspeed_config(
+            yaml_path, micro_batch=cfg.data.batch_size, accumulate=t.accumulate_grad_batches,
+            world_size=world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
+        )
+        return deepspeed_strategy(ds)
+    return "auto"
+
+
+def build_callbacks(cfg: PretrainConfig, run_dir: Path) -> list:
+    from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
+
+    from pretrain.callbacks import EMA, LastCheckpoint, MemoryMonitor, ReconstructionImages, StepProgressBar
+
+    t, m = cfg.trainer, cfg.model
+    ckpt_dir = run_dir / "checkpoints"
+    tokens_per_clip = m.num_video_tokens + m.num_audio_tokens
+    callbacks = [
+        # "step" as the monitor keeps the newest ckpt_keep step checkpoints; last.ckpt is always written
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every_n_steps, save_last=True, save_top_k=t.ckpt_keep,
+            monitor="step", mode="max",
+        ),
+        ThroughputMonitor(
+            batch_size_fn=lambda b: b["video"].shape[0],
+            length_fn=lambda b: b["video"].shape[0] * tokens_per_clip,  # input tokens (visible + masked)
+            window_size=max(2, min(50, t.log_every_n_steps)), separator="/",
+        ),
+        MemoryMonitor(),
+        ReconstructionImages(run_dir / "images", cfg.logging.image_every_n_steps, cfg.logging.image_samples),
+    ]
+    if cfg.optim.ema:
+        callbacks.append(EMA(cfg.optim.ema_decay))
+    if t.progress_bar:
+        callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+    # last, so a signal-time save sees this step's EMA update and the other callbacks' state
+    callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt"))
+    return callbacks
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainSummary:
+    """Run (or continue) one pretraining run described by `cfg`."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from data_pipelines.datamodule import AVDataModule
+    from pretrain.module import PretrainModule
+
+    t = cfg.trainer
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_path(cfg)
+    precision = resolve_precision(t)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # the world size decides the lr (blr x global batch / 256), so the Trainer comes first
+    world_size = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
+    trainer_kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=precision,
+        strategy=build_strategy(cfg, precision, world_size), max_steps=t.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        # DeepSpeed clips inside its engine (gradient_clipping in its config)
+        gradient_clip_val=None if t.strategy.startswith("deepspeed") else cfg.optim.grad_clip,
+        callbacks=build_callbacks(cfg, run_dir), enable_progress_bar=t.progress_bar,
+        default_root_dir=run_dir, deterministic=t.deterministic, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_model_summary=True, use_distributed_sampler=False,  # shards are split by the data pipeline
+    )
+    peak_lr, final_lr = scaled_lr(cfg.optim, cfg.data.batch_size * t.accumulate_grad_batches * world_size)
+    resolved = resolved_dict(cfg, precision=precision, lr=peak_lr, min_lr=final_lr)
+    trainer = pl.Trainer(logger=build_loggers(cfg, run_dir, resolved) or False, **trainer_kwargs)
+    if trainer.world_size != world_size:  # devices="auto" or a list: recompute with the real count
+        world_size = trainer.world_size
+        peak_lr, final_lr = scaled_lr(cfg.optim, cfg.data.batch_size * t.accumulate_grad_batches * world_size)
+        resolved = resolved_dict(cfg, precision=precision, lr=peak_lr, min_lr=final_lr)
+    if trainer.is_global_zero:
+        save_config(OmegaConf.create(resolved), run_dir / "config.yaml")
+
+    schedule_steps = cfg.optim.schedule_steps or t.max_steps
+    module_kwargs = dict(peak_lr=peak_lr, final_lr=final_lr, max_steps=schedule_steps, seed=cfg.seed, compile=t.compile)
+    if cfg.stage == "inject":
+        from pretrain.inject import build_stage2
+
+        module, datamodule = build_stage2(cfg, resolved, **module_kwargs)
+    else:
+        module = PretrainModule(cfg.model, cfg.objective, cfg.optim, resolved, **module_kwargs)
+        datamodule = AVDataModule(cfg.data)
+    start, interrupted = time.perf_counter(), None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        interrupted = "SIGTERM"
+    signal_cb = next(c for c in trainer.callbacks if type(c).__name__ == "LastCheckpoint")
+    if interrupted is None and signal_cb.received is not None:
+        import signal
+
+        interrupted = signal.Signals(signal_cb.received).name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    summary = PretrainSummary(
+        run_dir=str(run_dir), steps=trainer.global_step, seconds=time.perf_counter() - start,
+        last_checkpoint=str(last) if last.exists() else None, interrupted_by=interrupted,
+        losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")},
+    )
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def resolved_dict(cfg: PretrainConfig, **resolved: Any) -> dict:
+    """The config as plain types with the values decided at run time filled in (lr, precision)."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    out["optim"]["lr"], out["optim"]["min_lr"] = resolved["lr"], resolved["min_lr"]
+    out["trainer"]["precision"] = resolved["precision"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="emomae pretrain",
+        description="Pretrain a masked audio-visual autoencoder. Settings come from the YAML file and are "
+        "overridden by key=value pairs, e.g. `emomae pretrain configs/pretrain/base.yaml "
+        "data.shards=/data/vox2 trainer.devices=4 optim.blr=3e-4`.",
+    )
+    parser.add_argument("config", help="YAML run config (configs/pretrain/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
+    parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_pretrain_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"emomae pretrain: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return 0
+    from pretrain.deepspeed import DeepSpeedConfigError
+
+    try:
+        summary = pretrain(cfg)
+    except (ConfigError, DeepSpeedConfigError) as err:  # found once the run starts (resume path, ZeRO YAML)
+        print(f"emomae pretrain: {err}", file=sys.stderr)
+        return 2
+    print(summary)
+    return SIGTERM_EXIT if summary.interrupted_by == "SIGTERM" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Heads, AV mixup/cutmix, layer-wise lr decay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.heads import (
+    AttentiveProbe,
+    AVMixup,
+    FeatureFusionHead,
+    fusion_tokens,
+    layer_decay_param_groups,
+    pool_tokens,
+)
+from pretrain.encoders import AVEncoder, ModelConfig
+
+CFG = ModelConfig(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=2,
+                  decoder_width=32, decoder_heads=2, decoder_depth=2, skip_layers=[3])
+
+
+def test_feature_fusion_and_attentive_heads_give_logits_and_learnable_layer_weights():
+    torch.manual_seed(0)
+    enc = AVEncoder(CFG).eval()
+    out = enc.forward_features(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 64, 32))
+    pooled = pool_tokens(out)
+    assert pooled["video_layers"].shape == (2, 3, 64) and pooled["fused_audio"].shape == (2, 64)
+    head = FeatureFusionHead(64, 3, 3, num_outputs=6)
+    assert head.feature_fusion(pooled).shape == (2, 256)  # 4 x width
+    logits = head(pooled)
+    assert logits.shape == (2, 6)
+    logits.sum().backward()
+    assert head.video_layer_weights.grad is not None and head.video_layer_weights.grad.abs().sum() > 0
+    probe = AttentiveProbe(64, 6, num_heads=2)
+    assert probe(fusion_tokens(out)).shape == (2, 6)
+
+
+def test_av_mixup_uses_one_lambda_and_one_pairing_for_video_and_audio():
+    mix = AVMixup(mixup=1.0, cutmix=0.0, prob=1.0, switch_prob=0.0, smoothing=0.0, num_classes=3)
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 2, 3, 4, 4).clone()
+    fbank = (10 * torch.arange(4.0)).view(4, 1, 1).expand(4, 8, 2).clone()
+    v, a, y = mix(video, fbank, torch.tensor([0, 1, 2, 0]), np.random.default_rng(0))
+    # video sample i = lam * i + (1 - lam) * j; audio the same with 10x values: same lam and partner j
+    assert torch.allclose(a[:, 0, 0], 10 * v[:, 0, 0, 0, 0])
+    lam = y.max(dim=1).values.min()
+    assert 0 < lam < 1 and torch.allclose(y.sum(1), torch.ones(4))
+
+
+def test_av_cutmix_cuts_the_same_fraction_of_video_and_audio():
+    mix = AVMixup(mixup=0.0, cutmix=1.0, prob=1.0, switch_prob=1.0, smoothing=0.1, num_classes=2)
+    video, fbank = torch.zeros(2, 2, 3, 16, 16), torch.zeros(2, 100, 4)
+    video[1], fbank[1] = 1.0, 1.0
+    v, a, y = mix(video, fbank, torch.tensor([0, 1]), np.random.default_rng(3))
+    pasted_v = [float(v[i, 0, 0].mean()) if i == 0 else 1 - float(v[i, 0, 0].mean()) for i in range(2)]
+    pasted_a = [float(a[i, :, 0].mean()) if i == 0 else 1 - float(a[i, :, 0].mean()) for i in range(2)]
+    # a sample paired with itself pastes nothing; the other pastes 1 - lam of both modalities
+    assert pasted_v == pytest.approx(pasted_a, abs=0.02)
+    assert (v[:, 0] == v[:, 1]).all(), "one box for every frame"
+
+
+def test_layer_decay_orders_embeddings_blocks_fusion_then_head():
+    enc, head = AVEncoder(CFG), FeatureFusionHead(64, 3, 3, 6)
+    groups = layer_decay_param_groups(enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay())
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    top = CFG.depth + CFG.fusion_depth + 1
+    assert scale["video_embed.proj.weight"] == pytest.approx(0.75**top)
+    assert scale["audio_blocks.0.attn.proj.weight"] == pytest.approx(0.75 ** (top - 1))
+    assert scale["video_blocks.2.mlp.fc1.weight"] == pytest.approx(0.75 ** (top - 3))
+    assert scale["fusion.video_blocks.1.attn.proj.weight"] == pytest.approx(0.75 ** (top - CFG.depth - 2))
+    assert scale["video_norm.weight"] == scale["head.fc.weight"] == 1.0
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert "video_blocks.0.attn.proj.bias" in no_decay and "head.norm.weight" in no_decay
+    assert "video_blocks.0.attn.proj.weight" not in no_decay
+    assert sum(len(g["params"]) for g in groups) == len(list(enc.parameters())) + len(list(head.parameters()))
