@@ -1,20 +1,25 @@
 """Loader throughput: shard writing, the full loader per worker, and raw JPEG decoding of the same frames.
 
 Writes shards of 16 x 160 x 160 frames + 2.56 s of 16 kHz audio from real clips (../shared/realdata)
-with `write_shards`, then, in one process with one thread (what one DataLoader worker has):
+with `write_shards`, twice: with the precomputed log-mel (`fbank.npy`, the default) and without it.
+Then, in one process with one thread (what one DataLoader worker has), for both kinds of shards:
 
-- loader (eval mode): read tar + decode 16 JPEGs + wav + Kaldi fbank + collate, clips/s;
+- loader (eval mode): read tar + decode 16 JPEGs + fbank (stored, or computed from wav) + collate;
 - loader (pretrain mode): the same plus shuffle buffer, random resized crop and audio gain;
-- raw JPEG decode: `torchvision.io.decode_jpeg` on the same frames already in memory, clips/s;
-- fbank: `torchaudio.compliance.kaldi.fbank` vs the vectorised path (per clip, batch of 8), ms per clip.
+- raw JPEG decode: `torchvision.io.decode_jpeg` on the same frames already in memory;
+- fbank: `torchaudio.compliance.kaldi.fbank` vs the vectorised path vs reading the stored one;
+- the random-resized-crop resize alone (part of pretrain mode's cost, not overhead);
+- the eval and pretrain loaders through a real `DataLoader(num_workers=1)`: the worker's CPU time
+  per clip, where batches are built in shared memory and sent to the main process.
 
-Rates are clips per CPU-second of this one-thread process (see `timed`); wall-clock rates are
-recorded too.
+Rates are clips per CPU-second of the process doing the work (see `timed`); each figure is the
+median of `--rounds` interleaved rounds, so a burst of load on a shared machine hits every path alike.
+Wall-clock rates are recorded too.
 
 The target (DESIGN.md section 6) is loader / raw decode >= 0.7. Prints a table and writes
 benchmarks/results/bench_loader.json.
 
-    python benchmarks/bench_loader.py [--clips 8] [--seconds 3]
+    python benchmarks/bench_loader.py [--clips 11] [--seconds 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import csv
 import dataclasses
 import json
 import platform
+import statistics
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,8 +42,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipelines.augment import VideoAugConfig  # noqa: E402
-from data_pipelines.features import FbankConfig, batched_fbank, fast_fbank, waveform_to_fbank  # noqa: E402
+from data_pipelines.augment import VideoAugConfig, VideoAugment  # noqa: E402
+from data_pipelines.features import (  # noqa: E402
+    FbankConfig,
+    batched_fbank,
+    decode_log_mel,
+    encode_log_mel,
+    fast_fbank,
+    kaldi_fbank,
+    precomputed_fbank,
+    waveform_to_fbank,
+)
 from data_pipelines.shards import ShardConfig, shard_urls, write_shards  # noqa: E402
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline  # noqa: E402
 
@@ -45,21 +61,23 @@ REALDATA = REPO / ".." / "shared" / "realdata"
 CLIP_FOLDER = "voxceleb2_pcavs"
 
 
-def write_bench_shards(out: Path, clips: int) -> dict:
+def write_bench_shards(out: Path, clips: int, precompute_fbank: bool = True) -> dict:
     videos = sorted((REALDATA / CLIP_FOLDER).glob("*.mp4"))[:clips]
     if not videos:
         raise SystemExit(f"no clips found in {REALDATA / CLIP_FOLDER}")
+    out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "video", "audio", "label", "label_name", "speaker", "fold", "split", "bbox"])
         for v in videos:
             writer.writerow([v.stem, str(v.resolve()), "", "", "", "", "", "", ""])
-    cfg = ShardConfig(num_frames=16, frame_stride=4, img_size=160, samples_per_shard=16, group_by="none")
+    cfg = ShardConfig(num_frames=16, frame_stride=4, img_size=160, samples_per_shard=16, group_by="none",
+                      precompute_fbank=precompute_fbank)
     return write_shards(manifest, out / "shards", cfg, workers=2, progress=False)
 
 
-def timed(run, min_seconds: float) -> tuple[int, float, float]:
+def timed(run: Callable[[], int], min_seconds: float) -> tuple[int, float, float]:
     """Repeat `run()` (returns items done) for at least `min_seconds` of CPU time.
 
     Returns (items, CPU seconds, wall seconds). Rates use the CPU time of this single-threaded
@@ -71,6 +89,33 @@ def timed(run, min_seconds: float) -> tuple[int, float, float]:
     while time.process_time() - cpu0 < min_seconds:
         items += run()
     return items, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+class CPUStamped(torch.utils.data.IterableDataset):
+    """Tags each batch with the CPU time of the process that built it (the DataLoader worker)."""
+
+    def __init__(self, stream: torch.utils.data.IterableDataset) -> None:
+        self.stream = stream
+
+    def __iter__(self):
+        for batch in self.stream:
+            batch["worker_cpu"] = time.process_time()
+            yield batch
+
+
+def worker_timed(make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int) -> tuple[int, float]:
+    """Clips and CPU seconds of DataLoader workers (`num_workers=1`, a new one per epoch) building
+    batches until `min_clips` have arrived, counted from each worker's first batch (start-up is a
+    per-epoch cost that real epochs of thousands of batches amortise)."""
+    from torch.utils.data import DataLoader
+
+    clips, cpu = 0, 0.0
+    while clips < min_clips:
+        stamps = [(len(b["key"]), b["worker_cpu"])
+                  for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1)]
+        clips += sum(n for n, _ in stamps[1:])
+        cpu += stamps[-1][1] - stamps[0][1]
+    return clips, cpu
 
 
 def raw_jpeg_bytes(urls: list[str]) -> list[list[bytes]]:
@@ -86,37 +131,43 @@ def raw_jpeg_bytes(urls: list[str]) -> list[list[bytes]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=11, help="real clips to shard (all 11 VoxCeleb2-style ones)")
-    p.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum CPU time per measurement and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is their median")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_loader.json")
     args = p.parse_args(argv)
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    results: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    results: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                     "threads": 1, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp:
-        index = write_bench_shards(Path(tmp), args.clips)
-        timing = index["timing"]
-        results["shard_writing"] = {"clips": index["totals"]["clips"], "samples": index["totals"]["samples"],
-                                    "workers": 2, "seconds": timing["seconds"], "clips_per_s": timing["clips_per_s"],
-                                    "samples_per_s": timing["samples_per_s"]}
-        urls = shard_urls(Path(tmp) / "shards")
-        n_samples = index["totals"]["samples"]
+        writing, urls = {}, {}
+        for name, precompute in (("fbank_npy", True), ("wav_only", False)):
+            index = write_bench_shards(Path(tmp) / name, args.clips, precompute)
+            timing = index["timing"]
+            shard_bytes = sum(p.stat().st_size for p in (Path(tmp) / name / "shards").glob("*.tar"))
+            writing[name] = {"clips": index["totals"]["clips"], "samples": index["totals"]["samples"], "workers": 2,
+                             "seconds": timing["seconds"], "clips_per_s": timing["clips_per_s"],
+                             "samples_per_s": timing["samples_per_s"],
+                             "kB_per_sample": round(shard_bytes / 1024 / index["totals"]["samples"], 1)}
+            urls[name] = shard_urls(Path(tmp) / name / "shards")
+        results["shard_writing"] = writing
+        n_samples = writing["fbank_npy"]["samples"]
 
         torch.set_num_threads(1)  # a DataLoader worker runs with one thread
         cfg = StreamConfig(batch_size=8, num_frames=16, img_size=160, fbank=FbankConfig(),
                            video_aug=VideoAugConfig(img_size=160, crop_scale=(0.4, 1.0)), audio_gain_db=3.0,
                            shuffle_buffer=32, epoch_length=max(1, n_samples // 8))
-
-        def eval_run() -> int:
-            return sum(len(b["key"]) for b in eval_pipeline(urls, cfg, rank=0, world_size=1))
-
         # A long epoch, so filling the shuffle buffer at the start is amortised as in real training.
         pretrain_cfg = dataclasses.replace(cfg, epoch_length=40)
 
-        def pretrain_run() -> int:
-            return sum(len(b["key"]) for b in pretrain_pipeline(urls, pretrain_cfg, rank=0, world_size=1))
+        def eval_run(shards: list[str]) -> Callable[[], int]:
+            return lambda: sum(len(b["key"]) for b in eval_pipeline(shards, cfg, rank=0, world_size=1))
 
-        jpegs = raw_jpeg_bytes(urls)
+        def pretrain_run(shards: list[str]) -> Callable[[], int]:
+            return lambda: sum(len(b["key"]) for b in pretrain_pipeline(shards, pretrain_cfg, rank=0, world_size=1))
+
+        jpegs = raw_jpeg_bytes(urls["fbank_npy"])
 
         def raw_run() -> int:
             for frames in jpegs:
@@ -124,46 +175,108 @@ def main(argv: list[str] | None = None) -> int:
                 decode_jpeg(data, mode=ImageReadMode.RGB)
             return len(jpegs)
 
-        rates, wall_rates = {}, {}
-        for name, run in (("loader_eval", eval_run), ("loader_pretrain", pretrain_run), ("raw_jpeg_decode", raw_run)):
-            items, cpu, wall = timed(run, args.seconds)
-            rates[name], wall_rates[name] = items / cpu, items / wall
+        clip = torch.stack([f.permute(1, 2, 0) for f in decode_jpeg(
+            [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs[0]], mode=ImageReadMode.RGB)])
+        clip = clip.permute(0, 3, 1, 2)
+        augment, gen = VideoAugment(cfg.video_aug), torch.Generator().manual_seed(0)
+
+        def crop_resize_run() -> int:
+            for _ in range(8):
+                augment(clip, gen)
+            return 8
+
+        runs = {
+            "loader_eval": eval_run(urls["fbank_npy"]),
+            "loader_pretrain": pretrain_run(urls["fbank_npy"]),
+            "loader_eval_wav_only": eval_run(urls["wav_only"]),
+            "loader_pretrain_wav_only": pretrain_run(urls["wav_only"]),
+            "raw_jpeg_decode": raw_run,
+            "random_resized_crop": crop_resize_run,
+        }
+        rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                items, cpu, wall = timed(run, args.seconds)
+                rounds[name].append((items / cpu, items / wall))
+        rates = {k: statistics.median(r[0] for r in v) for k, v in rounds.items()}
+        wall_rates = {k: statistics.median(r[1] for r in v) for k, v in rounds.items()}
         results["per_worker_clips_per_s"] = {k: round(v, 2) for k, v in rates.items()}
+        results["per_worker_clips_per_s_rounds"] = {k: [round(r[0], 1) for r in v] for k, v in rounds.items()}
         results["per_worker_clips_per_s_wall"] = {k: round(v, 2) for k, v in wall_rates.items()}
-        results["ratio_eval_loader_to_raw_decode"] = round(rates["loader_eval"] / rates["raw_jpeg_decode"], 3)
-        results["ratio_pretrain_loader_to_raw_decode"] = round(rates["loader_pretrain"] / rates["raw_jpeg_decode"], 3)
+        raw = rates["raw_jpeg_decode"]
+        results["ratio_to_raw_decode"] = {
+            "eval_fbank_npy": round(rates["loader_eval"] / raw, 3),
+            "pretrain_fbank_npy": round(rates["loader_pretrain"] / raw, 3),
+            "eval_wav_only": round(rates["loader_eval_wav_only"] / raw, 3),
+            "pretrain_wav_only": round(rates["loader_pretrain_wav_only"] / raw, 3),
+        }
+
+        # Through a real DataLoader worker (batches in shared memory, pickled to this process).
+        worker_rates = {}
+        eval_urls = urls["fbank_npy"] * 8  # eight passes per worker, so its start-up is amortised
+        for name, make in (("loader_eval", lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1)),
+                           ("loader_pretrain", lambda: pretrain_pipeline(urls["fbank_npy"], pretrain_cfg, rank=0,
+                                                                         world_size=1))):
+            clips, cpu = worker_timed(make, 800)
+            worker_rates[name] = round(clips / cpu, 2)
+        results["dataloader_worker_clips_per_s"] = worker_rates
+        results["ratio_to_raw_decode"]["eval_dataloader_worker"] = round(worker_rates["loader_eval"] / raw, 3)
+        results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(worker_rates["loader_pretrain"] / raw, 3)
 
     wave = 0.1 * torch.randn(8, 40960, generator=torch.Generator().manual_seed(0))
+    stored = [encode_log_mel(kaldi_fbank(w)) for w in wave]
     fbank_ms = {}
     for name, run in (("torchaudio_kaldi", lambda: [waveform_to_fbank(w) for w in wave] and 8),
                       ("vectorised_per_clip", lambda: [fast_fbank(w) for w in wave] and 8),
-                      ("vectorised_batch_of_8", lambda: batched_fbank(wave) is not None and 8)):
+                      ("vectorised_batch_of_8", lambda: batched_fbank(wave) is not None and 8),
+                      ("stored_fbank_npy", lambda: [precomputed_fbank(decode_log_mel(b, 128), gain_db=1.0)
+                                                    for b in stored] and 8)):
         items, cpu, _ = timed(run, args.seconds / 2)
         fbank_ms[name] = round(1000 * cpu / items, 3)
     results["fbank_ms_per_clip"] = fbank_ms
-    # Where the eval loader's CPU time per clip goes.
-    eval_ms, jpeg_ms = 1000 / rates["loader_eval"], 1000 / rates["raw_jpeg_decode"]
-    results["eval_loader_ms_per_clip"] = {"total": round(eval_ms, 3), "jpeg_decode": round(jpeg_ms, 3),
-                                          "fbank": fbank_ms["vectorised_per_clip"],
-                                          "tar_wav_stack_collate_python": round(eval_ms - jpeg_ms - fbank_ms["vectorised_per_clip"], 3)}
+    # Where the loaders' CPU time per clip goes.
+    ms = {k: 1000 / v for k, v in rates.items()}
+    results["ms_per_clip"] = {
+        "eval_loader": round(ms["loader_eval"], 3),
+        "pretrain_loader": round(ms["loader_pretrain"], 3),
+        "jpeg_decode": round(ms["raw_jpeg_decode"], 3),
+        "random_resized_crop": round(ms["random_resized_crop"], 3),
+        "eval_rest": round(ms["loader_eval"] - ms["raw_jpeg_decode"], 3),
+        "pretrain_rest": round(ms["loader_pretrain"] - ms["raw_jpeg_decode"] - ms["random_resized_crop"], 3),
+    }
     results["target_ratio"] = 0.7
 
+    ratio = results["ratio_to_raw_decode"]
+    per_clip = results["ms_per_clip"]
     rows = [
-        ("shard writing (2 processes)", f"{results['shard_writing']['clips_per_s']} clips/s",
-         f"{results['shard_writing']['samples_per_s']} samples/s"),
-        ("loader, eval mode (1 worker)", f"{rates['loader_eval']:.1f} clips/s", "read+JPEG+wav+fbank"),
-        ("loader, pretrain mode (1 worker)", f"{rates['loader_pretrain']:.1f} clips/s", "+shuffle, crop, gain"),
-        ("raw JPEG decode (1 thread)", f"{rates['raw_jpeg_decode']:.1f} clips/s", "16 frames 160x160"),
-        ("ratio eval loader / raw", f"{results['ratio_eval_loader_to_raw_decode']:.3f}", "target >= 0.7"),
-        ("ratio pretrain loader / raw", f"{results['ratio_pretrain_loader_to_raw_decode']:.3f}", ""),
+        ("shard writing, with fbank.npy (2 processes)", f"{writing['fbank_npy']['clips_per_s']} clips/s",
+         f"{writing['fbank_npy']['kB_per_sample']} kB/sample"),
+        ("shard writing, wav only (2 processes)", f"{writing['wav_only']['clips_per_s']} clips/s",
+         f"{writing['wav_only']['kB_per_sample']} kB/sample"),
+        ("raw JPEG decode (1 thread)", f"{raw:.1f} clips/s", "16 frames 160x160"),
+        ("loader, eval, fbank.npy", f"{rates['loader_eval']:.1f} clips/s", f"ratio {ratio['eval_fbank_npy']:.3f}"),
+        ("loader, eval, wav -> fbank", f"{rates['loader_eval_wav_only']:.1f} clips/s",
+         f"ratio {ratio['eval_wav_only']:.3f}"),
+        ("loader, pretrain, fbank.npy", f"{rates['loader_pretrain']:.1f} clips/s",
+         f"ratio {ratio['pretrain_fbank_npy']:.3f}"),
+        ("loader, pretrain, wav -> fbank", f"{rates['loader_pretrain_wav_only']:.1f} clips/s",
+         f"ratio {ratio['pretrain_wav_only']:.3f}"),
+        ("DataLoader worker, eval, fbank.npy", f"{worker_rates['loader_eval']:.1f} clips/s",
+         f"ratio {ratio['eval_dataloader_worker']:.3f}"),
+        ("DataLoader worker, pretrain, fbank.npy", f"{worker_rates['loader_pretrain']:.1f} clips/s",
+         f"ratio {ratio['pretrain_dataloader_worker']:.3f}"),
+        ("random resized crop alone", f"{per_clip['random_resized_crop']} ms/clip", "part of pretrain"),
         ("fbank, torchaudio kaldi", f"{fbank_ms['torchaudio_kaldi']} ms/clip", ""),
-        ("fbank, vectorised per clip", f"{fbank_ms['vectorised_per_clip']} ms/clip", "used by the loader"),
+        ("fbank, vectorised per clip", f"{fbank_ms['vectorised_per_clip']} ms/clip", "loader without fbank.npy"),
         ("fbank, vectorised batch of 8", f"{fbank_ms['vectorised_batch_of_8']} ms/clip", ""),
-        ("eval loader CPU per clip", f"{results['eval_loader_ms_per_clip']['total']} ms",
-         f"JPEG {results['eval_loader_ms_per_clip']['jpeg_decode']} + fbank {fbank_ms['vectorised_per_clip']} + "
-         f"rest {results['eval_loader_ms_per_clip']['tar_wav_stack_collate_python']}"),
+        ("fbank, stored fbank.npy", f"{fbank_ms['stored_fbank_npy']} ms/clip", "read + gain + pad + normalise"),
+        ("eval loader CPU per clip", f"{per_clip['eval_loader']} ms",
+         f"JPEG {per_clip['jpeg_decode']} + rest {per_clip['eval_rest']}"),
+        ("pretrain loader CPU per clip", f"{per_clip['pretrain_loader']} ms",
+         f"JPEG {per_clip['jpeg_decode']} + crop {per_clip['random_resized_crop']} + rest {per_clip['pretrain_rest']}"),
     ]
     width = max(len(r[0]) for r in rows)
+    print(f"target: loader / raw JPEG decode >= {results['target_ratio']}")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>16}  {note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

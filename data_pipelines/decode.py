@@ -178,7 +178,7 @@ def _read_frames(reader: object, indices: list[int], path: Path) -> np.ndarray:
 
     One batched decode for all windows (decord seeks once per run of indices). decord 0.6.0 takes the
     channel count from the row stride when the stride is a multiple of the width (videos 16, 24, 48
-    or 72 pixels wide, any codec; no other width from 15 to 2048): `get_batch` then fails its size
+    or 72 pixels wide, any codec; no other even width to 2048, odd to 300): `get_batch` fails its size
     check or returns 4-6 "channels". Those files are read frame by frame and the row padding is cut
     off, which gives exactly the pixels PyAV decodes.
     """

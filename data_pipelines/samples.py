@@ -1,15 +1,19 @@
 """One raw WebDataset sample (member bytes) -> tensors, and samples -> the batch dict.
 
 Frames: all JPEG members of a sample go through one `decode_jpeg` call and stay channels-last in
-memory (see `decode_video`). Audio: `wav` or `flac` via soundfile (torchaudio's file I/O is gone),
-resampled if needed, then the Kaldi fbank of `features.py`. Training adds the clip augmentation of
-`augment.py`, all seeded per sample. Any failure raises; `stream.decode_samples` counts and skips.
+memory (see `decode_frames`); `BatchBuilder` copies them straight into the batch tensor as each
+sample is decoded, so an eval clip that needs no resize is copied once. Audio: the shard's precomputed log-mel (`fbank.npy`) when its
+parameters match the loader's, else `wav`/`flac` -> Kaldi fbank (`features.py`); the worker logs
+which path it takes. Training adds the clip augmentation of `augment.py`, all seeded per sample. Any
+failure raises; `stream.decode_samples` counts and skips.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import re
 import wave
 from typing import TYPE_CHECKING
@@ -19,15 +23,26 @@ import soundfile as sf
 import torch
 import torchaudio
 from torch import Tensor
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipelines.augment import VideoAugment, eval_video_transform
-from data_pipelines.features import SpecAugment, fast_fbank
+from data_pipelines.features import (
+    SpecAugment,
+    decode_log_mel,
+    fast_fbank,
+    fbank_params,
+    num_fbank_frames,
+    precomputed_fbank,
+)
 
 if TYPE_CHECKING:
     from data_pipelines.stream import StreamConfig
 
+log = logging.getLogger("emomae.data")
+
 FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
+FBANK_MEMBER = "fbank.npy"
 
 
 class CorruptSampleError(ValueError):
@@ -35,7 +50,11 @@ class CorruptSampleError(ValueError):
 
 
 class SampleDecoder:
-    """Raw member bytes -> `{video (T,3,S,S) uint8, fbank (F,M) float32, label, target, key, ...}`."""
+    """Raw member bytes -> `{video, fbank (F,M) float32, label, target, key, clip_key, caption}`.
+
+    `video` is (T, 3, S, S) uint8, or the list of T decoded (3, S, S) frames when they need no
+    resize (eval at the shard's size): `BatchBuilder` copies either into the batch.
+    """
 
     def __init__(self, cfg: StreamConfig, train: bool) -> None:
         self.cfg, self.train = cfg, train
@@ -43,45 +62,89 @@ class SampleDecoder:
         spec_augment = SpecAugment(cfg.fbank.freq_mask, cfg.fbank.time_mask)
         self.spec_augment = spec_augment if train and spec_augment.active else None
         self.frame_names = [f"f{t:02d}.jpg" for t in range(cfg.num_frames)]
+        self.fbank_params = fbank_params(cfg.fbank.sample_rate, cfg.fbank.mel_bins)
+        self.audio_paths_logged: set[str] = set()
 
     def __call__(self, raw: dict, seed: int = 0) -> dict:
         meta = raw.get("__meta__") or json.loads(raw["json"])
         generator = torch.Generator().manual_seed(seed) if self.train else None
-        video = self.decode_video(raw)
-        waveform = self.decode_audio(raw)
+        frames = self.decode_frames(raw)
+        gain_db = 0.0
         if self.train:
-            video = self.augment(video, generator)
+            video = self.augment(stack_frames(frames), generator)
             if self.cfg.audio_gain_db > 0:
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
-                waveform = waveform * 10 ** (gain_db / 20)
+        elif frames[0].shape[-1] == frames[0].shape[-2] == self.cfg.img_size:
+            video = frames
         else:
-            video = eval_video_transform(video, self.cfg.img_size)
-        fbank = fast_fbank(waveform, self.cfg.fbank, self.spec_augment, seed)
+            video = eval_video_transform(stack_frames(frames), self.cfg.img_size)
+        fbank = self.audio_features(raw, meta, gain_db, seed)
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
         return {"video": video, "fbank": fbank, "label": label, "target": target, "key": raw["__key__"],
                 "clip_key": str(meta.get("clip_key", raw["__key__"])), "caption": caption,
                 "__pos__": raw.get("__pos__", 0)}
 
-    def decode_video(self, raw: dict) -> Tensor:
-        """All `num_frames` JPEG members, decoded in one call -> (T, 3, H, W) uint8.
+    def decode_frames(self, raw: dict) -> list[Tensor]:
+        """All `num_frames` JPEG members, decoded in one call -> T x (3, H, W) uint8.
 
-        decode_jpeg returns (3, H, W) views of interleaved (H, W, 3) pixels; stacking those memories
-        as they are is a plain copy, so the clip stays channels-last in memory (a permuted view).
-        Making it channels-first here would cost a strided copy per clip that the GPU does for free.
+        decode_jpeg returns (3, H, W) views of interleaved (H, W, 3) pixels; they stay that way
+        (channels-last), which is what the batch is made of and what the uint8 resize is fast on.
         """
-        frames = sorted(k for k in raw if FRAME_MEMBER.match(k))
-        if frames != self.frame_names:
+        try:
+            data = [torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8) for name in self.frame_names]
+        except KeyError:
+            frames = sorted(k for k in raw if FRAME_MEMBER.match(k))
             missing = sorted(set(self.frame_names) - set(frames))
             raise CorruptSampleError(
                 f"wrong frame count: has {len(frames)} frame members, expected {self.cfg.num_frames}"
                 + (f" (missing {missing[:3]})" if missing else "")
-            )
-        data = [torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8) for name in frames]
+            ) from None
+        extra = sum(1 for k in raw if k[0] == "f" and k.endswith(".jpg")) - len(self.frame_names)
+        if extra:
+            raise CorruptSampleError(
+                f"wrong frame count: has {len(self.frame_names) + extra} frame members, expected {self.cfg.num_frames}")
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB)
-        if len({tuple(f.shape) for f in decoded}) != 1:
+        shape = decoded[0].shape
+        if any(f.shape != shape for f in decoded):
             raise CorruptSampleError(f"frames differ in size: {sorted({tuple(f.shape) for f in decoded})}")
-        return torch.stack([f.permute(1, 2, 0) for f in decoded]).permute(0, 3, 1, 2)
+        return decoded
+
+    def decode_video(self, raw: dict) -> Tensor:
+        """All frames as one (T, 3, H, W) uint8 clip, channels-last in memory."""
+        return stack_frames(self.decode_frames(raw))
+
+    def audio_features(self, raw: dict, meta: dict, gain_db: float = 0.0, seed: int = 0) -> Tensor:
+        """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
+        this loader's parameters, else computed from the audio member."""
+        cfg = self.cfg.fbank
+        if FBANK_MEMBER in raw and meta.get("fbank") == self.fbank_params:
+            try:
+                log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
+            except ValueError as err:
+                raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
+            expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
+            if "audio_samples" in meta and log_mel.shape[0] != expected:
+                raise CorruptSampleError(f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
+                                         f"for {meta['audio_samples']} audio samples")
+            self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
+            return precomputed_fbank(log_mel, cfg, gain_db, self.spec_augment, seed)
+        if FBANK_MEMBER not in raw:
+            self.log_audio_path("wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}")
+        else:
+            self.log_audio_path("mismatch", f"computing it from the audio member: the shards' {FBANK_MEMBER} "
+                                f"was made with {meta.get('fbank')}, this loader needs {self.fbank_params}")
+        waveform = self.decode_audio(raw)
+        if gain_db:
+            waveform = waveform * 10 ** (gain_db / 20)
+        return fast_fbank(waveform, cfg, self.spec_augment, seed)
+
+    def log_audio_path(self, path: str, message: str) -> None:
+        if path not in self.audio_paths_logged:
+            self.audio_paths_logged.add(path)
+            info = get_worker_info()
+            log.info("audio features (%s, worker %d): %s", "train" if self.train else "eval",
+                     0 if info is None else info.id, message)
 
     def decode_audio(self, raw: dict) -> Tensor:
         """`wav` or `flac` member -> (N,) float32 mono at the fbank sample rate."""
@@ -131,28 +194,85 @@ def parse_label(label: object) -> tuple[int, list[float] | None]:
     raise CorruptSampleError(f"label must be an int, a list of floats or null, got {label!r}")
 
 
+def stack_frames(frames: list[Tensor]) -> Tensor:
+    """T x (C, H, W) channels-last frames -> (T, C, H, W), a view of (T, H, W, C) memory."""
+    return torch.stack([f.permute(1, 2, 0) for f in frames]).permute(0, 3, 1, 2)
+
+
 def stack_channels_last(videos: list[Tensor]) -> Tensor:
     """(T, C, H, W) clips -> (B, T, C, H, W), a view of (B, T, H, W, C) memory (one plain copy when
     the clips are channels-last already, as decoded ones are)."""
     return torch.stack([v.permute(0, 2, 3, 1) for v in videos]).permute(0, 1, 4, 2, 3)
 
 
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker it lives in shared memory already, as
+    `default_collate` does it, so sending the batch to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class BatchBuilder:
+    """Fills one batch as samples arrive: each clip's frames are copied into the preallocated
+    (B, T, H, W, 3) batch tensor as soon as it is decoded and then dropped, so a worker holds one
+    clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.video: Tensor | None = None
+        self.fbank: Tensor | None = None
+        self.rows: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.batch_size
+
+    def add(self, sample: dict) -> None:
+        clip, b = sample.pop("video"), len(self.rows)
+        if self.video is None:
+            channels, height, width = clip[0].shape
+            self.video = batch_tensor((self.batch_size, len(clip), height, width, channels), torch.uint8)
+            self.fbank = batch_tensor((self.batch_size, *sample["fbank"].shape), torch.float32)
+        if isinstance(clip, Tensor):
+            self.video[b].copy_(clip.permute(0, 2, 3, 1))
+        else:
+            for t, frame in enumerate(clip):
+                self.video[b, t].copy_(frame.permute(1, 2, 0))
+        self.fbank[b].copy_(sample.pop("fbank"))
+        self.rows.append(sample)
+
+    def build(self) -> dict:
+        """The batch dict of docs/architecture.md (`target` only when some sample has one; rows
+        without a target are NaN); `video` is the (B, T, 3, H, W) view of channels-last memory."""
+        rows, n = self.rows, len(self.rows)
+        batch = {
+            "video": self.video[:n].permute(0, 1, 4, 2, 3),
+            "fbank": self.fbank[:n],
+            "label": torch.tensor([s["label"] for s in rows], dtype=torch.int64),
+            "key": [s["key"] for s in rows],
+            "clip_key": [s["clip_key"] for s in rows],
+            "caption": [s["caption"] for s in rows],
+            "has_caption": torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool),
+            "__last_pos__": rows[-1]["__pos__"],
+        }
+        targets = [s["target"] for s in rows]
+        if any(t is not None for t in targets):
+            width = max(len(t) for t in targets if t is not None)
+            batch["target"] = torch.tensor(
+                [t if t is not None and len(t) == width else [float("nan")] * width for t in targets],
+                dtype=torch.float32)
+        return batch
+
+
 def collate(samples: list[dict]) -> dict:
-    """Samples -> the batch dict of docs/architecture.md (`target` only when some sample has one;
-    rows without a target are NaN)."""
-    batch = {
-        "video": stack_channels_last([s["video"] for s in samples]),
-        "fbank": torch.stack([s["fbank"] for s in samples]),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-        "key": [s["key"] for s in samples],
-        "clip_key": [s["clip_key"] for s in samples],
-        "caption": [s["caption"] for s in samples],
-        "has_caption": torch.tensor([bool(s["caption"]) for s in samples], dtype=torch.bool),
-        "__last_pos__": samples[-1]["__pos__"],
-    }
-    targets = [s["target"] for s in samples]
-    if any(t is not None for t in targets):
-        width = max(len(t) for t in targets if t is not None)
-        rows = [t if t is not None and len(t) == width else [float("nan")] * width for t in targets]
-        batch["target"] = torch.tensor(rows, dtype=torch.float32)
-    return batch
+    """Decoded samples -> the batch dict (see `BatchBuilder`)."""
+    builder = BatchBuilder(len(samples))
+    for sample in samples:
+        builder.add(dict(sample))
+    return builder.build()

@@ -12,26 +12,29 @@ counted and listed in `errors.jsonl`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import math
 import multiprocessing as mp
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.decode import GRID_FPS, INTERPOLATION, DecodeError, SamplingConfig, decode_clip
+from data_pipelines.decode import DecodeError, SamplingConfig, decode_clip
+from data_pipelines.features import fbank_params
 from data_pipelines.manifests import ManifestError, ManifestRow, read_manifest
+from data_pipelines.shard_index import PROGRESS, finalize_index, provenance, read_progress, shard_urls
 
-PROGRESS = "progress.jsonl"
+# Re-exported: importers use `data_pipelines.shards` for the whole shard API.
+__all__ = ["ShardConfig", "clip_samples", "main", "plan_shards", "provenance", "shard_urls", "write_shards"]
 
 
 @dataclass
@@ -46,6 +49,10 @@ class ShardConfig:
     sample_rate: int = 16000
     samples_per_shard: int = 256
     group_by: str = "fold"  # fold | split | none
+    # Store each window's log-mel (`fbank.npy`, float16, ~65 kB per 2.56 s) so loaders skip the fbank;
+    # they use it when its parameters match theirs and compute it from the audio otherwise.
+    precompute_fbank: bool = True
+    fbank_mel_bins: int = 128
 
     def __post_init__(self) -> None:
         if self.audio_format not in ("wav", "flac"):
@@ -54,9 +61,9 @@ class ShardConfig:
             raise ValueError(f"ShardConfig.group_by must be 'fold', 'split' or 'none', got {self.group_by!r}")
         if self.crop_box is not None and len(self.crop_box) != 4:
             raise ValueError(f"ShardConfig.crop_box must be [x0, y0, x1, y1], got {self.crop_box}")
-        if min(self.num_frames, self.frame_stride, self.img_size, self.samples_per_shard) < 1:
+        if min(self.num_frames, self.frame_stride, self.img_size, self.samples_per_shard, self.fbank_mel_bins) < 1:
             raise ValueError(
-                "ShardConfig sizes (num_frames, frame_stride, img_size, samples_per_shard) must be >= 1"
+                "ShardConfig sizes (num_frames, frame_stride, img_size, samples_per_shard, fbank_mel_bins) must be >= 1"
             )
 
     def sampling(self) -> SamplingConfig:
@@ -92,14 +99,29 @@ def _label_value(label: str) -> int | list[float] | None:
     return [float(x) for x in label.split()] if " " in label.strip() else int(label)
 
 
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """(L,) float32 in [-1, 1] -> int16, as stored in the audio member."""
+    return np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+
+
 def encode_audio(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """(L,) float32 in [-1, 1] -> 16-bit mono wav or flac bytes."""
     import soundfile as sf
 
     buf = io.BytesIO()
-    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
-    sf.write(buf, pcm, sample_rate, format=fmt.upper(), subtype="PCM_16")
+    sf.write(buf, to_pcm16(audio), sample_rate, format=fmt.upper(), subtype="PCM_16")
     return buf.getvalue()
+
+
+def encode_fbank(audio: np.ndarray, sample_rate: int, mel_bins: int) -> bytes:
+    """The `fbank.npy` member: Kaldi log-mel of the audio exactly as a loader reads it back from the
+    int16 member (/ 32768), every frame, not normalised, float16."""
+    import torch
+
+    from data_pipelines.features import encode_log_mel, kaldi_fbank
+
+    waveform = torch.from_numpy(to_pcm16(audio).astype(np.float32) / 32768.0)
+    return encode_log_mel(kaldi_fbank(waveform, sample_rate, mel_bins))
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -143,10 +165,14 @@ def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None)
             "frames_padded": w.frames_padded,
             "audio_padded": w.audio_padded,
         }
+        if cfg.precompute_fbank:
+            meta["fbank"] = fbank_params(cfg.sample_rate, cfg.fbank_mel_bins)
         sample = {"__key__": key, "json": json.dumps(meta).encode()}
         for t, frame in enumerate(w.frames):
             sample[f"f{t:02d}.jpg"] = encode_jpeg(frame, cfg.jpeg_quality)
         sample[cfg.audio_format] = encode_audio(w.audio, cfg.sample_rate, cfg.audio_format)
+        if cfg.precompute_fbank:
+            sample["fbank.npy"] = encode_fbank(w.audio, cfg.sample_rate, cfg.fbank_mel_bins)
         if caption:
             sample["txt"] = caption.encode()
         out.append(sample)
@@ -166,7 +192,9 @@ def _write_shard(task: dict) -> dict:
     final = out_dir / task["name"]
     tmp = out_dir / f".{task['name']}.{os.getpid()}.tmp"
     errors, samples, clips, captions = [], 0, 0, 0
-    with wds.TarWriter(str(tmp)) as sink:
+    # A whole-second mtime keeps headers plain ustar: float mtimes add a pax header to every member,
+    # which doubles the headers a loader parses.
+    with one_torch_thread(), wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:
         for rec in task["rows"]:
             row = ManifestRow(**rec)
             caption = task["captions"].get(row.key)
@@ -194,6 +222,20 @@ def _write_shard(task: dict) -> dict:
         "errors": errors,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch ops of one clip (the fbank) on one thread, also when the parent writes a shard itself:
+    on a busy machine torch's thread pool spins and turns a 1.5 ms fbank into 200 ms."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _init_worker() -> None:
@@ -237,19 +279,6 @@ def plan_shards(rows: list[ManifestRow], cfg: ShardConfig, captions: dict[str, s
     return tasks
 
 
-def _read_progress(out_dir: Path) -> dict[str, dict]:
-    done = {}
-    path = out_dir / PROGRESS
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["name"]] = rec
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by an interrupted run
-    return done
-
-
 # ---------------------------------------------------------------- the writer
 
 
@@ -285,7 +314,7 @@ def write_shards(
         )
 
     tasks = plan_shards(rows, cfg, caps)
-    done = _read_progress(out_dir)
+    done = read_progress(out_dir)
     todo, records = [], {}
     for t in tasks:
         if (out_dir / t["name"]).is_file() and done.get(t["name"], {}).get("chunk") == t["chunk"]:
@@ -313,171 +342,7 @@ def write_shards(
                 finish(_write_shard(task))
     bar.close()
     written = {t["name"] for t in todo}
-    return _finalize(out_dir, tasks, records, cfg, manifest, written, time.perf_counter() - t0, argv)
-
-
-def _finalize(
-    out_dir: Path,
-    tasks: list[dict],
-    records: dict[str, dict],
-    cfg: ShardConfig,
-    manifest: Path,
-    written: set[str],
-    seconds: float,
-    argv: list[str] | None,
-) -> dict:
-    shards, totals = [], defaultdict(lambda: {"samples": 0, "clips": 0, "shards": 0, "captions": 0})
-    errors = []
-    for t in tasks:
-        rec = records[t["name"]]
-        shards.append(
-            {
-                "name": rec["name"],
-                "group": rec["group"],
-                "samples": rec["samples"],
-                "clips": rec["clips"],
-                "captions": rec.get("captions", 0),
-                "chunk": rec["chunk"],
-            }
-        )
-        for k in ("samples", "clips", "captions"):
-            totals[rec["group"]][k] += rec.get(k, 0)
-        totals[rec["group"]]["shards"] += 1
-        errors.extend(rec["errors"])
-    n_samples = sum(s["samples"] for s in shards)
-    n_clips = sum(s["clips"] for s in shards)
-    new_clips = sum(s["clips"] for s in shards if s["name"] in written)
-    new_samples = sum(s["samples"] for s in shards if s["name"] in written)
-    index = {
-        "shards": shards,
-        "totals": {
-            "samples": n_samples,
-            "clips": n_clips,
-            "errors": len(errors),
-            "shards": len(shards),
-            "captions": sum(s["captions"] for s in shards),
-            "groups": dict(totals),
-        },
-        "config": asdict(cfg),
-        # Rates count only the clips decoded in this run (resumed shards cost nothing).
-        "timing": {
-            "seconds": round(seconds, 3),
-            "shards_written": len(written),
-            "shards_skipped": len(tasks) - len(written),
-            "clips_per_s": round(new_clips / seconds, 3) if written else None,
-            "samples_per_s": round(new_samples / seconds, 3) if written else None,
-        },
-    }
-    stale = sorted({p.name for p in out_dir.glob("*.tar")} - {s["name"] for s in shards})
-    if stale:
-        print(
-            f"note: {len(stale)} .tar files in {out_dir} are not part of this manifest and are not indexed, e.g. {stale[:3]}",
-            file=sys.stderr,
-        )
-    _write_json(out_dir / "index.json", index)
-    _write_json(out_dir / "provenance.json", provenance(cfg, manifest, argv))
-    with (out_dir / "errors.jsonl").open("w") as f:
-        for e in errors:
-            f.write(json.dumps(e) + "\n")
-    print(
-        f"wrote {n_samples} samples in {len(shards)} shards; skipped {len(errors)} files (see errors.jsonl)"
-        + (
-            f"; {len(written)} shards written in {seconds:.1f} s ({new_clips / seconds:.2f} clips/s)"
-            if written
-            else "; all shards were up to date"
-        )
-    )
-    return index
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def provenance(cfg: ShardConfig, manifest: Path, argv: list[str] | None = None) -> dict:
-    """How the shards were made: decoder and library versions, sampling, crop, resize, audio, command."""
-    import decord
-    import PIL
-    import webdataset
-
-    versions = {
-        "python": platform.python_version(),
-        "decord": decord.__version__,
-        "PIL": PIL.__version__,
-        "numpy": np.__version__,
-        "webdataset": getattr(webdataset, "__version__", "unknown"),
-    }
-    for mod in ("torch", "torchaudio", "soundfile"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    span = cfg.num_frames * cfg.frame_stride / GRID_FPS
-    return {
-        "decoder": "decord VideoReader + AudioReader (ffmpeg)",
-        "versions": versions,
-        "frame_sampling": (
-            f"{cfg.num_frames} frames every {cfg.frame_stride} steps of a {GRID_FPS:g} fps time grid "
-            f"({span:g} s per window, frames chosen by timestamp); non-overlapping windows from t=0, "
-            f"tail shorter than a window dropped; max_windows={cfg.max_windows} (evenly spread); "
-            "clips shorter than a window: one window padded with the last frame"
-        ),
-        "crop": {"bbox": "manifest bbox column when given", "crop_box": cfg.crop_box},
-        "resize": f"short side to {cfg.img_size} then centre crop {cfg.img_size}x{cfg.img_size}",
-        "interpolation": INTERPOLATION,
-        "audio": {
-            "sample_rate": cfg.sample_rate,
-            "channels": 1,
-            "format": cfg.audio_format,
-            "subtype": "PCM_16",
-            "resampler": "decord AudioReader (ffmpeg swresample)",
-            "span": "exactly the sampled frames' window, zero-padded at the end when the track is short",
-        },
-        "jpeg_quality": cfg.jpeg_quality,
-        "config": asdict(cfg),
-        "manifest": {"path": str(Path(manifest).resolve()), "sha256": _sha256(Path(manifest))},
-        "argv": list(sys.argv if argv is None else argv),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git_commit": _git_commit(),
-    }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def shard_urls(shard_dir: Path, groups: list[str] | None = None) -> list[str]:
-    """Paths of the shards in `shard_dir` (from index.json), optionally only those of `groups`."""
-    shard_dir = Path(shard_dir)
-    index_file = shard_dir / "index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(
-            f"{index_file} not found: is {shard_dir} a shard directory written by `emomae shards`?"
-        )
-    shards = json.loads(index_file.read_text())["shards"]
-    if groups is not None:
-        known = sorted({s["group"] for s in shards})
-        missing = [g for g in groups if g not in known]
-        if missing:
-            raise ValueError(f"no shards of group(s) {missing} in {shard_dir}; groups there: {known}")
-        shards = [s for s in shards if s["group"] in set(groups)]
-    return [str(shard_dir / s["name"]) for s in shards]
+    return finalize_index(out_dir, tasks, records, cfg, manifest, written, time.perf_counter() - t0, argv)
 
 
 # ---------------------------------------------------------------- CLI

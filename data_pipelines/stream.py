@@ -16,8 +16,9 @@ Corrupt input (unreadable or truncated tar, garbage JPEG, missing members, wrong
 audio or JSON) never stops a stream and is never replaced by another sample: it is skipped, counted
 per worker, logged with rank, worker, shard URL and key, appended to `<log_dir>/corrupt-*.jsonl` when
 a `log_dir` is given, and each batch carries its worker's running count in `batch["stream"]`.
-Decoding one sample lives in `samples.py`, tar parsing in `tar_reader.py`; docs/loader.md explains
-the guarantees.
+Decoding one sample and collation live in `samples.py`, tar parsing in `tar_reader.py`, the
+exact-once split in `exact_once.py`, corrupt-sample accounting in `corrupt.py`; docs/loader.md
+explains the guarantees.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from data_pipelines.augment import VideoAugConfig
+from data_pipelines.corrupt import CorruptLog, read_corrupt_logs
+from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
-from data_pipelines.samples import SampleDecoder, collate
+from data_pipelines.samples import BatchBuilder, SampleDecoder
 from data_pipelines.tar_reader import tar_samples
+
+# Re-exported: these lived here before the split and are imported from here.
+__all__ = ["AVStream", "CorruptLog", "EvalStream", "PretrainStream", "SampleFilter", "StreamConfig", "StreamStart",
+           "WorkerContext", "eval_pipeline", "exact_once_split", "pretrain_pipeline", "read_corrupt_logs",
+           "resolve_rank", "shard_sizes"]
 
 log = logging.getLogger("emomae.data")
 
 SampleFilter = Callable[[dict], bool]
+
+# Shard read buffer: a sample's ~40 small reads then cost one syscall per 256 kB instead of per 8 kB
+# (~0.05 ms per sample, benchmarks/bench_loader.py).
+READ_BUFFER = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -62,46 +74,6 @@ class StreamConfig:
     # A worker that meets this many corrupt samples in a row stops with an error: that is a wrong
     # config (e.g. num_frames) or a broken dataset, not an occasional bad clip.
     max_consecutive_errors: int = 200
-
-
-class CorruptLog:
-    """Per-worker accounting of skipped samples: counter, log line and JSONL record per event."""
-
-    def __init__(self, ctx: WorkerContext, mode: str, log_dir: str | None, max_consecutive: int) -> None:
-        self.ctx, self.mode, self.max_consecutive = ctx, mode, max_consecutive
-        self.count = 0
-        self.consecutive = 0
-        self.path = None
-        if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.path = Path(log_dir) / f"corrupt-{mode}-rank{ctx.rank}-worker{ctx.worker}.jsonl"
-
-    def record(self, url: str, key: str, reason: str, kind: str = "sample") -> None:
-        self.count += 1
-        self.consecutive += 1
-        event = {"mode": self.mode, "epoch": self.ctx.epoch, "rank": self.ctx.rank, "worker": self.ctx.worker,
-                 "url": url, "key": key, "kind": kind, "reason": reason}
-        log.warning("skipping corrupt %s: rank %d worker %d shard %s key %r: %s",
-                    kind, self.ctx.rank, self.ctx.worker, url, key, reason)
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(event) + "\n")
-        if self.consecutive >= self.max_consecutive:
-            raise RuntimeError(
-                f"{self.consecutive} corrupt samples in a row in rank {self.ctx.rank} worker {self.ctx.worker} "
-                f"(last: {url} key {key!r}: {reason}); check that num_frames/audio match the shards' index.json"
-            )
-
-    def ok(self) -> None:
-        self.consecutive = 0
-
-
-def read_corrupt_logs(log_dir: str | Path) -> list[dict]:
-    """All corrupt-sample events written under `log_dir` (every rank, worker and epoch)."""
-    events = []
-    for path in sorted(Path(log_dir).glob("corrupt-*.jsonl")):
-        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return events
 
 
 # ---------------------------------------------------------------- who am I
@@ -178,7 +150,7 @@ def read_shard(url: str, errors: CorruptLog, start: int = 0, stop: int | None = 
     in half by it is yielded as it is and rejected by `decode_sample` for its missing members.
     """
     try:
-        with gopen(url) as stream:
+        with gopen(url, bufsize=READ_BUFFER) as stream:
             for index, sample in enumerate(tar_samples(stream, url)):
                 if index < start:
                     continue
@@ -234,55 +206,24 @@ def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], erro
         yield sample
 
 
+def batch_samples(samples: Iterable[dict], batch_size: int, partial: bool) -> Iterator[dict]:
+    """Stage: decoded samples -> batches, each sample copied into the batch tensors on arrival
+    (`samples.BatchBuilder`); `partial` keeps a short last batch."""
+    builder = BatchBuilder(batch_size)
+    for sample in samples:
+        builder.add(sample)
+        if builder.full:
+            yield builder.build()
+            builder = BatchBuilder(batch_size)
+    if partial and len(builder):
+        yield builder.build()
+
+
 def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:
     """Stage: attach `stream` = {worker, position (raw samples consumed), corrupt (running count)}."""
     for batch in batches:
         batch["stream"] = {"worker": ctx.worker, "position": batch.pop("__last_pos__") + 1, "corrupt": errors.count}
         yield batch
-
-
-# ---------------------------------------------------------------- exact-once split
-
-
-def shard_sizes(urls: list[str]) -> list[int] | None:
-    """Samples per shard from the `index.json` beside the shards, or None if any is unknown."""
-    sizes: dict[str, int] = {}
-    for folder in {os.path.dirname(u) for u in urls}:
-        index = Path(folder) / "index.json"
-        if not index.is_file():
-            return None
-        for s in json.loads(index.read_text()).get("shards", []):
-            sizes[os.path.join(folder, s["name"])] = int(s["samples"])
-    found = [sizes.get(u) for u in urls]
-    return None if any(n is None for n in found) else found
-
-
-def exact_once_split(urls: list[str], sizes: list[int] | None, slot: int, num_slots: int) -> list[dict]:
-    """The `{"url", "start", "stop"}` pieces slot `slot` of `num_slots` reads; all slots together read
-    every sample exactly once.
-
-    With sizes: the concatenated samples are cut into contiguous ranges of sizes differing by at most
-    one. The piece holding a shard's last sample reads to the end of the tar (`stop=None`), so samples
-    beyond a stale index count are still read once rather than lost. Without sizes: whole shards,
-    round robin (exact-once, but slots can differ by a shard).
-    """
-    if sizes is None:
-        return [{"url": u} for i, u in enumerate(urls) if i % num_slots == slot]
-    total = sum(sizes)
-    lo, hi = slot * total // num_slots, (slot + 1) * total // num_slots
-    pieces, offset = [], 0
-    for url, n in zip(urls, sizes):
-        end = offset + n
-        if n == 0:
-            # An empty-by-index shard still gets read (once) by the slot whose range holds its offset.
-            owner = next((s for s in range(num_slots) if offset < (s + 1) * total // num_slots), num_slots - 1)
-            if owner == slot:
-                pieces.append({"url": url, "start": 0, "stop": None})
-        elif lo < end and offset < hi:
-            stop = None if hi >= end else hi - offset
-            pieces.append({"url": url, "start": max(lo, offset) - offset, "stop": stop})
-        offset = end
-    return pieces
 
 
 # ---------------------------------------------------------------- the two pipelines
@@ -367,7 +308,7 @@ class PretrainStream(AVStream):
             number_samples,
             lambda src: skip_consumed(src, self.start.position(ctx.worker)),
             lambda src: decode_samples(src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors),
-            wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
+            lambda src: batch_samples(src, cfg.batch_size, partial=False),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=batches)
 
@@ -393,7 +334,7 @@ class EvalStream(AVStream):
             lambda src: keep_samples(src, self.sample_filter, errors),
             number_samples,
             lambda src: decode_samples(src, decoder, errors),
-            wds.batched(self.cfg.batch_size, collation_fn=collate, partial=True),
+            lambda src: batch_samples(src, self.cfg.batch_size, partial=True),
             lambda src: tag_batches(src, ctx, errors),
         )
 

@@ -308,6 +308,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         interrupted = "SIGTERM"
+    except BaseException:
+        _finish_wandb(trainer, failed=True)
+        raise
+    _finish_wandb(trainer, failed=interrupted is not None)
     signal_cb = next(c for c in trainer.callbacks if type(c).__name__ == "LastCheckpoint")
     if interrupted is None and signal_cb.received is not None:
         import signal
@@ -322,6 +326,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _finish_wandb(trainer, failed: bool) -> None:
+    """Close the W&B run now rather than at interpreter exit, so its files are complete when
+    `pretrain()` returns (another run in the same process, a notebook, a test reading them)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)
 
 
 def resolved_dict(cfg: PretrainConfig, **resolved: Any) -> dict:

@@ -10,6 +10,7 @@ from data_pipelines.features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
     KALDI_FBANK_ARGS,
+    LOG_FLOOR,
     FbankConfig,
     SpecAugment,
     batched_fbank,
@@ -131,3 +132,43 @@ def test_loader_fast_fbank_matches_torchaudio_on_speech_like_audio_and_spec_augm
     aug = SpecAugment(cfg.freq_mask, cfg.time_mask)
     assert torch.allclose(fast_fbank(wave, cfg), waveform_to_fbank(wave, cfg), atol=1e-4)
     assert torch.allclose(fast_fbank(wave, cfg, aug, seed=9), waveform_to_fbank(wave, cfg, aug, seed=9), atol=1e-4)
+
+
+def test_stored_float16_log_mel_with_a_gain_matches_the_fbank_of_the_scaled_waveform():
+    from data_pipelines.features import decode_log_mel, encode_log_mel, fast_fbank, precomputed_fbank
+
+    g = torch.Generator().manual_seed(0)
+    wave = sine(440.0) + 0.02 * torch.randn(int(2.56 * SR), generator=g)
+    log_mel = kaldi_fbank(wave)
+    stored = decode_log_mel(encode_log_mel(log_mel), 128)
+    assert stored.dtype == torch.float16 and stored.shape == (num_fbank_frames(wave.numel()), 128)
+    floor = torch.zeros(256, 128, dtype=torch.bool)
+    floor[:254] = log_mel <= LOG_FLOOR + 1e-4  # Kaldi's energy floor: the narrow lowest mel bins here
+    assert 0 < floor.sum() < 0.02 * floor.numel()
+    cfg = FbankConfig()
+    for gain_db in (0.0, 3.0, -2.5):
+        want = fast_fbank(wave * 10 ** (gain_db / 20), cfg)
+        got = precomputed_fbank(stored, cfg, gain_db)
+        assert got.shape == want.shape == (256, 128)
+        error = (got - want).abs()
+        assert error[~floor].max() < 3e-3, gain_db  # float16 storage, ~1e-3 after normalisation
+        # At the floor a gain can lift energies the floor hid: off by at most the shift itself.
+        assert error[floor].max() <= max(gain_db, 0) / 10 * math.log(10) / (2 * cfg.std) + 3e-3, gain_db
+        assert torch.allclose(got[254:], want[254:], atol=1e-6)  # padding reads the same on both paths
+
+
+def test_stored_log_mel_must_be_a_float16_matrix_of_the_loaders_mel_bins():
+    import io
+
+    import numpy as np
+
+    from data_pipelines.features import decode_log_mel, encode_log_mel
+
+    assert decode_log_mel(encode_log_mel(torch.zeros(3, 8)), 8).shape == (3, 8)
+    with pytest.raises(ValueError, match=r"\(frames, 128\)"):
+        decode_log_mel(encode_log_mel(torch.zeros(3, 8)), 128)
+    for bad in (np.zeros((3, 128), np.float32), np.array([{"a": 1}], dtype=object)):
+        buf = io.BytesIO()
+        np.save(buf, bad, allow_pickle=True)
+        with pytest.raises(ValueError):
+            decode_log_mel(buf.getvalue(), 128)

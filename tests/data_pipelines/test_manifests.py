@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -309,3 +311,22 @@ def test_dataset_registry_has_the_paper_protocols():
     assert dataset_info("ravdess").num_folds == 6 and len(dataset_info("RAVDESS").classes) == 8
     assert len(DATASETS["mafw"].classes) == 11 and DATASETS["dfew"].num_folds == 5
     assert DATASETS["msp-improv"].classes == ("anger", "happiness", "neutral", "sadness")
+
+
+def test_every_registered_dataset_has_an_adapter_importable_from_manifests():
+    import data_pipelines.adapters as adapters
+    import data_pipelines.manifests as manifests
+
+    assert set(manifests.ADAPTERS) == set(DATASETS)
+    for scan in adapters.ADAPTERS.values():
+        assert getattr(manifests, scan.__name__) is scan
+    with pytest.raises(AttributeError, match="scan_iemocap"):
+        manifests.scan_iemocap  # noqa: B018
+
+
+def test_adapters_import_on_their_own_without_a_circular_import():
+    # manifests re-exports the adapters lazily; importing an adapter first must still work.
+    code = "import data_pipelines.adapters.hicmae as h, data_pipelines.manifests as m; print(m.scan_hicmae is h.scan_hicmae)"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr

@@ -180,3 +180,37 @@ def test_shard_urls_names_unknown_groups(real_shards):
     out, _ = real_shards
     with pytest.raises(ValueError, match=r"fold3.*groups there: \['all'\]"):
         shard_urls(out, ["fold3"])
+
+
+def test_shards_store_the_log_mel_of_their_own_wav_and_record_its_parameters(real_shards):
+    import torch
+
+    from data_pipelines.features import decode_log_mel, fbank_params, kaldi_fbank, num_fbank_frames
+    from data_pipelines.samples import read_pcm16_wav
+
+    out, index = real_shards
+    params = fbank_params(16000, 128)
+    assert index["config"]["precompute_fbank"] is True
+    assert json.loads((out / "provenance.json").read_text())["fbank"]["params"] == params
+    with tarfile.open(out / "all-000000.tar") as tar:
+        assert not any(m.pax_headers for m in tar.getmembers())  # plain ustar headers
+    samples = read_samples(out / "all-000000.tar")
+    assert samples
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+        assert meta["fbank"] == params
+        audio, _ = read_pcm16_wav(sample["wav"])
+        want = kaldi_fbank(torch.from_numpy(audio[:, 0].copy()))
+        got = decode_log_mel(sample["fbank.npy"], 128)
+        assert got.shape == want.shape == (num_fbank_frames(AUDIO_SAMPLES), 128)
+        assert (got.float() - want).abs().max() < 0.02  # float16 of values |x| < 20
+
+
+def test_shards_without_a_stored_fbank_have_no_fbank_member_or_params(realdata_dir, tmp_path):
+    rows = scan_folder(realdata_dir)[:1]
+    manifest = write_manifest(rows, tmp_path / "manifest.csv")
+    cfg = ShardConfig(num_frames=4, frame_stride=4, img_size=32, max_windows=1, precompute_fbank=False)
+    write_shards(manifest, tmp_path / "s", cfg, progress=False)
+    (sample,) = read_samples(tmp_path / "s" / "all-000000.tar").values()
+    assert "fbank.npy" not in sample and "fbank" not in json.loads(sample["json"]) and "wav" in sample
+    assert json.loads((tmp_path / "s" / "provenance.json").read_text())["fbank"] is None

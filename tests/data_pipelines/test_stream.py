@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
+import math
 import random
 import tarfile
 from collections import Counter
@@ -260,3 +263,69 @@ def test_pcm16_wav_fast_path_reads_what_soundfile_reads():
             continue
         ref, ref_rate = sf.read(io.BytesIO(buf.getvalue()), dtype="float32", always_2d=True)
         assert rate == ref_rate == 16000 and fast.dtype == np.float32 and np.array_equal(fast, ref)
+
+
+def with_stored_fbank(sample: dict, mel_bins: int = 128, sample_rate: int = 16000) -> dict:
+    """The sample plus the `fbank.npy` member and json params the shard writer adds."""
+    import numpy as np
+
+    from data_pipelines.features import encode_log_mel, fbank_params, kaldi_fbank
+    from data_pipelines.samples import read_pcm16_wav
+
+    audio, _ = read_pcm16_wav(sample["wav"])
+    meta = json.loads(sample["json"])
+    meta["fbank"] = fbank_params(sample_rate, mel_bins)
+    log_mel = kaldi_fbank(torch.from_numpy(np.ascontiguousarray(audio[:, 0])), sample_rate, mel_bins)
+    return {**sample, "json": json.dumps(meta).encode(), "fbank.npy": encode_log_mel(log_mel)}
+
+
+def write_samples(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return str(path)
+
+
+def test_stored_fbank_gives_the_batches_of_the_wav_path_in_eval_and_pretrain_mode(tmp_path, caplog):
+    plain = [make_sample(f"c{i:02d}_w000", label=i % 3, seed=i) for i in range(8)]
+    wav_only = write_samples(tmp_path / "wav-000000.tar", plain)
+    stored = write_samples(tmp_path / "npy-000000.tar", [with_stored_fbank(s) for s in plain])
+    masked = dataclasses.replace(CFG, fbank=FbankConfig(fbank_frames=64, freq_mask=12, time_mask=10), epoch_length=2)
+    for cfg, pipeline in ((CFG, eval_pipeline), (masked, pretrain_pipeline)):  # pretrain: gain + SpecAugment
+        with caplog.at_level(logging.INFO, logger="emomae.data"):
+            caplog.clear()
+            got = batches(pipeline([stored], cfg, rank=0, world_size=1), workers=0)
+            assert "fbank.npy from the shards" in caplog.text
+            caplog.clear()
+            want = batches(pipeline([wav_only], cfg, rank=0, world_size=1), workers=0)
+            assert "the shards have no fbank.npy" in caplog.text
+        assert [b["key"] for b in got] == [b["key"] for b in want]
+        for a, b in zip(got, want):
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["label"], b["label"])
+            error = (a["fbank"] - b["fbank"]).abs()
+            # float16 storage: ~1e-3. A gain moves cells at Kaldi's energy floor (the narrowest low
+            # mel bins here) by at most the gain itself (features.precomputed_fbank).
+            assert (error > 3e-3).float().mean() < 0.02
+            assert error.max() <= cfg.audio_gain_db / 10 * math.log(10) / (2 * cfg.fbank.std) + 3e-3
+
+
+def test_stored_fbank_with_other_parameters_is_ignored_and_the_log_says_why(tmp_path, caplog):
+    plain = [make_sample(f"c{i:02d}_w000", seed=i) for i in range(4)]
+    other = write_samples(tmp_path / "other-000000.tar", [with_stored_fbank(s, mel_bins=64) for s in plain])
+    wav_only = write_samples(tmp_path / "wav-000000.tar", plain)
+    with caplog.at_level(logging.INFO, logger="emomae.data"):
+        got = batches(eval_pipeline([other], CFG, rank=0, world_size=1), workers=0)
+    assert "'mel_bins': 64" in caplog.text and "this loader needs" in caplog.text
+    want = batches(eval_pipeline([wav_only], CFG, rank=0, world_size=1), workers=0)
+    assert torch.equal(got[0]["fbank"], want[0]["fbank"])  # computed from the wav, bit for bit
+
+
+def test_garbage_stored_fbank_is_a_counted_corrupt_sample_not_a_silent_fallback(tmp_path):
+    samples = [with_stored_fbank(make_sample(f"c{i:02d}_w000", seed=i)) for i in range(4)]
+    samples[1]["fbank.npy"] = b"\x93NUMPY garbage"
+    samples[2]["fbank.npy"] = samples[2]["fbank.npy"][:-1000]  # frames missing
+    url = write_samples(tmp_path / "x-000000.tar", samples)
+    out = batches(eval_pipeline([url], CFG, rank=0, world_size=1, log_dir=tmp_path / "log"), workers=0)
+    assert keys(out) == ["c00_w000", "c03_w000"] and out[-1]["stream"]["corrupt"] == 2
+    reasons = [e["reason"] for e in read_corrupt_logs(tmp_path / "log")]
+    assert len(reasons) == 2 and all("fbank.npy" in r for r in reasons)

@@ -61,3 +61,27 @@ def test_truncated_stream_yields_complete_samples_then_the_partial_one_then_rais
     assert "json" in got[1] and set(got[2]) == {"__key__", "__url__", "f00.jpg", "f01.jpg"}
     with pytest.raises(ShardReadError, match="tar header"):
         list(tar_samples(io.BytesIO(b"not a tar file at all".ljust(1024, b"x")), path))
+
+
+def test_plain_ustar_shards_read_like_webdataset_and_garbage_is_rejected(tmp_path):
+    path = str(tmp_path / "d.tar")
+    with wds.TarWriter(path, mtime=1_700_000_000) as sink:  # whole-second mtime: no pax headers
+        for i in range(3):
+            sink.write(make_sample(f"k{i}_w000", num_frames=2, size=16, seed=i))
+    with tarfile.open(path) as tf:
+        assert not any(m.pax_headers for m in tf.getmembers())
+        second = next(m for m in tf.getmembers() if m.name == "k1_w000.f00.jpg")
+    data = open(path, "rb").read()
+    assert list(tar_samples(io.BytesIO(data), path)) == reference_samples(path)
+
+    with pytest.raises(ShardReadError, match="checksum"):
+        list(tar_samples(io.BytesIO(b"\x01" * 4096), path))  # not a tar at all
+    # A header damaged in the middle of a shard: the samples before it, then an error.
+    broken = bytearray(data)
+    broken[second.offset + 257 : second.offset + 262] = b"XXXXX"  # magic gone -> full checksum check
+    broken[second.offset + 100] ^= 0xFF
+    got = []
+    with pytest.raises(ShardReadError, match="checksum"):
+        for sample in tar_samples(io.BytesIO(bytes(broken)), path):
+            got.append(sample["__key__"])
+    assert got == ["k0_w000"]  # k1 starts at the damaged header
