@@ -44,11 +44,47 @@ def fusion_tokens(out) -> dict[str, torch.Tensor]:
     return {"fused_video": out.fused_video, "fused_audio": out.fused_audio}
 
 
+class FeatureStandardizer(nn.Module):
+    """Per-dimension z-scoring `(x - mean) / std` with statistics of the training split, kept as buffers
+    so validation, test and a saved head use the same ones (MAE's linear probe: BatchNorm without
+    affine). Identity until `fit` is called. Input `(B, *shape)`."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Statistics of `x` `(N, *shape)`; a dimension constant in training is centred but not scaled,
+        so it cannot blow up on unseen data."""
+        x = x.float()
+        std = x.std(0) if x.shape[0] > 1 else torch.ones_like(x[0])
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(torch.where(std > self.eps, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
 class FeatureFusionHead(nn.Module):
-    """Hierarchical feature fusion + LayerNorm + linear. Input: `pool_tokens` dict -> `(B, num_outputs)`."""
+    """Hierarchical feature fusion + LayerNorm + linear. Input: `pool_tokens` dict -> `(B, num_outputs)`.
+
+    The inputs first pass per-key `FeatureStandardizer`s (per layer and dimension). They stay the
+    identity for full fine-tuning, where the features move; the linear probe fits them on the training
+    split's frozen features (`fit_standardizer`), which a plain logistic regression needs as much: raw
+    token-means differ in scale by orders of magnitude across dimensions and layers.
+    """
 
     def __init__(self, dim: int, num_video_layers: int, num_audio_layers: int, num_outputs: int, dropout: float = 0.0):
         super().__init__()
+        self.standardize = nn.ModuleDict({
+            "video_layers": FeatureStandardizer((num_video_layers, dim)),
+            "audio_layers": FeatureStandardizer((num_audio_layers, dim)),
+            "fused_video": FeatureStandardizer((dim,)),
+            "fused_audio": FeatureStandardizer((dim,)),
+        })
         # zeros -> softmax gives the uniform start of the reference
         self.video_layer_weights = nn.Parameter(torch.zeros(num_video_layers))
         self.audio_layer_weights = nn.Parameter(torch.zeros(num_audio_layers))
@@ -58,12 +94,18 @@ class FeatureFusionHead(nn.Module):
         trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
 
+    def fit_standardizer(self, pooled: dict[str, torch.Tensor]) -> None:
+        """Fit the input standardisation on the training split's `pool_tokens` features `(N, ...)`."""
+        for key, standardizer in self.standardize.items():
+            standardizer.fit(pooled[key])
+
     def feature_fusion(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         """`(B, 4 D)`: [weighted video layers, weighted audio layers, fused video, fused audio]."""
+        pooled = {key: standardizer(pooled[key]) for key, standardizer in self.standardize.items()}
         wv = self.video_layer_weights.softmax(0)
         wa = self.audio_layer_weights.softmax(0)
-        video = torch.einsum("bld,l->bd", pooled["video_layers"], wv.to(pooled["video_layers"].dtype))
-        audio = torch.einsum("bld,l->bd", pooled["audio_layers"], wa.to(pooled["audio_layers"].dtype))
+        video = torch.einsum("bld,l->bd", pooled["video_layers"], wv)
+        audio = torch.einsum("bld,l->bd", pooled["audio_layers"], wa)
         return torch.cat([video, audio, pooled["fused_video"], pooled["fused_audio"]], dim=-1)
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,8 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     train = cache.select("av", index["train"])
+    if hasattr(head, "fit_standardizer"):  # z-score with TRAINING statistics only (stored in the head)
+        head.fit_standardizer(train)
     targets = torch.as_tensor(cache.targets[index["train"]])
     if task == "classification":
         targets = targets.long()
