@@ -41,6 +41,8 @@ lint: install
 bench: install
 	$(TEST_ENV) $(PY) benchmarks/bench_loader.py
 	$(TEST_ENV) $(PY) benchmarks/bench_pretrain.py
+	$(TEST_ENV) $(PY) benchmarks/bench_finetune.py
+	$(TEST_ENV) $(PY) benchmarks/bench_scaling.py
 
 clean-demo:
 	rm -rf demo_out

@@ -7,6 +7,9 @@ optimiser, schedule, loss and honest epoch selection are the ones full fine-tuni
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
@@ -41,40 +44,25 @@ def _scores(head: torch.nn.Module, feats: dict[str, torch.Tensor], task: str, ba
     return torch.cat(outs).numpy()
 
 
-def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.ndarray], recipe, task: str,
-                classes: list[str], target_names: list[str], modalities: list[str], seed: int = 0) -> dict:
-    """Train `head` on the fold's training windows; per epoch score validation and test clips; return
-    the fold's results with the validation-selected epoch's test metrics for every modality."""
-    torch.manual_seed(seed)
+def _fit(head: torch.nn.Module, feats: dict[str, torch.Tensor], targets: torch.Tensor, recipe, task: str,
+         seed: int, after_epoch: Callable[[int], None]) -> None:
+    """AdamW + warm-up/cosine over `recipe.epochs` on in-memory features `(N, ...)`; after every epoch
+    `after_epoch(epoch)` runs with the head in eval mode."""
+    if hasattr(head, "fit_standardizer"):  # z-score with statistics of these (training) windows only
+        head.fit_standardizer(feats)
     gen = torch.Generator().manual_seed(seed)
-    train = cache.select("av", index["train"])
-    if hasattr(head, "fit_standardizer"):  # z-score with TRAINING statistics only (stored in the head)
-        head.fit_standardizer(train)
-    targets = torch.as_tensor(cache.targets[index["train"]])
-    if task == "classification":
-        targets = targets.long()
-    else:
-        targets = targets.float()
-    n = len(index["train"])
+    n = targets.shape[0]
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)
     peak_lr = recipe.blr * batch / 256
     groups = param_groups_weight_decay(head, recipe.weight_decay)
     optimizer, scheduler = build_optimizer(groups, recipe, peak_lr, steps_per_epoch)
-    tracker = SelectionTracker(selection_metric(task))
-    views = {part: cache.select("av", index[part]) for part in ("val", "test")}
-
-    def score(part: str, feats: dict[str, torch.Tensor]) -> dict:
-        idx = index[part]
-        return evaluate(_scores(head, feats, task), cache.targets[idx], [cache.clip_keys[i] for i in idx],
-                        task, classes, target_names)
-
     for epoch in range(recipe.epochs):
         head.train()
         order = torch.randperm(n, generator=gen)
         for step in range(steps_per_epoch):
             sel = order[step * batch : (step + 1) * batch]
-            logits = head({k: v[sel].float() for k, v in train.items()})
+            logits = head({k: v[sel].float() for k, v in feats.items()})
             loss = task_loss(task, recipe.loss, logits, targets[sel], recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,12 +71,83 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
             optimizer.step()
             scheduler.step()
         head.eval()
-        tracker.update(epoch, score("val", views["val"]), score("test", views["test"]), head.state_dict)
+        after_epoch(epoch)
+
+
+def pick_epoch(val_metric: list[float], window: int = 1) -> int:
+    """Epoch with the best moving average (over `window` epochs centred on it, fewer at the ends) of
+    the validation metric; ties -> the earlier epoch. A few validation speakers give a jagged curve
+    whose single best epoch is mostly luck; the average favours where it is high for a while."""
+    values = np.asarray(val_metric, dtype=float)
+    half = max(0, window - 1) // 2
+    smooth = [values[max(0, e - half) : e + half + 1].mean() for e in range(len(values))]
+    return int(np.argmax(smooth))
+
+
+@dataclass
+class PickedEpoch(SelectionTracker):
+    """Selection record of a refit run whose epoch was picked beforehand (by `pick_epoch` on the
+    selection run's validation curve); keeps the weights of that epoch."""
+
+    picked: int = 0
+
+    def update(self, epoch: int, val: dict, test: dict, state: Callable[[], dict]) -> None:
+        self.history.append({"epoch": epoch, "val": val, "test": test})
+        if epoch == self.picked:
+            self.best_state = {k: v.detach().clone().cpu() for k, v in state().items()}
+
+    @property
+    def best_val(self) -> dict | None:
+        return self.history[self.picked] if len(self.history) > self.picked else None
+
+
+def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.ndarray], recipe, task: str,
+                classes: list[str], target_names: list[str], modalities: list[str], seed: int = 0) -> dict:
+    """Train `head` on the fold's training windows, pick the epoch on validation clips, and return the
+    fold's results with the selected epoch's test metrics for every modality.
+
+    With `recipe.refit`, the validation run only picks the epoch (`pick_epoch` with
+    `recipe.select_window`): the head is then trained again from the same initial weights on training
+    AND validation speakers (every non-test fold, as the papers train) and its state at the picked
+    epoch is the one tested. The test fold never picks anything.
+    """
+    torch.manual_seed(seed)
+    initial = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    views = {part: cache.select("av", index[part]) for part in ("val", "test")}
+
+    def targets_of(idx: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(cache.targets[idx])
+        return t.long() if task == "classification" else t.float()
+
+    def score(part: str, feats: dict[str, torch.Tensor]) -> dict:
+        idx = index[part]
+        return evaluate(_scores(head, feats, task), cache.targets[idx], [cache.clip_keys[i] for i in idx],
+                        task, classes, target_names)
+
+    train = index["train"]
+    if not recipe.refit:
+        tracker = SelectionTracker(selection_metric(task))
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
+             lambda e: tracker.update(e, score("val", views["val"]), score("test", views["test"]), head.state_dict))
+    else:
+        val_curve: list[dict] = []
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
+             lambda e: val_curve.append(score("val", views["val"])))
+        metric = selection_metric(task)
+        tracker = PickedEpoch(metric, picked=pick_epoch([v[metric] for v in val_curve], recipe.select_window))
+        head.load_state_dict(initial)
+        train = np.concatenate([index["train"], index["val"]])
+        # validation figures come from the selection run: the refit model has seen those speakers
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
+             lambda e: tracker.update(e, val_curve[e], score("test", views["test"]), head.state_dict))
 
     head.load_state_dict(tracker.best_state)
     head.eval()
     test = {m: score("test", cache.select(m, index["test"])) for m in modalities}
-    return fold_result(tracker, test, {k: len(v) for k, v in index.items()})
+    sizes = {k: len(v) for k, v in index.items()}
+    if len(train) != sizes["train"]:
+        sizes["refit"] = len(train)
+    return fold_result(tracker, test, sizes)
 
 
 def fold_result(tracker: SelectionTracker, test: dict, sizes: dict) -> dict:

@@ -40,6 +40,8 @@ class RecipeConfig:
     label_smoothing: float = 0.1
     loss: str = "auto"  # auto: cross-entropy (classification) or ccc (regression); or mse
     grad_clip: float | None = None
+    refit: bool = False  # probes: after the validation run picks the epoch, retrain on train + val speakers
+    select_window: int = 1  # probes with refit: pick the epoch on a moving average of this many validation epochs
     # training-stream augmentation (full fine-tuning): random resized crop, flip, SpecAugment
     augment: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)

@@ -73,8 +73,9 @@ def test_finetune_run_directory_holds_tables_figures_config_and_commit(downstrea
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not reached at test size: 80 pretraining steps on 72 clips leave every "
-                   "head near chance (measured UAR: linear 0.20, random-init linear 0.22, finetune 0.16)")
+@pytest.mark.xfail(strict=False, reason="not reached at test size: 80 pretraining steps on 72 clips and 3 fine-tuning "
+                   "epochs leave fine-tuning near chance (measured UAR: linear 0.35, random-init linear 0.23, "
+                   "finetune 0.13)")
 def test_pretrained_probe_beats_random_finetuning_beats_probe_and_av_beats_one_modality(downstream):
     uar = {k: downstream[k]["summary"]["av"]["uar"][0] for k in ("linear", "random", "finetune")}
     assert uar["linear"] > uar["random"] + 0.05

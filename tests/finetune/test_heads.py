@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.cache import FeatureCache
 from finetune.heads import (
     AttentiveProbe,
     AVMixup,
@@ -14,6 +15,8 @@ from finetune.heads import (
     layer_decay_param_groups,
     pool_tokens,
 )
+from finetune.probe import train_probe
+from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
 
 CFG = ModelConfig(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=2,
@@ -73,3 +76,70 @@ def test_layer_decay_orders_embeddings_blocks_fusion_then_head():
     assert "video_blocks.0.attn.proj.bias" in no_decay and "head.norm.weight" in no_decay
     assert "video_blocks.0.attn.proj.weight" not in no_decay
     assert sum(len(g["params"]) for g in groups) == len(list(enc.parameters())) + len(list(head.parameters()))
+
+
+def _scaled_cache(n: int = 360, dim: int = 16, layers: int = 2, seed: int = 0) -> tuple[FeatureCache, dict]:
+    """Pooled features whose dimensions span six orders of magnitude (with large offsets, like raw
+    token-means); the class signal (3 classes) lives only in the three smallest-scale dimensions."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    scale = 10.0 ** torch.linspace(-3, 3, dim)
+    offset = 50 * scale * torch.randn(dim, generator=gen)
+
+    def feature(*shape: int) -> torch.Tensor:
+        x = torch.randn(n, *shape, dim, generator=gen)
+        signal = torch.zeros(n, dim)
+        signal[:, :3] = 4.0 * torch.nn.functional.one_hot(y, 3)
+        return (x + signal.view(n, *[1] * len(shape), dim)) * scale + offset
+
+    features = {"video_layers": feature(layers), "audio_layers": feature(layers),
+                "fused_video": feature(), "fused_audio": feature()}
+    keys = [f"w{i:04d}" for i in range(n)]
+    cache = FeatureCache(keys, keys, y.numpy(), {"av": features})
+    order = np.random.default_rng(seed).permutation(n)
+    index = {"train": np.sort(order[: n // 2]), "val": np.sort(order[n // 2 : 3 * n // 4]),
+             "test": np.sort(order[3 * n // 4 :])}
+    return cache, index
+
+
+PROBE_RECIPE = dict(epochs=15, batch_size=64, blr=5e-2, warmup_epochs=1, weight_decay=0.0, label_smoothing=0.0)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_linear_probe_learns_a_signal_hidden_in_the_smallest_of_wildly_scaled_dimensions(refit):
+    cache, index = _scaled_cache()
+    torch.manual_seed(0)
+    head = FeatureFusionHead(16, 2, 2, num_outputs=3)
+    result = train_probe(head, cache, index, RecipeConfig(**PROBE_RECIPE, refit=refit), "classification",
+                         ["a", "b", "c"], [], ["av"])
+    # without per-dimension standardisation the LayerNorm is swamped by the 1e3-scale dimensions and
+    # the probe stays near chance (1/3)
+    assert result["test"]["av"]["uar"] > 0.9
+    # the statistics are the TRAINING windows' (with refit: training + validation speakers), kept as
+    # buffers in the head's state so evaluation and a saved head apply the same transform
+    fitted = np.concatenate([index["train"], index["val"]]) if refit else index["train"]
+    expected = cache.features["av"]["video_layers"][fitted].mean(0)
+    assert torch.allclose(head.standardize["video_layers"].mean, expected, rtol=1e-4)
+    assert "standardize.fused_audio.std" in head.state_dict()
+    assert result["windows"].get("refit", len(index["train"])) == len(fitted)
+
+
+def test_fresh_feature_fusion_head_does_not_standardise_so_full_finetuning_is_unchanged():
+    head = FeatureFusionHead(8, 2, 2, num_outputs=3)
+    x = 100 * torch.randn(5, 2, 8)
+    assert torch.equal(head.standardize["video_layers"](x), x)
+
+
+def test_refit_probe_picks_its_epoch_without_looking_at_the_test_fold():
+    cache, index = _scaled_cache(seed=1)
+    recipe = RecipeConfig(**{**PROBE_RECIPE, "blr": 5e-3}, refit=True)
+    runs = []
+    for test_labels in ("true", "shuffled"):
+        if test_labels == "shuffled":
+            cache.targets[index["test"]] = np.random.default_rng(0).permutation(cache.targets[index["test"]])
+        torch.manual_seed(0)
+        runs.append(train_probe(FeatureFusionHead(16, 2, 2, num_outputs=3), cache, index, recipe, "classification",
+                                ["a", "b", "c"], [], ["av"]))
+    assert runs[0]["selected_epoch"] == runs[1]["selected_epoch"]
+    assert [c["val_uar"] for c in runs[0]["curve"]] == [c["val_uar"] for c in runs[1]["curve"]]
+    assert runs[0]["test"]["av"]["uar"] != runs[1]["test"]["av"]["uar"]

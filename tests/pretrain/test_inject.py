@@ -102,8 +102,8 @@ def _gathered_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
 def test_gathered_text_loss_equals_the_single_process_loss_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork: the children reuse the imported modules (spawn would re-import torch and Lightning twice)
-    mp.start_processes(_gathered_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: a child forked after the parent's OpenMP pool started can deadlock in its first op
+    mp.start_processes(_gathered_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     av = unit(8, 16, seed=11).requires_grad_()
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
