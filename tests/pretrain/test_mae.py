@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from einops import rearrange
+from tiny_model import TINY
 
 from pretrain.encoders import ModelConfig, gather_tokens
 from pretrain.mae import (
@@ -15,21 +16,6 @@ from pretrain.mae import (
     unpatchify_video,
 )
 
-# 4 frames of 32 x 32 -> 2 x 2 x 2 = 8 video tokens; 32 x 32 fbank -> 4 audio tokens
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=32,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=4,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=1,
-    decoder_depth=4,
-    skip_layers=[2, 3, 4],
-)
 # a slightly larger grid for the overfitting test: 2 x 4 x 4 = 32 video tokens, 16 audio tokens
 SMALL_GRID = {**TINY, "img_size": 64, "fbank_frames": 64, "mel_bins": 64}
 
