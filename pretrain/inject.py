@@ -187,19 +187,6 @@ class InjectModule(PretrainModule):
     def on_train_end(self) -> None:
         self.text.flush()
 
-    def stage1(self, video: Tensor, fbank: Tensor, generator: torch.Generator) -> tuple[Tensor, dict, EncoderOutput]:
-        """The stage-1 objectives (as `MaskedAVAutoencoder.forward`), keeping the encoder output."""
-        model = self.model
-        vmask, amask = model.random_masking(video.shape[0], video.device, generator)
-        enc = model.forward_encoder(normalize_video(video), fbank, vmask, amask)
-        vpred, apred = model.forward_decoder(enc, vmask, amask)
-        terms = model.forward_loss(video, fbank, vpred, apred, vmask, amask)
-        loss = terms["recon_video"] + terms["recon_audio"]
-        if model.contrastive_levels:
-            terms |= model.forward_contrastive(enc)
-            loss = loss + model.objective.contrastive_weight * terms["contrastive"]
-        return loss, terms, enc
-
     def align_features(self, video: Tensor, fbank: Tensor, enc: EncoderOutput, has_caption: Tensor) -> dict[str, Tensor]:
         """Projected, normalised `(B, text_dim)` per path. With `text_view=full` the captioned rows
         are re-encoded on all tokens; uncaptioned rows are zeros (they are masked out of the loss)."""
@@ -218,7 +205,8 @@ class InjectModule(PretrainModule):
         has_caption = batch["has_caption"].to(video.device).bool()
         generator = self.mask_generator()
         self._micro_batches += 1
-        stage1_loss, terms, enc = self.stage1(video, fbank, generator)
+        out = self.model(video, fbank, generator)  # the stage-1 objectives, unchanged
+        stage1_loss, terms, enc = out.loss, dict(out.terms), out.encoded
 
         cfg = self.inject_cfg
         rows = has_caption.nonzero().squeeze(1)

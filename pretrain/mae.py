@@ -59,7 +59,8 @@ class ObjectiveConfig:
 class MAEOutput:
     """loss: scalar to optimise; terms: detached scalars (recon_video, recon_audio, contrastive,
     contrastive_l<k>, ...); *_pred: (B, N_masked, patch_dim) predictions for the masked tokens in the
-    order of mask.ids_masked; *_mask: the masks that were applied."""
+    order of mask.ids_masked; *_mask: the masks that were applied; encoded: the encoder output on the
+    visible tokens (what further objectives, e.g. stage-2 text alignment, build on)."""
 
     loss: Tensor
     terms: dict[str, Tensor]
@@ -67,6 +68,7 @@ class MAEOutput:
     audio_pred: Tensor
     video_mask: Mask
     audio_mask: Mask
+    encoded: EncoderOutput | None = None
 
 
 def patchify_video(video: Tensor, tubelet: int, patch: int) -> Tensor:
@@ -244,7 +246,7 @@ class MaskedAVAutoencoder(nn.Module):
             terms |= self.forward_contrastive(enc)
             loss = loss + self.objective.contrastive_weight * terms["contrastive"]
         terms = {name: value.detach() for name, value in terms.items()}
-        return MAEOutput(loss, terms, video_pred, audio_pred, video_mask, audio_mask)
+        return MAEOutput(loss, terms, video_pred, audio_pred, video_mask, audio_mask, enc)
 
     @torch.no_grad()
     def reconstruct(self, video_uint8: Tensor, fbank: Tensor, out: MAEOutput) -> tuple[Tensor, Tensor]:
