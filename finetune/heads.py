@@ -192,6 +192,22 @@ class AVMixup:
         return soft * lam + soft[perm] * (1 - lam)
 
 
+def drop_modality_per_sample(video: torch.Tensor, fbank: torch.Tensor, prob: float,
+                              generator: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality dropout: each sample loses one of its two normalised inputs (zeroed, as at a
+    missing-modality evaluation) with probability `prob`, audio or video equally likely. A model
+    trained this way has seen both single-modality inputs, so its audio-only and video-only figures
+    measure what each modality carries rather than how badly an unseen all-zero input throws it off."""
+    if prob <= 0:
+        return video, fbank
+    batch = video.shape[0]
+    dropped = generator.random(batch) < prob
+    drop_video = dropped & (generator.random(batch) < 0.5)
+    keep_video = torch.from_numpy(~drop_video).to(video.device, video.dtype).view(-1, *[1] * (video.ndim - 1))
+    keep_audio = torch.from_numpy(~(dropped & ~drop_video)).to(fbank.device, fbank.dtype).view(-1, *[1] * (fbank.ndim - 1))
+    return video * keep_video, fbank * keep_audio
+
+
 def soft_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets `(B, C)` (mixup + label smoothing)."""
     return torch.sum(-soft_target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -227,16 +243,17 @@ def layer_decay_param_groups(
     weight_decay: float, no_weight_decay: set[str] = frozenset(),
 ) -> list[dict]:
     """AdamW groups with `lr_scale = layer_decay ** (top - layer_id)`; no weight decay on 1-D
-    parameters, biases and the names in `no_weight_decay`. The head sits at the top (scale 1)."""
+    parameters, biases and the names in `no_weight_decay`. The head sits at the top (scale 1) in
+    groups of its own, marked `head=True`."""
     top = depth + fusion_depth + 1
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, bool], dict] = {}
 
-    def add(name: str, param: nn.Parameter, layer: int) -> None:
+    def add(name: str, param: nn.Parameter, layer: int, is_head: bool = False) -> None:
         decay = param.ndim > 1 and not name.endswith(".bias") and name.split(".")[-1] not in no_weight_decay \
             and name not in no_weight_decay
-        group = groups.setdefault((layer, decay), {
+        group = groups.setdefault((layer, is_head, decay), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (top - layer), "layer_id": layer,
+            "lr_scale": layer_decay ** (top - layer), "layer_id": layer, "head": is_head,
         })
         group["params"].append(param)
         group["names"].append(name)
@@ -246,5 +263,5 @@ def layer_decay_param_groups(
             add(name, p, encoder_layer_id(name, depth, fusion_depth))
     for name, p in head.named_parameters():
         if p.requires_grad:
-            add("head." + name, p, top)
+            add("head." + name, p, top, is_head=True)
     return [groups[k] for k in sorted(groups)]

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from finetune.heads import AVMixup, ccc_loss, layer_decay_param_groups, pool_tokens, soft_cross_entropy
+from finetune.heads import (
+    AVMixup,
+    ccc_loss,
+    drop_modality_per_sample,
+    layer_decay_param_groups,
+    pool_tokens,
+    soft_cross_entropy,
+)
 from finetune.metrics import average_clips, classification_metrics, regression_metrics
 from pretrain.encoders import normalize_video
 from pretrain.optim import warmup_cosine_factor
@@ -105,14 +112,27 @@ def lr_lambda(peak_lr: float, min_lr: float, warmup_steps: int, max_steps: int) 
     return factor
 
 
+def frozen_then(factor: Callable[[int], float], frozen_steps: int) -> Callable[[int], float]:
+    """lr factor of a group that stays frozen (lr 0) for `frozen_steps`, then follows `factor`
+    counted from the unfreezing step, warm-up included."""
+    return lambda step: 0.0 if step < frozen_steps else factor(step - frozen_steps)
+
+
 def build_optimizer(groups: list[dict], recipe, peak_lr: float, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over parameter groups carrying `lr_scale` (layer decay), per-step warm-up + cosine."""
+    """AdamW over parameter groups carrying `lr_scale` (layer decay), per-step warm-up + cosine.
+    With `recipe.freeze_epochs` (LP-FT) the encoder groups keep lr 0 while the head trains alone,
+    then get their own warm-up and cosine over the remaining epochs. Freezing by lr rather than
+    `requires_grad` keeps the parameter set fixed, which DDP needs."""
     for g in groups:
         g["lr"] = peak_lr * g.get("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(recipe.betas))
     max_steps = max(1, recipe.epochs * steps_per_epoch)
-    factor = lr_lambda(peak_lr, recipe.min_lr, recipe.warmup_epochs * steps_per_epoch, max_steps)
-    return optimizer, LambdaLR(optimizer, factor)
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    head_factor = lr_lambda(peak_lr, recipe.min_lr, warmup, max_steps)
+    frozen = min(recipe.freeze_epochs * steps_per_epoch, max_steps - 1)
+    encoder_factor = frozen_then(lr_lambda(peak_lr, recipe.min_lr, warmup, max_steps - frozen), frozen)
+    factors = [head_factor if g.get("head", True) else encoder_factor for g in groups]
+    return optimizer, LambdaLR(optimizer, factors)
 
 
 class FullFinetuneModel(nn.Module):
@@ -145,10 +165,16 @@ class FinetuneModule(pl.LightningModule):
         self.tracker = SelectionTracker(selection_metric(task))
         self._outputs: dict[int, list] = {}
 
+    def on_train_start(self) -> None:
+        # load_encoder returns eval mode and Lightning keeps each module's mode: without this, drop
+        # path and dropout would silently stay off for the whole fine-tuning run
+        self.model.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         video, fbank = normalize_video(batch["video"]), batch["fbank"].float()
         target = batch_targets(batch, self.task)
         video, fbank, mixed = self.mixup(video, fbank, target, self.rng)
+        video, fbank = drop_modality_per_sample(video, fbank, self.recipe.modality_dropout, self.rng)
         if not self.mixup.active and self.task == "classification":
             mixed = target
         logits = self.model(video, fbank)

@@ -38,6 +38,8 @@ class RecipeConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
     label_smoothing: float = 0.1
+    modality_dropout: float = 0.0  # full fine-tuning: share of training clips that lose their audio or their video
+    freeze_epochs: int = 0  # full fine-tuning: train only the head for this many epochs first (LP-FT)
     loss: str = "auto"  # auto: cross-entropy (classification) or ccc (regression); or mse
     grad_clip: float | None = None
     refit: bool = False  # probes: after the validation run picks the epoch, retrain on train + val speakers

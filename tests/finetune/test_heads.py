@@ -11,10 +11,12 @@ from finetune.heads import (
     AttentiveProbe,
     AVMixup,
     FeatureFusionHead,
+    drop_modality_per_sample,
     fusion_tokens,
     layer_decay_param_groups,
     pool_tokens,
 )
+from finetune.module import FullFinetuneModel, build_optimizer
 from finetune.probe import train_probe
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
@@ -76,6 +78,46 @@ def test_layer_decay_orders_embeddings_blocks_fusion_then_head():
     assert "video_blocks.0.attn.proj.bias" in no_decay and "head.norm.weight" in no_decay
     assert "video_blocks.0.attn.proj.weight" not in no_decay
     assert sum(len(g["params"]) for g in groups) == len(list(enc.parameters())) + len(list(head.parameters()))
+
+
+def test_modality_dropout_zeroes_exactly_one_input_of_the_dropped_samples():
+    video, fbank = torch.ones(4000, 1, 1, 1, 1), torch.ones(4000, 2, 2)
+    v, a = drop_modality_per_sample(video, fbank, 0.3, np.random.default_rng(0))
+    has_video, has_audio = v.flatten(1).any(1), a.flatten(1).any(1)
+    assert (has_video | has_audio).all(), "no sample may lose both inputs"
+    assert (~has_video).float().mean().item() == pytest.approx(0.15, abs=0.02)
+    assert (~has_audio).float().mean().item() == pytest.approx(0.15, abs=0.02)
+    same_v, same_a = drop_modality_per_sample(video, fbank, 0.0, np.random.default_rng(0))
+    assert same_v is video and same_a is fbank
+
+
+def test_lp_ft_trains_the_head_alone_then_warms_the_encoder_up_from_zero():
+    torch.manual_seed(0)
+    enc, head = AVEncoder(CFG), FeatureFusionHead(64, CFG.depth, CFG.depth, 6)
+    model = FullFinetuneModel(enc, head)
+    groups = layer_decay_param_groups(enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay())
+    recipe = RecipeConfig(epochs=4, warmup_epochs=1, freeze_epochs=2, weight_decay=0.05)
+    optimizer, scheduler = build_optimizer(groups, recipe, peak_lr=1e-3, steps_per_epoch=2)
+    encoder_before = {k: v.clone() for k, v in enc.state_dict().items()}
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    is_head = [g["head"] for g in optimizer.param_groups]
+
+    def step() -> list[float]:
+        loss = model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 64, 32)).logsumexp(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return [g["lr"] for g in optimizer.param_groups]
+
+    for _ in range(4):  # the two frozen epochs
+        step()
+    assert all(torch.equal(v, encoder_before[k]) for k, v in enc.state_dict().items()), "encoder moved while frozen"
+    assert any(not torch.equal(v, head_before[k]) for k, v in head.state_dict().items())
+    lrs = [step()]
+    encoder_lr = [lr for lr, h in zip(lrs[-1], is_head) if not h]
+    # one step into the encoder's own 2-step warm-up: half the peak at its top layer (lr_scale 1)
+    assert max(encoder_lr) == pytest.approx(0.5e-3)
 
 
 def _scaled_cache(n: int = 360, dim: int = 16, layers: int = 2, seed: int = 0) -> tuple[FeatureCache, dict]:
