@@ -32,10 +32,18 @@ def synth_manifest(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synth_shards(synth_manifest, tmp_path_factory) -> Path:
-    """Shard directory (index.json, fold<k>-*.tar) of the built-in dataset, 8 frames of 64 x 64."""
+def write_test_shards():
+    """`write(manifest, out_dir) -> out_dir`: shards of any manifest at the test size (8 frames of 64 x 64)."""
     from data_pipelines.shards import ShardConfig, write_shards
 
-    out = tmp_path_factory.mktemp("synth_shards")
-    write_shards(synth_manifest, out, ShardConfig(**SHARD_TEST_SIZE), workers=2)
-    return out
+    def write(manifest: Path, out_dir: Path) -> Path:
+        write_shards(manifest, out_dir, ShardConfig(**SHARD_TEST_SIZE), workers=2, progress=False)
+        return out_dir
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_manifest, write_test_shards, tmp_path_factory) -> Path:
+    """Shard directory (index.json, fold<k>-*.tar) of the built-in dataset, 8 frames of 64 x 64."""
+    return write_test_shards(synth_manifest, tmp_path_factory.mktemp("synth_shards"))

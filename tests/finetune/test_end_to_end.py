@@ -19,37 +19,53 @@ from pretrain.encoders import AVEncoder, ModelConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _finetune(tmp_path, export: Path, manifest: Path, shards: Path, name: str, *extra: str) -> dict:
+# Larger than the session dataset (6 speakers): every fold trains on 6 speakers and tests on 2, which
+# is what fine-tuning needs to generalise across faces and voices at all.
+DOWNSTREAM_SIZE = dict(num_speakers=10, clips_per_speaker_class=3, frame_size=64, fps=25, seconds=2.56)
+PRETRAIN_STEPS = 300
+
+
+def _finetune(out: Path, export: Path, manifest: Path, shards: Path, name: str, *extra: str) -> dict:
     args = ["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={export}",
-            f"protocol.manifest={manifest}", f"protocol.shards={shards}", f"out_dir={tmp_path / 'runs'}",
+            f"protocol.manifest={manifest}", f"protocol.shards={shards}", f"out_dir={out / 'runs'}",
             f"run_name={name}", "num_workers=0", "speed_batches=1", *extra]
     assert emomae(args) == 0
-    return json.loads((tmp_path / "runs" / name / "results.json").read_text())
+    return json.loads((out / "runs" / name / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def downstream(synth_manifest, synth_shards, tmp_path_factory) -> dict:
-    """Pretrain briefly, export, then run the linear probe (pretrained and random encoder, 5 folds)
-    and full fine-tuning (fold 0) once for the tests below."""
-    tmp_path = tmp_path_factory.mktemp("downstream")
-    run = tmp_path / "pretrain"
-    assert emomae(["pretrain", str(REPO / "configs" / "pretrain" / "demo.yaml"), f"data.shards={synth_shards}",
-                   f"run_dir={run}", "trainer.max_steps=80", "trainer.progress_bar=false", "data.num_workers=1",
-                   "logging.image_every_n_steps=0", "trainer.ckpt_every_n_steps=80"]) == 0
-    export = tmp_path / "export"
+def downstream(write_test_shards, tmp_path_factory) -> dict:
+    """The README's flow at a small size: synth -> shards -> pretrain (demo recipe, briefly) -> export,
+    then the linear probe on the pretrained and on a random encoder (5 folds) and full fine-tuning
+    with the built-in dataset's recipe (fold 0)."""
+    from data_pipelines.synthetic import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("downstream")
+    manifest = generate(out / "synth", SynthConfig(seed=0, **DOWNSTREAM_SIZE))
+    shards = write_test_shards(manifest, out / "shards")
+    run = out / "pretrain"
+    assert emomae(["pretrain", str(REPO / "configs" / "pretrain" / "demo.yaml"), f"data.shards={shards}",
+                   f"run_dir={run}", f"trainer.max_steps={PRETRAIN_STEPS}", "trainer.progress_bar=false",
+                   "data.num_workers=1", "logging.image_every_n_steps=0",
+                   f"trainer.ckpt_every_n_steps={PRETRAIN_STEPS}"]) == 0
+    export = out / "export"
     assert emomae(["export", str(run / "checkpoints" / "last.ckpt"), str(export)]) == 0
-    out = {
-        "linear": _finetune(tmp_path, export, synth_manifest, synth_shards, "linear", "head=linear"),
-        "random": _finetune(tmp_path, export, synth_manifest, synth_shards, "random", "head=linear",
-                            "random_init=true", "modalities=[av]"),
-        "finetune": _finetune(tmp_path, export, synth_manifest, synth_shards, "finetune", "head=finetune", "fold=0",
-                              "recipes.finetune.epochs=3"),
-        "runs": tmp_path / "runs",
+    results = {
+        "linear": _finetune(out, export, manifest, shards, "linear", "head=linear"),
+        "random": _finetune(out, export, manifest, shards, "random", "head=linear", "random_init=true",
+                            "modalities=[av]"),
+        "finetune": _finetune(out, export, manifest, shards, "finetune", "head=finetune", "fold=0"),
     }
-    print("UAR (validation-selected):", {k: out[k]["summary"]["av"]["uar"][0] for k in ("linear", "random", "finetune")},
-          "finetune audio/video only:", out["finetune"]["summary"]["audio"]["uar"][0],
-          out["finetune"]["summary"]["video"]["uar"][0])
-    return out
+    print("test UAR per fold (validation-selected):",
+          {k: {m: [round(f["test"][m]["uar"], 3) for f in r["folds"]] for m in r["folds"][0]["test"]}
+           for k, r in results.items()})
+    return {**results, "runs": out / "runs"}
+
+
+def _uar(result: dict, modality: str = "av", fold: int | None = None) -> float:
+    """Mean test UAR over the run's folds, or of one fold."""
+    values = [f["test"][modality]["uar"] for f in result["folds"] if fold is None or f["fold"] == fold]
+    return sum(values) / len(values)
 
 
 @pytest.mark.slow
@@ -73,15 +89,32 @@ def test_finetune_run_directory_holds_tables_figures_config_and_commit(downstrea
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not reached at test size: 80 pretraining steps on 72 clips and 3 fine-tuning "
-                   "epochs leave fine-tuning near chance (measured UAR: linear 0.35, random-init linear 0.23, "
-                   "finetune 0.13)")
-def test_pretrained_probe_beats_random_finetuning_beats_probe_and_av_beats_one_modality(downstream):
-    uar = {k: downstream[k]["summary"]["av"]["uar"][0] for k in ("linear", "random", "finetune")}
-    assert uar["linear"] > uar["random"] + 0.05
-    assert uar["finetune"] > uar["linear"] + 0.05
-    for modality in ("audio", "video"):
-        assert uar["finetune"] > downstream["finetune"]["summary"][modality]["uar"][0] + 0.05
+def test_linear_probe_on_the_pretrained_encoder_beats_the_same_probe_on_a_random_one(downstream):
+    pretrained, random = _uar(downstream["linear"]), _uar(downstream["random"])
+    assert pretrained > random + 0.05, f"5-fold linear-probe UAR: pretrained {pretrained:.3f}, random {random:.3f}"
+
+
+@pytest.mark.slow
+def test_full_finetuning_beats_the_linear_probe_on_the_same_test_speakers(downstream):
+    finetuned, probe = _uar(downstream["finetune"], fold=0), _uar(downstream["linear"], fold=0)
+    assert finetuned > probe + 0.05, f"fold-0 UAR: fine-tuned {finetuned:.3f}, linear probe {probe:.3f}"
+
+
+@pytest.mark.slow
+def test_the_audio_visual_model_beats_its_video_only_evaluation(downstream):
+    ft = downstream["finetune"]
+    av, video = _uar(ft), _uar(ft, "video")
+    assert av > video + 0.2, f"fold-0 UAR: av {av:.3f}, video only {video:.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the video branch does not learn the built-in dataset's facial cues at "
+                   "this size (video-only UAR stays at chance), so audio-visual ties audio-only: measured fold 0 "
+                   "av 0.583 vs audio 0.611; demo size, 5 folds: av 0.640 vs audio 0.627")
+def test_the_audio_visual_model_beats_its_audio_only_evaluation(downstream):
+    ft = downstream["finetune"]
+    av, audio = _uar(ft), _uar(ft, "audio")
+    assert av > audio + 0.03, f"fold-0 UAR: av {av:.3f}, audio only {audio:.3f}"
 
 
 def test_embed_prints_one_vector_per_real_clip(realdata_dir, tmp_path, capsys):
