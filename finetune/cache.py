@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +78,19 @@ def fingerprint(*parts: object) -> str:
 
 
 def save_cache(cache: FeatureCache, path: Path) -> None:
+    """Write `<path>.safetensors`, then `<path>.json`, each through a temporary file and a rename:
+    the fold tasks of a SLURM array may share one `cache_dir`, and a reader must never see a
+    half-written cache (the .json, renamed last, marks it complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{m}.{n}": t.contiguous() for m, d in cache.features.items() for n, t in d.items()}
-    save_file(flat, str(path.with_suffix(".safetensors")))
     meta = {"keys": cache.keys, "clip_keys": cache.clip_keys, "targets": cache.targets.tolist(),
             "seconds": cache.seconds, "modes": list(cache.features)}
-    path.with_suffix(".json").write_text(json.dumps(meta))
+    unique = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tensors, info = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    save_file(flat, str(tensors) + unique)
+    os.replace(str(tensors) + unique, tensors)
+    Path(str(info) + unique).write_text(json.dumps(meta))
+    os.replace(str(info) + unique, info)
 
 
 def load_cache(path: Path) -> FeatureCache | None:

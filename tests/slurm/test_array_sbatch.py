@@ -5,6 +5,7 @@ slurm/finetune_folds.sbatch."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,3 +100,41 @@ def test_finetune_fold_task_outside_the_table_fails_naming_the_valid_range(tmp_p
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert "outside the 5 (protocol, fold) pairs; use --array=0-4" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_finetune_fold_tasks_run_their_folds_and_share_one_feature_cache(slurm_cluster, synth_manifest, synth_shards,
+                                                                         tmp_path):
+    from finetune.export import input_spec, save_export
+    from pretrain.encoders import AVEncoder, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_frames=8, img_size=64, fbank_frames=128, mel_bins=128, width=64, heads=2, depth=2,
+                      fusion_depth=1, decoder_width=32, decoder_heads=1, decoder_depth=2, skip_layers=[2])
+    export = save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test")
+    out, cache, logs = tmp_path / "runs", tmp_path / "cache", tmp_path / "logs"
+    logs.mkdir()
+    env = dict(os.environ, EMOMAE_PYTHON=sys.executable, EMOMAE_ACCELERATOR="cpu")
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--partition={slurm_cluster}", "--array=0-1", "--cpus-per-task=1",
+         f"--output={logs}/%x-%A_%a.out", f"--chdir={REPO}", str(REPO / "slurm" / "finetune_folds.sbatch"),
+         str(REPO / "configs" / "finetune" / "synth.yaml"), "--", f"encoder={export}",
+         f"protocol.manifest={synth_manifest}", f"protocol.shards={synth_shards}", f"out_dir={out}",
+         f"cache_dir={cache}", "head=linear", "recipes.linear.epochs=5", "num_workers=0", "speed_batches=1"],
+        capture_output=True, text=True, env=env)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        states = wait_done(job, timeout=600)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert states == {"0": "COMPLETED", "1": "COMPLETED"}, log_text[-4000:]
+    for fold in (0, 1):
+        results = json.loads((out / f"synth-linear-fold{fold}" / "results.json").read_text())
+        assert [f["fold"] for f in results["folds"]] == [fold]
+        assert 0.0 <= results["summary"]["av"]["uar"][0] <= 1.0
+        assert (out / f"synth-linear-fold{fold}" / "results.md").is_file()
+    # both tasks used the same fingerprinted cache: one complete pair of files, no temporary left over
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".safetensors"]
