@@ -22,6 +22,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from data_pipelines.atomic import write_json
+
 
 class CaptionError(ValueError):
     """A caption file that cannot be read as key -> caption."""
@@ -145,9 +147,7 @@ def merge_captions(shard_dir: Path, captions: Path | dict[str, str], out_dir: Pa
         "samples": total,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = dst_dir / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, dst_dir / "index.json")
+    write_json(dst_dir / "index.json", index)
     return index
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_pipelines.atomic import write_json
 from data_pipelines.decode import GRID_FPS, INTERPOLATION
 from data_pipelines.features import fbank_params
 
@@ -98,8 +98,8 @@ def finalize_index(
             f"note: {len(stale)} .tar files in {out_dir} are not part of this manifest and are not indexed, e.g. {stale[:3]}",
             file=sys.stderr,
         )
-    _write_json(out_dir / "index.json", index)
-    _write_json(out_dir / "provenance.json", provenance(cfg, manifest, argv))
+    write_json(out_dir / "index.json", index)
+    write_json(out_dir / "provenance.json", provenance(cfg, manifest, argv))
     with (out_dir / "errors.jsonl").open("w") as f:
         for e in errors:
             f.write(json.dumps(e) + "\n")
@@ -112,12 +112,6 @@ def finalize_index(
         )
     )
     return index
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def provenance(cfg: ShardConfig, manifest: Path, argv: list[str] | None = None) -> dict:

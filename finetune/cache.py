@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.atomic import atomic_write, write_json
 from finetune.heads import fusion_tokens, pool_tokens
 from finetune.module import batch_targets, drop_modality
 from pretrain.encoders import normalize_video
@@ -85,12 +84,8 @@ def save_cache(cache: FeatureCache, path: Path) -> None:
     flat = {f"{m}.{n}": t.contiguous() for m, d in cache.features.items() for n, t in d.items()}
     meta = {"keys": cache.keys, "clip_keys": cache.clip_keys, "targets": cache.targets.tolist(),
             "seconds": cache.seconds, "modes": list(cache.features)}
-    unique = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tensors, info = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    save_file(flat, str(tensors) + unique)
-    os.replace(str(tensors) + unique, tensors)
-    Path(str(info) + unique).write_text(json.dumps(meta))
-    os.replace(str(info) + unique, info)
+    atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(flat, str(tmp)))
+    write_json(path.with_suffix(".json"), meta, indent=None)
 
 
 def load_cache(path: Path) -> FeatureCache | None:
