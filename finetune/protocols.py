@@ -107,6 +107,12 @@ def validate(cfg) -> None:
         raise ConfigError(f"head must be one of {HEADS}, got {cfg.head!r}")
     if cfg.head not in cfg.recipes:
         raise ConfigError(f"recipes.{cfg.head} is missing: every head needs a recipe")
+    recipe = cfg.recipes[cfg.head]
+    if not 0 <= recipe.modality_dropout <= 1:
+        raise ConfigError(f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}")
+    if not 0 <= recipe.freeze_epochs < recipe.epochs:
+        raise ConfigError(f"recipes.{cfg.head}.freeze_epochs must lie in [0, epochs={recipe.epochs}) so the encoder "
+                          f"trains at all, got {recipe.freeze_epochs}")
     if p.task not in ("classification", "regression"):
         raise ConfigError(f"protocol.task must be classification or regression, got {p.task!r}")
     if p.task == "classification" and len(p.classes) < 2:

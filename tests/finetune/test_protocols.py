@@ -70,3 +70,10 @@ def test_unknown_key_or_bad_head_is_a_clear_error():
     cfg.head, cfg.fold = "linear", "7"
     with pytest.raises(ConfigError, match=r"fold must be an integer in \[0, 5\)"):
         validate(cfg)
+    cfg.fold, cfg.head = "0", "finetune"
+    cfg.recipes["finetune"].modality_dropout = 1.5
+    with pytest.raises(ConfigError, match=r"recipes.finetune.modality_dropout is a probability in \[0, 1\], got 1.5"):
+        validate(cfg)
+    cfg.recipes["finetune"].modality_dropout, cfg.recipes["finetune"].freeze_epochs = 0.5, 30
+    with pytest.raises(ConfigError, match=r"recipes.finetune.freeze_epochs must lie in \[0, epochs=30\)"):
+        validate(cfg)
