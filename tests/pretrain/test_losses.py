@@ -124,6 +124,9 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             "bias_grad": proj.bias.grad,
         }
         torch.save({k: v.detach() for k, v in result.items()}, f"{out_dir}/rank{rank}.pt")
+        # DDP's reducer must go before its process group: destroyed after it (when the function
+        # returns), it aborts the process now and then ("terminate called without an active exception")
+        del ddp, loss
     finally:
         dist.destroy_process_group()
 
