@@ -147,6 +147,19 @@ class FullFinetuneModel(nn.Module):
         video, fbank = drop_modality(video, fbank, modality)
         return self.head(pool_tokens(self.encoder.forward_features(video, fbank)))
 
+    def forward_modalities(self, video: torch.Tensor, fbank: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`forward` for `av`, `audio` and `video` at once, at little more than the cost of one: the
+        video and audio encoders run once on the batch and once on a single blank (zeroed) input,
+        and only the fusion encoder and the head run three times."""
+        video_layers, audio_layers = self.encoder.encode_unimodal(video, fbank)
+        blank_video, blank_audio = self.encoder.encode_unimodal(torch.zeros_like(video[:1]), torch.zeros_like(fbank[:1]))
+        batch = video.shape[0]
+        blank_video = [x.expand(batch, -1, -1) for x in blank_video]
+        blank_audio = [x.expand(batch, -1, -1) for x in blank_audio]
+        pairs = {"av": (video_layers, audio_layers), "audio": (blank_video, audio_layers),
+                 "video": (video_layers, blank_audio)}
+        return {m: self.head(pool_tokens(self.encoder.fuse(v, a))) for m, (v, a) in pairs.items()}
+
 
 class FinetuneModule(pl.LightningModule):
     """Training step with AV mixup/cutmix, layer-wise lr decay, per-epoch validation AND test
@@ -177,8 +190,16 @@ class FinetuneModule(pl.LightningModule):
         video, fbank = drop_modality_per_sample(video, fbank, self.recipe.modality_dropout, self.rng)
         if not self.mixup.active and self.task == "classification":
             mixed = target
-        logits = self.model(video, fbank)
-        loss = task_loss(self.task, self.recipe.loss, logits, mixed, self.recipe.label_smoothing)
+        weight = self.recipe.unimodal_loss
+        if weight > 0:
+            logits = self.model.forward_modalities(video, fbank)
+            losses = {m: task_loss(self.task, self.recipe.loss, x, mixed, self.recipe.label_smoothing)
+                      for m, x in logits.items()}
+            loss = (losses["av"] + weight * (losses["audio"] + losses["video"])) / (1 + 2 * weight)
+            for m in ("audio", "video"):
+                self.log(f"train/loss_{m}", losses[m], batch_size=video.shape[0])
+        else:
+            loss = task_loss(self.task, self.recipe.loss, self.model(video, fbank), mixed, self.recipe.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=video.shape[0])
         return loss
 

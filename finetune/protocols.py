@@ -39,6 +39,9 @@ class RecipeConfig:
     switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
     label_smoothing: float = 0.1
     modality_dropout: float = 0.0  # full fine-tuning: share of training clips that lose their audio or their video
+    # full fine-tuning: weight of the audio-only and video-only losses trained on every clip next to the
+    # audio-visual one (0 = off); the unimodal encoders still run once per batch
+    unimodal_loss: float = 0.0
     freeze_epochs: int = 0  # full fine-tuning: train only the head for this many epochs first (LP-FT)
     loss: str = "auto"  # auto: cross-entropy (classification) or ccc (regression); or mse
     grad_clip: float | None = None
@@ -110,6 +113,11 @@ def validate(cfg) -> None:
     recipe = cfg.recipes[cfg.head]
     if not 0 <= recipe.modality_dropout <= 1:
         raise ConfigError(f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}")
+    if recipe.unimodal_loss < 0:
+        raise ConfigError(f"recipes.{cfg.head}.unimodal_loss is a loss weight >= 0, got {recipe.unimodal_loss}")
+    if recipe.unimodal_loss > 0 and recipe.modality_dropout > 0:
+        raise ConfigError(f"recipes.{cfg.head}: modality_dropout={recipe.modality_dropout} and unimodal_loss="
+                          f"{recipe.unimodal_loss} both train the missing-modality inputs; set one of them to 0")
     if not 0 <= recipe.freeze_epochs < recipe.epochs:
         raise ConfigError(f"recipes.{cfg.head}.freeze_epochs must lie in [0, epochs={recipe.epochs}) so the encoder "
                           f"trains at all, got {recipe.freeze_epochs}")

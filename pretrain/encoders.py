@@ -297,6 +297,17 @@ class AVEncoder(nn.Module):
     ) -> EncoderOutput:
         """video: (B, T, 3, H, W) normalised float; fbank: (B, F, M); ids_keep: (B, K) token indices
         of the visible tokens (only those enter the encoders)."""
+        return self.fuse(*self.encode_unimodal(video, fbank, video_ids_keep, audio_ids_keep))
+
+    def encode_unimodal(
+        self,
+        video: Tensor,
+        fbank: Tensor,
+        video_ids_keep: Tensor | None = None,
+        audio_ids_keep: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The video and audio encoders alone: per-layer outputs `(B, N, D)` of each modality. Neither
+        sees the other modality, so `fuse` can pair them with another input's layers."""
         self._check_inputs(video, fbank)
         v, a = self.video_embed(video), self.audio_embed(fbank)
         if video_ids_keep is not None:
@@ -306,6 +317,10 @@ class AVEncoder(nn.Module):
         shared = self.cfg.kind == "unified"
         video_layers = self._encode(v, self.blocks if shared else self.video_blocks, self.video_norm)
         audio_layers = self._encode(a, self.blocks if shared else self.audio_blocks, self.audio_norm)
+        return video_layers, audio_layers
+
+    def fuse(self, video_layers: list[Tensor], audio_layers: list[Tensor]) -> EncoderOutput:
+        """The fusion encoder on the last layers of `encode_unimodal`."""
         fused_video, fused_audio = self.fusion(video_layers[-1], audio_layers[-1], run=self._run)
         return EncoderOutput(video_layers, audio_layers, fused_video, fused_audio)
 

@@ -77,3 +77,11 @@ def test_unknown_key_or_bad_head_is_a_clear_error():
     cfg.recipes["finetune"].modality_dropout, cfg.recipes["finetune"].freeze_epochs = 0.5, 30
     with pytest.raises(ConfigError, match=r"recipes.finetune.freeze_epochs must lie in \[0, epochs=30\)"):
         validate(cfg)
+    cfg.recipes["finetune"].freeze_epochs, cfg.recipes["finetune"].unimodal_loss = 0, -1.0
+    with pytest.raises(ConfigError, match=r"recipes.finetune.unimodal_loss is a loss weight >= 0, got -1.0"):
+        validate(cfg)
+    cfg.recipes["finetune"].unimodal_loss = 1.0
+    with pytest.raises(ConfigError, match=r"modality_dropout=0.5 and unimodal_loss=1.0 both train"):
+        validate(cfg)
+    cfg.recipes["finetune"].modality_dropout = 0.0
+    validate(cfg)
