@@ -72,6 +72,28 @@ def build_cache(encoder: torch.nn.Module, batches: Iterable[dict], modes: list[s
     return FeatureCache(keys, clip_keys, np.concatenate(targets), features, time.perf_counter() - start)
 
 
+def speaker_normalized(cache: FeatureCache, speakers: list[str], eps: float = 1e-6) -> FeatureCache:
+    """The cache with every feature z-scored per speaker: each speaker's windows get their own mean
+    and std per feature position (a constant feature is only centred), separately per modality mode.
+    Identity (face colour, voice pitch) moves a speaker's features together; expression moves them
+    within the speaker. No labels are read, so the test speakers' statistics are fair to use."""
+    groups = np.asarray(speakers)
+    if len(groups) != len(cache.keys):
+        raise ValueError(f"speaker_normalized: {len(groups)} speakers for {len(cache.keys)} cached windows")
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    for mode, named in cache.features.items():
+        features[mode] = {}
+        for name, t in named.items():
+            out = t.float().clone()
+            for speaker in np.unique(groups):
+                rows = torch.from_numpy(np.flatnonzero(groups == speaker))
+                x = out[rows]
+                std = x.std(0) if len(rows) > 1 else torch.ones_like(x[0])
+                out[rows] = (x - x.mean(0)) / torch.where(std > eps, std, torch.ones_like(std))
+            features[mode][name] = out.to(t.dtype)
+    return FeatureCache(cache.keys, cache.clip_keys, cache.targets, features, cache.seconds)
+
+
 def fingerprint(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

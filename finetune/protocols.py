@@ -89,6 +89,9 @@ class FinetuneConfig:
     encoder: str | None = None  # export directory (encoder.safetensors + config.json)
     random_init: bool = False  # control run: the encoder's architecture with fresh random weights
     head: str = "linear"  # linear | attentive | finetune
+    # probes: z-score the cached features per speaker (every speaker's own windows, the test speakers'
+    # included but never their labels), as speaker normalisation in speech emotion recognition
+    speaker_norm: bool = False
     fold: str = "all"  # a fold id or `all`
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # evaluations at test
     out_dir: str = "finetune_out"
@@ -113,6 +116,9 @@ def validate(cfg) -> None:
     recipe = cfg.recipes[cfg.head]
     if not 0 <= recipe.modality_dropout <= 1:
         raise ConfigError(f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}")
+    if cfg.speaker_norm and cfg.head == "finetune":
+        raise ConfigError("speaker_norm=true applies to the probes' cached features; head=finetune trains the "
+                          "encoder, so its features move: use head=linear or head=attentive")
     if recipe.unimodal_loss < 0:
         raise ConfigError(f"recipes.{cfg.head}.unimodal_loss is a loss weight >= 0, got {recipe.unimodal_loss}")
     if recipe.unimodal_loss > 0 and recipe.modality_dropout > 0:

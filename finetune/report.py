@@ -160,7 +160,9 @@ def results_markdown(results: dict) -> str:
         f"# {results['protocol']} - {results['head']}",
         "",
         f"Encoder: `{results['encoder']}`{' (random init control)' if results.get('random_init') else ''}. "
-        f"Epoch selected on a validation split of the training speakers (honest selection).",
+        f"Epoch selected on a validation split of the training speakers (honest selection)."
+        + (" Features z-scored per speaker, test speakers' unlabelled features included (speaker_norm)."
+           if results.get("speaker_norm") else ""),
         "",
         "| fold | epoch | " + " | ".join(names[k] for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),

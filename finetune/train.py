@@ -25,7 +25,7 @@ from data_pipelines.augment import VideoAugConfig
 from data_pipelines.features import FbankConfig
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
-from finetune.cache import FeatureCache, build_cache, fingerprint, load_cache, save_cache
+from finetune.cache import FeatureCache, build_cache, fingerprint, load_cache, save_cache, speaker_normalized
 from finetune.export import build_encoder, load_encoder, read_export_config
 from finetune.heads import AttentiveProbe, FeatureFusionHead
 from finetune.module import FinetuneModule, FullFinetuneModel, evaluate, predict
@@ -211,6 +211,9 @@ class Run:
             cache = self.cache("pooled" if cfg.head == "linear" else "tokens")
             results["cache"] = {"samples": len(cache.keys), "seconds": cache.seconds, "bytes": cache.num_bytes,
                                 "modes": self.modalities}
+            if cfg.speaker_norm:
+                cache = speaker_normalized(cache, [self.clip_meta[c]["speaker"] for c in cache.clip_keys])
+            results["speaker_norm"] = cfg.speaker_norm
             for k in folds:
                 results["folds"].append({"fold": k, **self.probe_fold(cache, self.splits[k])})
         else:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.cache import FeatureCache
+from finetune.cache import FeatureCache, speaker_normalized
 from finetune.heads import (
     AttentiveProbe,
     AVMixup,
@@ -185,3 +185,26 @@ def test_refit_probe_picks_its_epoch_without_looking_at_the_test_fold():
     assert runs[0]["selected_epoch"] == runs[1]["selected_epoch"]
     assert [c["val_uar"] for c in runs[0]["curve"]] == [c["val_uar"] for c in runs[1]["curve"]]
     assert runs[0]["test"]["av"]["uar"] != runs[1]["test"]["av"]["uar"]
+
+
+def test_speaker_normalisation_zscores_each_speakers_windows_and_only_centres_constant_features():
+    gen = torch.Generator().manual_seed(0)
+    speakers = ["a", "b", "a", "b", "a", "c"]  # c has one window: centred, not scaled
+    offset = torch.tensor([0.0, 10.0, 0.0, 10.0, 0.0, -5.0])[:, None, None]  # identity shifts every feature
+    tokens = (torch.randn(6, 3, 4, generator=gen) * 3 + offset).half()
+    pooled = torch.randn(6, 4, generator=gen) + offset[:, 0]
+    pooled[:, 0] = 7.0  # constant, as the blanked modality's features are in an audio-only evaluation
+    cache = FeatureCache([f"w{i}" for i in range(6)], [f"c{i}" for i in range(6)], np.arange(6),
+                         {"av": {"fused_video": pooled, "tokens": tokens}})
+    out = speaker_normalized(cache, speakers).features["av"]
+    for speaker in "ab":
+        rows = [i for i, s in enumerate(speakers) if s == speaker]
+        x = out["fused_video"][rows]
+        torch.testing.assert_close(x[:, 1:].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x[:, 1:].std(0), torch.ones(3), atol=1e-5, rtol=0)
+        assert out["tokens"].dtype == torch.float16
+        torch.testing.assert_close(out["tokens"][rows].float().mean(0), torch.zeros(3, 4), atol=2e-3, rtol=0)
+    assert torch.equal(out["fused_video"][:, 0], torch.zeros(6))
+    assert torch.equal(out["fused_video"][5], torch.zeros(4))
+    with pytest.raises(ValueError, match="5 speakers for 6 cached windows"):
+        speaker_normalized(cache, speakers[:5])

@@ -85,3 +85,8 @@ def test_unknown_key_or_bad_head_is_a_clear_error():
         validate(cfg)
     cfg.recipes["finetune"].modality_dropout = 0.0
     validate(cfg)
+    cfg.speaker_norm = True
+    with pytest.raises(ConfigError, match="speaker_norm=true applies to the probes' cached features"):
+        validate(cfg)
+    cfg.head = "linear"
+    validate(cfg)
