@@ -1,7 +1,8 @@
 """`make demo`: the whole flow on the built-in dataset, on a CPU, in minutes.
 
 synth (real mp4 files) -> manifest -> shards -> pretrain the demo model -> export the encoder ->
-linear probe on the pretrained encoder and on a randomly initialised one (5 speaker folds) -> print
+linear probe on the pretrained encoder, on a randomly initialised one and on the pretrained one's
+features z-scored per speaker (5 speaker folds) -> print
 the losses, the probe margin and the per-modality results. Every step is the `emomae` command a user
 would run; a finished step is skipped on a rerun (shards resume, pretraining resumes from last.ckpt).
 
@@ -60,14 +61,15 @@ def print_losses(run_dir: Path) -> None:
     print(f"  fell from {first:.4f} to {last:.4f} ({100 * (first - last) / first:.0f} % lower)")
 
 
-def print_probes(pretrained: dict, random: dict, finetuned: dict | None) -> None:
+def print_probes(pretrained: dict, random: dict, normalised: dict, finetuned: dict | None) -> None:
     def fmt(s: dict, mode: str, metric: str = "uar") -> str:
         if mode not in s:
             return "   -   "
         mean, std = s[mode][metric]
         return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
 
-    rows = [("linear probe, random encoder", random), ("linear probe, pretrained", pretrained)]
+    rows = [("linear probe, random encoder", random), ("linear probe, pretrained", pretrained),
+            ("  same, speaker-normalised", normalised)]
     if finetuned is not None:
         rows.append(("full fine-tuning, pretrained", finetuned))
     print("\nUAR % on held-out speakers (5 folds, mean ± std; chance 16.7):")
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
               f"protocol.shards={out / 'shards'}", f"out_dir={out / 'finetune'}", "fold=all"]
     run("finetune", probe_cfg, *common, "head=linear", "run_name=linear-pretrained")
     run("finetune", probe_cfg, *common, "head=linear", "random_init=true", "run_name=linear-random")
+    # the same cached features, z-scored per speaker (docs/finetune.md, speaker_norm)
+    run("finetune", probe_cfg, *common, "head=linear", "speaker_norm=true", "run_name=linear-speaker-norm",
+        f"cache_dir={out / 'finetune' / 'linear-pretrained' / 'cache'}")
     finetuned = None
     if args.finetune:
         run("finetune", probe_cfg, *common, "head=finetune", "run_name=finetune-pretrained")
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print_losses(pretrain_dir)
     print_probes(probe_summary(out / "finetune" / "linear-pretrained" / "results.json"),
-                 probe_summary(out / "finetune" / "linear-random" / "results.json"), finetuned)
+                 probe_summary(out / "finetune" / "linear-random" / "results.json"),
+                 probe_summary(out / "finetune" / "linear-speaker-norm" / "results.json"), finetuned)
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min; everything is under {out}/ "
           f"(results tables: {out}/finetune/*/results.md, confusion matrices: {out}/finetune/*/*.png)")
     return 0
