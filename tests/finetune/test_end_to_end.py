@@ -135,13 +135,11 @@ def test_the_audio_visual_model_beats_its_video_only_evaluation(downstream):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the video branch does not learn the built-in dataset's facial cues at "
-                   "this size (video-only UAR stays at chance), so audio-visual ties audio-only: measured fold 0 "
-                   "av 0.583 vs audio 0.611; demo size, 5 folds: av 0.640 vs audio 0.627 (docs/finetune.md section 6)")
 def test_the_audio_visual_model_beats_its_audio_only_evaluation(downstream):
+    # fold 0 has 36 test clips: the margin is two clips (measured: av 0.694, audio only 0.583)
     ft = downstream["finetune"]
     av, audio = _uar(ft), _uar(ft, "audio")
-    assert av > audio + 0.03, f"fold-0 UAR: av {av:.3f}, audio only {audio:.3f}"
+    assert av > audio + 0.05, f"fold-0 UAR: av {av:.3f}, audio only {audio:.3f}"
 
 
 def test_embed_prints_one_vector_per_real_clip(realdata_dir, tmp_path, capsys):

@@ -124,9 +124,11 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             "bias_grad": proj.bias.grad,
         }
         torch.save({k: v.detach() for k, v in result.items()}, f"{out_dir}/rank{rank}.pt")
-        # DDP's reducer must go before its process group: destroyed after it (when the function
-        # returns), it aborts the process now and then ("terminate called without an active exception")
+        # DDP's reducer must go before its process group, and no rank may tear the group down while
+        # the other still talks to it: either race aborts a process now and then ("terminate called
+        # without an active exception")
         del ddp, loss
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
