@@ -21,7 +21,17 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 
 from data_pipelines.manifests import COLUMNS, speaker_folds
-from data_pipelines.synthetic import CLASSES, FACE_GROUP, VOICE_GROUP, SynthConfig, generate, main
+from data_pipelines.synthetic import (
+    CLASSES,
+    FACE_GROUP,
+    FACES,
+    VOICE_GROUP,
+    SynthConfig,
+    clip_params,
+    generate,
+    main,
+    speaker_traits,
+)
 
 # conftest's SYNTH_TEST_SIZE: 6 speakers x 6 classes x 2 clips, 64 px, 25 fps, 2.56 s, 16 kHz.
 FRAMES, SIZE, SR, AUDIO = 64, 64, 16000, 40960
@@ -130,6 +140,19 @@ def test_bad_settings_fail_with_a_message_naming_the_key(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "num_speaker=3"]) == 2
     assert "num_speaker" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="face_gain"):
+        SynthConfig(face_gain=0)
+
+
+def test_face_gain_scales_the_expression_and_leaves_identity_jitter_and_voice_alone():
+    spk = speaker_traits(SynthConfig(), 3)
+    clips = {gain: clip_params(SynthConfig(face_gain=gain), spk, CLASSES.index("SAD"), np.random.default_rng(7))
+             for gain in (1.0, 2.0)}
+    one, two = clips[1.0], clips[2.0]
+    k, worried, neutral = one["intensity"], FACES["worried"], FACES["neutral"]
+    for p in ("brow_raise", "brow_tilt", "mouth_curve"):  # never clipped for this class
+        assert two["face"][p] - one["face"][p] == pytest.approx(k * (worried[p] - neutral[p]), abs=1e-3), p
+    assert two["voice"] == one["voice"] and two["intensity"] == k and two["rate"] == one["rate"]
 
 
 # ---------------------------------------------------------------- the class signal
