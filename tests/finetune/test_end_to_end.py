@@ -136,7 +136,8 @@ def test_the_audio_visual_model_beats_its_video_only_evaluation(downstream):
 
 @pytest.mark.slow
 def test_the_audio_visual_model_beats_its_audio_only_evaluation(downstream):
-    # fold 0 has 36 test clips: the margin is two clips (measured: av 0.694, audio only 0.583)
+    # fold 0 has 36 test clips: the margin is two clips (measured: av 0.694, audio only 0.583). Over
+    # all 5 folds of this set the two tie (0.583 vs 0.578); the demo's larger set wins on every fold.
     ft = downstream["finetune"]
     av, audio = _uar(ft), _uar(ft, "audio")
     assert av > audio + 0.05, f"fold-0 UAR: av {av:.3f}, audio only {audio:.3f}"
