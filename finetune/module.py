@@ -168,7 +168,8 @@ class FinetuneModule(pl.LightningModule):
     def __init__(self, model: FullFinetuneModel, task: str, classes: list[str], target_names: list[str],
                  recipe, peak_lr: float, steps_per_epoch: int, seed: int = 0):
         super().__init__()
-        self.model = model
+        # train mode before fit: Lightning checks (and warns about) module modes before on_train_start
+        self.model = model.train()
         self.task, self.classes, self.target_names = task, list(classes), list(target_names)
         self.recipe, self.peak_lr, self.steps_per_epoch = recipe, peak_lr, steps_per_epoch
         num_classes = len(classes) if task == "classification" else None

@@ -174,7 +174,7 @@ class Run:
                  for part in ("val", "test")]
         encoder = self.encoder(recipe.drop_path)
         head = FeatureFusionHead(self.arch["width"], self.arch["depth"], self.arch["depth"], self.num_outputs)
-        model = FullFinetuneModel(encoder, head).train()  # load_encoder returns eval mode
+        model = FullFinetuneModel(encoder, head)
         module = FinetuneModule(model, self.task, self.classes, self.targets, recipe,
                                 peak_lr=recipe.blr * batch / 256, steps_per_epoch=steps, seed=cfg.seed + split.test_fold)
         fold_dir = self.run_dir / f"fold{split.test_fold}"

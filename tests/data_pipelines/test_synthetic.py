@@ -146,9 +146,8 @@ def test_bad_settings_fail_with_a_message_naming_the_key(tmp_path, capsys):
 
 def test_face_gain_scales_the_expression_and_leaves_identity_jitter_and_voice_alone():
     spk = speaker_traits(SynthConfig(), 3)
-    clips = {gain: clip_params(SynthConfig(face_gain=gain), spk, CLASSES.index("SAD"), np.random.default_rng(7))
-             for gain in (1.0, 2.0)}
-    one, two = clips[1.0], clips[2.0]
+    one, two = (clip_params(SynthConfig(face_gain=gain), spk, CLASSES.index("SAD"), np.random.default_rng(7))
+                for gain in (1.0, 2.0))
     k, worried, neutral = one["intensity"], FACES["worried"], FACES["neutral"]
     for p in ("brow_raise", "brow_tilt", "mouth_curve"):  # never clipped for this class
         assert two["face"][p] - one["face"][p] == pytest.approx(k * (worried[p] - neutral[p]), abs=1e-3), p
