@@ -118,6 +118,7 @@ class SampleDecoder:
         """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
         this loader's parameters, else computed from the audio member."""
         cfg = self.cfg.fbank
+        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
         if FBANK_MEMBER in raw and meta.get("fbank") == self.fbank_params:
             try:
                 log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
@@ -128,6 +129,8 @@ class SampleDecoder:
                 raise CorruptSampleError(f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
                                          f"for {meta['audio_samples']} audio samples")
             self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
+            if real is not None:
+                log_mel = log_mel[: num_fbank_frames(real, cfg.sample_rate)]
             return precomputed_fbank(log_mel, cfg, gain_db, self.spec_augment, seed)
         if FBANK_MEMBER not in raw:
             self.log_audio_path("wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}")
@@ -135,6 +138,8 @@ class SampleDecoder:
             self.log_audio_path("mismatch", f"computing it from the audio member: the shards' {FBANK_MEMBER} "
                                 f"was made with {meta.get('fbank')}, this loader needs {self.fbank_params}")
         waveform = self.decode_audio(raw)
+        if real is not None:  # in the loader's sample rate
+            waveform = waveform[: round(len(waveform) * real / int(meta["audio_samples"]))]
         if gain_db:
             waveform = waveform * 10 ** (gain_db / 20)
         return fast_fbank(waveform, cfg, self.spec_augment, seed)
@@ -160,6 +165,17 @@ class SampleDecoder:
         if rate != self.cfg.fbank.sample_rate:
             waveform = torchaudio.functional.resample(waveform, rate, self.cfg.fbank.sample_rate)
         return waveform
+
+
+def real_samples(meta: dict) -> int | None:
+    """Samples of real audio in a window whose track ended early, or None when nothing was padded.
+
+    decode.py zero-pads a short window's waveform to the full span; HiCMAE takes the fbank of the real
+    audio and zero-pads the *fbank*. Kaldi frames over digital silence sit at the log floor (-15.9,
+    -1.28 normalised) while fbank padding reads 0 (+0.47 normalised), so the loader drops the padding
+    before the fbank (tests/data_pipelines/test_hicmae_inputs.py)."""
+    padded, total = int(meta.get("audio_padded") or 0), int(meta.get("audio_samples") or 0)
+    return total - padded if 0 < padded <= total else None
 
 
 def read_pcm16_wav(data: bytes) -> tuple[np.ndarray | None, int]:

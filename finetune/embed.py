@@ -32,7 +32,9 @@ def clip_inputs(video: Path, spec: dict, max_windows: int | None = None) -> tupl
     fbank_cfg = FbankConfig(sample_rate=spec["sample_rate"], mel_bins=fb["mel_bins"], fbank_frames=fb["fbank_frames"],
                             mean=fb["mean"], std=fb["std"])
     frames = torch.stack([torch.from_numpy(w.frames).permute(0, 3, 1, 2) for w in clip.windows])
-    fbank = torch.stack([waveform_to_fbank(torch.from_numpy(w.audio), fbank_cfg) for w in clip.windows])
+    # The fbank of the real audio only, zero-padded after (HiCMAE; `samples.real_samples` does the same).
+    fbank = torch.stack([waveform_to_fbank(torch.from_numpy(w.audio[: len(w.audio) - w.audio_padded]), fbank_cfg)
+                         for w in clip.windows])
     return frames, fbank
 
 

@@ -2,6 +2,10 @@
 export (`encoder.safetensors` + `config.json` + `MODEL_CARD.md`), and `load_encoder` to rebuild the
 `AVEncoder` from it with plain torch (no Lightning, no pickle).
 
+`--layout hf` writes the Hugging Face hub layout instead (`model.safetensors` + `config.json` +
+`README.md` with the card's YAML front matter); `load_encoder` reads either layout, or a hub id
+(`user/emomae-base`, downloaded with huggingface_hub, the optional `hub` extra).
+
 Sources: a Lightning `.ckpt` file (read with `weights_only=True`; encoder weights are the
 `state_dict` entries under `model.encoder.`) or a DeepSpeed checkpoint directory (ZeRO shards are
 consolidated to fp32 by DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`).
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +29,14 @@ ENCODER_PREFIX = "model.encoder."
 # prefixes a DeepSpeed engine / Lightning wrapper puts in front of the LightningModule's names
 WRAPPER_PREFIXES = ("_forward_module.", "module.")
 FORMAT_VERSION = 1
+LAYOUTS = ("emomae", "hf")
+# weights file of each layout; config.json is the same in both
+WEIGHTS_FILES = {"emomae": "encoder.safetensors", "hf": "model.safetensors"}
+CARD_FILES = {"emomae": "MODEL_CARD.md", "hf": "README.md"}
+HUB_FILES = ["config.json", "model.safetensors", "README.md"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HF_TAGS = ("audio-visual", "emotion-recognition", "masked-autoencoder")
+FILE_MODE = 0o644  # safetensors writes 0600; exports are meant to be shared and uploaded
 
 
 class ExportError(ValueError):
@@ -180,12 +194,19 @@ def input_spec(run_config: dict | None, model_cfg: dict) -> dict:
 
 
 def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: str | Path, source: str,
-                extra: dict | None = None) -> Path:
-    """Write `encoder.safetensors`, `config.json` and `MODEL_CARD.md` into `out_dir`."""
+                extra: dict | None = None, layout: str = "emomae", card_note: str | None = None) -> Path:
+    """Write `encoder.safetensors`, `config.json` and `MODEL_CARD.md` into `out_dir` (`layout="emomae"`),
+    or the Hugging Face layout `model.safetensors`, `config.json` and `README.md` (the same card under
+    a YAML front matter block; `extra["license"]` becomes its `license:`) with `layout="hf"`.
+    `card_note`: a markdown paragraph for the card's `## Source` section (where the weights came from).
+    Every file is written with mode 0644."""
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown export layout {layout!r}; expected one of {list(LAYOUTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    save_file(state, str(out / "encoder.safetensors"), metadata={"format": "emomae-encoder", "version": str(FORMAT_VERSION)})
+    weights = out / WEIGHTS_FILES[layout]
+    save_file(state, str(weights), metadata={"format": "emomae-encoder", "version": str(FORMAT_VERSION)})
     n_params = sum(v.numel() for v in state.values())
     config = {
         "format": "emomae-encoder",
@@ -197,14 +218,32 @@ def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: 
         **(extra or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(model_card(config))
+    card = model_card(config, card_note=card_note, layout=layout)
+    if layout == "hf":
+        card = hf_front_matter(config) + card
+    (out / CARD_FILES[layout]).write_text(card)
+    for name in (weights.name, "config.json", CARD_FILES[layout]):
+        os.chmod(out / name, FILE_MODE)
     return out
 
 
-def model_card(config: dict) -> str:
+def hf_front_matter(config: dict) -> str:
+    """The YAML block the hub reads from a README.md (model card metadata)."""
+    lines = ["---", "library_name: emomae"]
+    if config.get("license"):
+        lines.append(f"license: {json.dumps(str(config['license']))}")  # a JSON string is a YAML scalar
+    lines += ["tags:", *(f"- {tag}" for tag in HF_TAGS), "pipeline_tag: feature-extraction", "---", ""]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(config: dict, card_note: str | None = None, layout: str = "emomae") -> str:
     arch, spec = config["architecture"], config["input"]
     fb = spec["fbank"]
     arch_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in arch.items())
+    load_line = ('encoder = load_encoder("user/repo-id")      # a hub id (needs huggingface_hub) or a local folder'
+                 if layout == "hf" else
+                 'encoder = load_encoder("path/to/this/folder")      # plain torch, weights from safetensors')
+    source = f"## Source\n\n{card_note.strip()}\n\n" if card_note and card_note.strip() else ""
     return f"""# emomae audio-visual emotion encoder
 
 Self-supervised audio-visual encoder (masked AV autoencoder with hierarchical contrastive losses, HiCMAE
@@ -215,7 +254,7 @@ Only the encoders are kept (video ViT, audio ViT, fusion encoder); decoders are 
 
 ```python
 from finetune import load_encoder
-encoder = load_encoder("path/to/this/folder")      # plain torch, weights from safetensors
+{load_line}
 out = encoder.forward_features(video, fbank)      # video (B, T, 3, H, W) normalised, fbank (B, F, M)
 ```
 
@@ -235,16 +274,59 @@ out = encoder.forward_features(video, fbank)      # video (B, T, 3, H, W) normal
 |---|---|
 {arch_rows}
 
-## Limitations
+{source}## Limitations
 
 Pretrained without labels; emotion is read out by a probe or fine-tuning. Faces and voices in the
 pretraining data carry their demographic skew; evaluate per group before deployment.
 """
 
 
+def is_hub_id(source: str | Path) -> bool:
+    """A string (not a Path) naming no existing file or folder, shaped like `user/repo`."""
+    return (isinstance(source, str) and HUB_ID.fullmatch(source) is not None and not Path(source).exists()
+            and not any(part in (".", "..") for part in source.split("/")))
+
+
+def resolve_export_dir(source: str | Path) -> Path:
+    """Export folder of `source`: a local folder (either layout) as it is, or a Hugging Face hub id
+    (`user/emomae-base`) downloaded (config.json, model.safetensors, README.md) into the HF cache.
+    Resolve once and pass the folder on to `read_export_config` / `load_encoder`."""
+    if not is_hub_id(source):
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ExportError(
+            f"{source!r} is not a local folder and looks like a Hugging Face hub id, but huggingface_hub is not "
+            "installed (pip install 'emomae[hub]'); a hub id needs huggingface_hub and network access, "
+            "otherwise pass a local export folder"
+        ) from err
+    try:
+        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+    except Exception as err:  # offline (HF_HUB_OFFLINE=1), no network, unknown or private repo, ...
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ExportError(
+            f"{source!r} is not a local folder, and downloading it as a Hugging Face hub id failed "
+            f"({type(err).__name__}: {reason}); a hub id needs network access (or a copy in the local "
+            "Hugging Face cache), otherwise pass a local export folder"
+        ) from err
+
+
+def weights_file(export_dir: str | Path) -> Path:
+    """`encoder.safetensors` (emomae layout) or, without it, `model.safetensors` (hf layout)."""
+    export_dir = Path(export_dir)
+    for name in (WEIGHTS_FILES["emomae"], WEIGHTS_FILES["hf"]):
+        if (export_dir / name).is_file():
+            return export_dir / name
+    raise ExportError(f"{export_dir}: encoder.safetensors is missing (nor is there a model.safetensors, "
+                      "the Hugging Face layout)")
+
+
 def read_export_config(export_dir: str | Path) -> dict:
-    """config.json of an export, checked; errors name the file and the key."""
-    path = Path(export_dir) / "config.json"
+    """config.json of an export (either layout; a hub id is resolved first), checked; errors name the
+    file and the key."""
+    export_dir = resolve_export_dir(export_dir)
+    path = export_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{export_dir}: no config.json; is this a folder written by `emomae export`?")
     try:
@@ -259,39 +341,43 @@ def read_export_config(export_dir: str | Path) -> dict:
     return config
 
 
-def load_encoder(export_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the exported `AVEncoder` (eval mode) from `encoder.safetensors` + `config.json`."""
-    export_dir = Path(export_dir)
+def load_encoder(source: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the exported `AVEncoder` (eval mode) from `config.json` + `encoder.safetensors` (emomae
+    layout) or `model.safetensors` (hf layout); `source` is such a folder or a hub id (`user/repo`)."""
+    export_dir = resolve_export_dir(source)
     config = read_export_config(export_dir)
     encoder, _ = build_encoder(config["architecture"], where=str(export_dir / "config.json"))
-    weights = export_dir / "encoder.safetensors"
-    if not weights.is_file():
-        raise ExportError(f"{export_dir}: encoder.safetensors is missing")
+    weights = weights_file(export_dir)
     load_weights(encoder, load_file(str(weights)), where=str(weights))
     return encoder.to(device).eval()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Checkpoint (Lightning file or DeepSpeed dir) -> export folder; checks the weights fit."""
+def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae") -> Path:
+    """Checkpoint (Lightning file or DeepSpeed dir) -> export folder in `layout` ("emomae" or "hf");
+    checks the weights fit."""
     state, meta = read_checkpoint(checkpoint)
     model_cfg = meta["model"]
     encoder, _ = build_encoder(model_cfg, where=f"{checkpoint} (checkpoint['emomae']['model'])")
     load_weights(encoder, state, where=str(checkpoint))
     spec = input_spec(meta.get("config"), model_cfg)
-    out = save_export(encoder, model_cfg, spec, out_dir, source=Path(checkpoint).name)
-    from finetune.zeroshot import export_text_heads
+    out = save_export(encoder, model_cfg, spec, out_dir, source=Path(checkpoint).name, layout=layout)
+    from finetune.zeroshot import TEXT_HEADS_FILE, export_text_heads
 
-    export_text_heads(checkpoint, out)  # stage-2 (inject) runs: the projection heads zero-shot needs
+    if export_text_heads(checkpoint, out):  # stage-2 (inject) runs: the projection heads zero-shot needs
+        os.chmod(out / TEXT_HEADS_FILE, FILE_MODE)
     return out
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="emomae export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
-    parser.add_argument("out_dir", help="folder to write encoder.safetensors, config.json, MODEL_CARD.md into")
+    parser.add_argument("out_dir", help="folder to write encoder.safetensors, config.json, MODEL_CARD.md into "
+                                            "(with --layout hf: model.safetensors, config.json, README.md)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="emomae",
+                        help="emomae (default) or hf: the Hugging Face hub layout, ready to upload")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir)
+        out = export(args.checkpoint, args.out_dir, layout=args.layout)
     except ExportError as err:
         print(f"emomae export: {err}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from finetune.metrics import ccc
+from pretrain.layers import LN_EPS
 
 # what a probe caches per sample: token-means of every layer and of the fusion outputs
 POOLED_KEYS = ("video_layers", "audio_layers", "fused_video", "fused_audio")
@@ -88,7 +89,7 @@ class FeatureFusionHead(nn.Module):
         # zeros -> softmax gives the uniform start of the reference
         self.video_layer_weights = nn.Parameter(torch.zeros(num_video_layers))
         self.audio_layer_weights = nn.Parameter(torch.zeros(num_audio_layers))
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = nn.LayerNorm(4 * dim, eps=LN_EPS)  # HiCMAE's fc_norm
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(4 * dim, num_outputs)
         trunc_normal_(self.fc.weight, std=0.02)
@@ -108,8 +109,12 @@ class FeatureFusionHead(nn.Module):
         audio = torch.einsum("bld,l->bd", pooled["audio_layers"], wa)
         return torch.cat([video, audio, pooled["fused_video"], pooled["fused_audio"]], dim=-1)
 
+    def forward_features(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`(B, 4 D)`: the normalised fused feature the linear layer reads (HiCMAE's `save_feature`)."""
+        return self.norm(self.feature_fusion(pooled))
+
     def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fc(self.dropout(self.norm(self.feature_fusion(pooled))))
+        return self.fc(self.dropout(self.forward_features(pooled)))
 
 
 class AttentiveProbe(nn.Module):

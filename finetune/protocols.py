@@ -89,6 +89,9 @@ class FinetuneConfig:
     encoder: str | None = None  # export directory (encoder.safetensors + config.json)
     random_init: bool = False  # control run: the encoder's architecture with fresh random weights
     head: str = "linear"  # linear | attentive | finetune
+    # head=finetune: evaluate the fine-tuned head saved beside the encoder (`emomae import-hicmae` of a
+    # fine-tuned HiCMAE checkpoint) on each fold's test speakers as it is: no training, no selection
+    eval_only: bool = False
     # probes: z-score the cached features per speaker (every speaker's own windows, the test speakers'
     # included but never their labels), as speaker normalisation in speech emotion recognition
     speaker_norm: bool = False
@@ -113,6 +116,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"head must be one of {HEADS}, got {cfg.head!r}")
     if cfg.head not in cfg.recipes:
         raise ConfigError(f"recipes.{cfg.head} is missing: every head needs a recipe")
+    if cfg.eval_only and cfg.head != "finetune":
+        raise ConfigError(f"eval_only=true evaluates a fine-tuned model: set head=finetune (got head={cfg.head!r})")
+    if cfg.eval_only and cfg.random_init:
+        raise ConfigError("eval_only=true evaluates the weights in `encoder`; random_init=true would replace them")
     recipe = cfg.recipes[cfg.head]
     if not 0 <= recipe.modality_dropout <= 1:
         raise ConfigError(f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}")

@@ -160,7 +160,8 @@ def results_markdown(results: dict) -> str:
         f"# {results['protocol']} - {results['head']}",
         "",
         f"Encoder: `{results['encoder']}`{' (random init control)' if results.get('random_init') else ''}. "
-        f"Epoch selected on a validation split of the training speakers (honest selection)."
+        + ("The imported fine-tuned model evaluated as it is (no training, no epoch selection)."
+           if results.get("eval_only") else "Epoch selected on a validation split of the training speakers (honest selection).")
         + (" Features z-scored per speaker, test speakers' unlabelled features included (speaker_norm)."
            if results.get("speaker_norm") else ""),
         "",

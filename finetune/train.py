@@ -26,8 +26,9 @@ from data_pipelines.features import FbankConfig
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
 from finetune.cache import FeatureCache, build_cache, fingerprint, load_cache, save_cache, speaker_normalized
-from finetune.export import build_encoder, load_encoder, read_export_config
+from finetune.export import build_encoder, load_encoder, read_export_config, resolve_export_dir, weights_file
 from finetune.heads import AttentiveProbe, FeatureFusionHead
+from finetune.hicmae_import import load_head
 from finetune.module import FinetuneModule, FullFinetuneModel, evaluate, predict
 from finetune.probe import fold_indices, fold_result, train_probe
 from finetune.protocols import FinetuneConfig, FoldSplit, fold_ids, fold_splits, read_clips, validate
@@ -132,7 +133,7 @@ class Run:
 
     def cache(self, kind: str) -> FeatureCache:
         cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.run_dir / "cache"
-        weights = Path(self.cfg.encoder) / "encoder.safetensors"
+        weights = weights_file(resolve_export_dir(self.cfg.encoder))
         stat = weights.stat()
         fp = fingerprint(self.arch, str(weights.resolve()), stat.st_size, stat.st_mtime_ns, self.cfg.random_init,
                          self.cfg.seed, (Path(self.cfg.protocol.shards) / "index.json").read_text(), kind,
@@ -193,6 +194,23 @@ class Run:
             test[modality] = evaluate(scores, targets, keys, self.task, self.classes, self.targets)
         return fold_result(module.tracker, test, sizes)
 
+    def evaluate_fold(self, split: FoldSplit, window_clips: list[str]) -> dict:
+        """`eval_only=true`: the encoder and its saved fine-tuned head on the fold's test speakers."""
+        head = load_head(resolve_export_dir(self.cfg.encoder))
+        if head.fc.out_features != self.num_outputs:
+            raise ConfigError(f"eval_only: the head in {self.cfg.encoder} has {head.fc.out_features} outputs, the "
+                              f"protocol {self.cfg.protocol.name} has {self.num_outputs} classes/targets")
+        model = FullFinetuneModel(self.encoder(), head).to(self.device).eval()
+        parts = [split.part(self.clip_meta[c]) for c in window_clips]
+        test_stream = loader(self.eval_stream(self.recipe.batch_size, PartFilter(split, "test", self.clip_meta)),
+                             self.cfg.num_workers)
+        test = {}
+        for modality in self.modalities:
+            scores, targets, keys = predict(model, test_stream, self.task, modality, self.device)
+            test[modality] = evaluate(scores, targets, keys, self.task, self.classes, self.targets)
+        return {"selected_epoch": "imported", "val": {}, "test": test, "best_on_test": {**test["av"], "epoch": None},
+                "windows": {"test": parts.count("test")}, "curve": []}
+
     # --- the whole run ------------------------------------------------------------------------
 
     def speed(self) -> dict:
@@ -218,8 +236,10 @@ class Run:
                 results["folds"].append({"fold": k, **self.probe_fold(cache, self.splits[k])})
         else:
             windows = scan_windows(self.urls)
+            run_fold = self.evaluate_fold if cfg.eval_only else self.finetune_fold
+            results["eval_only"] = cfg.eval_only
             for k in folds:
-                results["folds"].append({"fold": k, **self.finetune_fold(self.splits[k], windows)})
+                results["folds"].append({"fold": k, **run_fold(self.splits[k], windows)})
         results["speed"] = self.speed()
         results["summary"] = summarise(results["folds"], self.task)
         return results

@@ -136,6 +136,12 @@ def normalize_video(video: Tensor) -> Tensor:
     return (video.float() / 255.0 - mean) / std
 
 
+def drop_path_rates(top: float, depth: int) -> list[float]:
+    """Stochastic depth growing linearly from 0 at the first block to `top` at the last, within each
+    stack (encoders and fusion encoder alike, as HiCMAE's `torch.linspace(0, rate, depth)`)."""
+    return [top * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class VideoPatchEmbed(nn.Module):
     """Tubelets (tubelet x patch x patch) -> tokens + fixed positions (+ a modality token)."""
 
@@ -175,9 +181,12 @@ class FusionEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        args = (cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, cfg.drop_path)
-        self.video_blocks = nn.ModuleList(CrossSelfBlock(*args) for _ in range(cfg.fusion_depth))
-        self.audio_blocks = nn.ModuleList(CrossSelfBlock(*args) for _ in range(cfg.fusion_depth))
+        rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList(CrossSelfBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r) for r in rates)
+
+        self.video_blocks, self.audio_blocks = stack(), stack()
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
 
@@ -195,8 +204,8 @@ class JointFusionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, cfg.drop_path)
-            for _ in range(cfg.fusion_depth)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r)
+            for r in drop_path_rates(cfg.drop_path, cfg.fusion_depth)
         )
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
@@ -234,8 +243,7 @@ class AVEncoder(nn.Module):
         unified = cfg.kind == "unified"
         self.video_embed = VideoPatchEmbed(cfg, modality_token=unified)
         self.audio_embed = AudioPatchEmbed(cfg, modality_token=unified)
-        # stochastic depth grows linearly with depth; fusion blocks use the top rate
-        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates = drop_path_rates(cfg.drop_path, cfg.depth)
 
         def stack() -> nn.ModuleList:
             return nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r) for r in rates)

@@ -115,38 +115,6 @@ def caption_infonce(av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale:
     return loss / 2 / (total / world)
 
 
-# ---------------------------------------------------------------- stage-1 weights
-
-
-def load_stage1(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path) -> dict:
-    """Copy the `model.*` weights of a stage-1 Lightning checkpoint into `model` (strict).
-
-    The checkpoint is read with `weights_only=True`; its ModelConfig must equal `model_cfg`.
-    Returns the checkpoint's `emomae` metadata.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init: stage-1 checkpoint {path} not found (expected a .ckpt written by `emomae pretrain`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt.get("emomae") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or "model" not in meta or "state_dict" not in ckpt:
-        raise ValueError(f"init: {path} is not an emomae pretraining checkpoint (no state_dict / emomae.model)")
-    theirs, ours = dict(meta["model"]), model_cfg.to_dict()
-    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if differ:
-        pairs = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in differ[:6])
-        raise ValueError(f"init: the model config differs from the stage-1 checkpoint {path} ({pairs}); "
-                         "use the stage-1 model section (e.g. the same size file)")
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # the AV contrastive loss's temperature is a buffer or a parameter depending on the objective
-    missing = [k for k in missing if not k.startswith("contrastive.")]
-    unexpected = [k for k in unexpected if not k.startswith("contrastive.")]
-    if missing or unexpected:
-        raise ValueError(f"init: {path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return meta
-
-
 # ---------------------------------------------------------------- the LightningModule
 
 
@@ -162,14 +130,12 @@ class InjectModule(PretrainModule):
     def __init__(self, model_cfg: ModelConfig, objective_cfg, optim_cfg, run_config: dict | None = None, *,
                  inject_cfg: InjectConfig, init: str | None = None, text_cache_dir: str | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(model_cfg, objective_cfg, optim_cfg, run_config, **kwargs)
+        super().__init__(model_cfg, objective_cfg, optim_cfg, run_config, init=init, **kwargs)
         inject_cfg.check()
         self.inject_cfg = inject_cfg
         self.text = FrozenTextEncoder(inject_cfg.text_encoder, cache_dir=inject_cfg.text_cache_dir or text_cache_dir)
         self.text_heads = TextHeads(model_cfg.width, self.text.dim, inject_cfg.temperature,
                                     inject_cfg.learnable_temperature, inject_cfg.paths)
-        if init:
-            load_stage1(self.model, model_cfg, init)
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()} | {"text_heads.logit_scale"}

@@ -16,8 +16,9 @@ LN_EPS = 1e-6
 
 def sinusoid_table(num_tokens: int, dim: int) -> Tensor:
     """Fixed 1-D sin/cos position table over a flattened token grid: (1, N, dim)."""
+    # float64 throughout, cast once at the end (as HiCMAE's numpy table): a float32 table is ~1e-6 off
     pos = torch.arange(num_tokens, dtype=torch.float64)[:, None]
-    rates = 1.0 / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
+    rates = 1.0 / 10000 ** (2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)
     angles = pos * rates[None, :]
     table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angles), torch.cos(angles))
     return table.float().unsqueeze(0)

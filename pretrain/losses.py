@@ -110,21 +110,31 @@ class GatheredInfoNCE(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.logit_scale.detach().exp())
 
+    def logits(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
+        """a, b: (B, L, D) paired features -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B),
+        column of the local batch's first row). Row i's positive is column offset + i; with
+        `gather_negatives=False` (HiCMAE) the columns are the local batch only and offset is 0."""
+        pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
+        everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
+        # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
+            a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
+            b_to_a = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 1], everyone[:, :, 0])
+        return a_to_b, b_to_a, offset
+
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         single = a.ndim == 2
-        pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, [L,] 2, D)
         if single:
-            pairs = pairs.unsqueeze(1)
-        everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        rows, levels = pairs.shape[:2]
+            a, b = a.unsqueeze(1), b.unsqueeze(1)
+        a_to_b, b_to_a, offset = self.logits(a, b)
+        levels, rows = a_to_b.shape[:2]
         labels = (torch.arange(rows, device=a.device) + offset).repeat(levels)
 
-        def one_way(q: Tensor, keys: Tensor) -> Tensor:  # (B, L, D) vs (W*B, L, D) -> (L,)
-            logits = scale * torch.einsum("bld,cld->lbc", q, keys)
+        def one_way(logits: Tensor) -> Tensor:  # (L, B, W*B) -> (L,)
             return F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(levels, rows).mean(1)
 
-        loss = (one_way(pairs[:, :, 0], everyone[:, :, 1]) + one_way(pairs[:, :, 1], everyone[:, :, 0])) / 2
+        loss = (one_way(a_to_b) + one_way(b_to_a)) / 2
         return loss[0] if single else loss
 
 
@@ -140,9 +150,19 @@ class HierarchicalContrastiveLoss(nn.Module):
         super().__init__()
         self.info_nce = GatheredInfoNCE(temperature, learnable_temperature, gather_negatives)
 
+    @staticmethod
+    def pool(levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Token-means of every level: video (B, L, D), audio (B, L, D)."""
+        video = torch.stack([v.mean(dim=1) for v, _ in levels.values()], dim=1)
+        audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
+        return video, audio
+
     def forward(self, levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
         """levels: name -> (video tokens (B, Nv, D), audio tokens (B, Na, D)) -> (sum, per-level losses)."""
-        video = torch.stack([v.mean(dim=1) for v, _ in levels.values()], dim=1)  # (B, L, D)
-        audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
-        losses = self.info_nce(video, audio)
+        losses = self.info_nce(*self.pool(levels))
         return losses.sum(), dict(zip(levels, losses.unbind(0)))
+
+    def logits(self, levels: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """levels as in `forward` -> name -> (logits per video (B, W*B), logits per audio (B, W*B))."""
+        per_video, per_audio, _ = self.info_nce.logits(*self.pool(levels))
+        return {name: (per_video[i], per_audio[i]) for i, name in enumerate(levels)}

@@ -126,11 +126,15 @@ class Decoder(nn.Module):
     def forward(self, x: Tensor, skips: list[Tensor], mask: Mask) -> Tensor:
         """x: (B, K, Dd) visible tokens; skips: (B, K, Dd) each, deepest first -> (B, N - K, out_dim)."""
         pos = self.pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
+        visible_pos = gather_tokens(pos, mask.ids_keep)
         masked = self.mask_token.to(x.dtype) + gather_tokens(pos, mask.ids_masked)
-        x = torch.cat([x + gather_tokens(pos, mask.ids_keep), masked], dim=1)
+        x = torch.cat([x + visible_pos, masked], dim=1)
         x = self.blocks[0](x)
+        # each skip feature carries the positions of its visible tokens too (HiCMAE:
+        # `encoder_to_decoder(feature) + pos_emd_vis`): without them the cross-attention's keys
+        # cannot tell which face region or time span a skip token came from
         for block, context in zip(self.blocks[1:], skips, strict=True):
-            x = block(x, context)
+            x = block(x, context + visible_pos)
         return self.head(self.norm(x[:, -mask.num_masked :]))
 
 
@@ -222,22 +226,39 @@ class MaskedAVAutoencoder(nn.Module):
             "recon_audio": masked_mse(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked)),
         }
 
-    def forward_contrastive(self, enc: EncoderOutput) -> dict[str, Tensor]:
-        """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum."""
+    def contrastive_pairs(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
+        """(video tokens, audio tokens) of each contrastive level, by loss-term name."""
         levels = {}
         for level in self.contrastive_levels:
             if level == "fused":
                 levels["contrastive_fused"] = (enc.fused_video, enc.fused_audio)
             else:
                 levels[f"contrastive_l{level}"] = (enc.video_layers[level - 1], enc.audio_layers[level - 1])
-        total, per_level = self.contrastive(levels)
+        return levels
+
+    def forward_contrastive(self, enc: EncoderOutput) -> dict[str, Tensor]:
+        """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum."""
+        total, per_level = self.contrastive(self.contrastive_pairs(enc))
         return {"contrastive": total, **per_level}
 
+    def contrastive_logits(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per level: (logits per video (B, W*B), logits per audio (B, W*B)), temperature applied."""
+        return self.contrastive.logits(self.contrastive_pairs(enc))
+
     def forward(
-        self, video_uint8: Tensor, fbank: Tensor, generator: torch.Generator | None = None
+        self,
+        video_uint8: Tensor,
+        fbank: Tensor,
+        generator: torch.Generator | None = None,
+        masks: tuple[Mask, Mask] | None = None,
     ) -> MAEOutput:
-        """video_uint8: (B, T, 3, H, W) uint8; fbank: (B, F, M) normalised -> MAEOutput."""
-        video_mask, audio_mask = self.random_masking(video_uint8.shape[0], video_uint8.device, generator)
+        """video_uint8: (B, T, 3, H, W) uint8; fbank: (B, F, M) normalised -> MAEOutput.
+
+        masks: (video mask, audio mask) to apply instead of drawing new ones, e.g.
+        `Mask.from_bool(bool_masked_pos)` to reproduce a given masked reconstruction."""
+        if masks is None:
+            masks = self.random_masking(video_uint8.shape[0], video_uint8.device, generator)
+        video_mask, audio_mask = masks
         enc = self.forward_encoder(normalize_video(video_uint8), fbank, video_mask, audio_mask)
         video_pred, audio_pred = self.forward_decoder(enc, video_mask, audio_mask)
         terms = self.forward_loss(video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask)

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MAEOutput, MaskedAVAutoencoder, ObjectiveConfig
 from pretrain.optim import OptimConfig, build_optimizer
+from pretrain.warm_start import load_initial_weights
 
 
 def mask_seed(seed: int, rank: int, micro_batch: int) -> int:
@@ -45,9 +46,12 @@ class PretrainModule(pl.LightningModule):
         max_steps: int,
         seed: int = 0,
         compile: bool = False,
+        init: str | None = None,
     ) -> None:
         super().__init__()
         self.model = MaskedAVAutoencoder(model_cfg, objective_cfg)
+        if init:  # weights only: a checkpoint to resume from would also restore optimizer and data
+            load_initial_weights(self.model, model_cfg, init)
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.run_config = run_config or {}
         self.peak_lr, self.final_lr, self.max_steps, self.seed = peak_lr, final_lr, max_steps, seed

@@ -72,7 +72,9 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     stage: str = "mae"  # mae (stage 1) | inject (stage 2: caption alignment, pretrain/inject.py, docs/vaemo.md)
-    init: str | None = None  # stage 2: the stage-1 checkpoint whose weights it starts from (weights only)
+    # weights to start from (weights only; resume= restores a whole run): a .ckpt of `emomae pretrain`
+    # (stage 2 starts from stage 1) or a folder of `emomae import-hicmae` (HiCMAE's pretrained model)
+    init: str | None = None
     inject: InjectConfig = field(default_factory=InjectConfig)
     resume: str = "auto"  # auto (run_dir/checkpoints/last.ckpt if present) | never | <checkpoint path>
 
@@ -115,8 +117,11 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
-    if cfg.stage not in ("mae", "inject") or (cfg.init and cfg.stage != "inject"):
-        raise ConfigError(f"stage must be 'mae' or 'inject' (init= needs stage=inject), got stage={cfg.stage!r}")
+    if cfg.stage not in ("mae", "inject"):
+        raise ConfigError(f"stage must be 'mae' or 'inject', got stage={cfg.stage!r}")
+    if cfg.init and not Path(cfg.init).exists():
+        raise ConfigError(f"init: {cfg.init} does not exist (a .ckpt of `emomae pretrain` or a folder of "
+                          "`emomae import-hicmae`)")
     if cfg.stage == "inject" and not cfg.init:
         raise ConfigError("stage=inject starts from a stage-1 run: set init=<stage-1 checkpoint .ckpt>")
     try:
@@ -301,7 +306,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
 
         module, datamodule = build_stage2(cfg, resolved, **module_kwargs)
     else:
-        module = PretrainModule(cfg.model, cfg.objective, cfg.optim, resolved, **module_kwargs)
+        module = PretrainModule(cfg.model, cfg.objective, cfg.optim, resolved, init=cfg.init, **module_kwargs)
         datamodule = AVDataModule(cfg.data)
     start, interrupted = time.perf_counter(), None
     try:

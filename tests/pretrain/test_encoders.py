@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_model import TINY
@@ -143,3 +144,26 @@ def test_position_table_is_the_fixed_sinusoid():
         + torch.tensor([3.0]).cos() * torch.tensor([0.0, 1.0]),
     )
     assert "video_embed.pos_embed" not in AVEncoder(ModelConfig(**TINY)).state_dict()  # not a weight
+
+
+def test_position_table_is_computed_in_float64_then_cast_once():
+    # HiCMAE builds the table in numpy float64 and casts to float32; a float32 computation of the
+    # rates is ~1e-6 off at base size (800 tokens x 512), enough to move base outputs by ~3e-6
+    num_tokens, dim = 800, 512
+    pos = np.arange(num_tokens, dtype=np.float64)[:, None]
+    angles = pos / np.power(10000.0, 2 * (np.arange(dim) // 2) / dim)[None, :]
+    reference = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles)).astype(np.float32)
+    assert torch.equal(sinusoid_table(num_tokens, dim)[0], torch.from_numpy(reference))
+
+
+@pytest.mark.parametrize("kind", ["separate", "unified"])
+def test_drop_path_grows_linearly_from_zero_in_the_encoders_and_the_fusion_encoder(kind):
+    enc = AVEncoder(ModelConfig(**{**TINY, "kind": kind, "fusion_depth": 3, "drop_path": 0.3}))
+    fusion_blocks = enc.fusion.blocks if kind == "unified" else enc.fusion.video_blocks
+    encoder_blocks = enc.blocks if kind == "unified" else enc.audio_blocks
+
+    def rates(blocks):
+        return [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0 for b in blocks]
+
+    assert rates(fusion_blocks) == pytest.approx([0.0, 0.15, 0.3])  # HiCMAE: linspace(0, rate, depth)
+    assert rates(encoder_blocks) == pytest.approx([0.0, 0.1, 0.2, 0.3])

@@ -20,9 +20,9 @@ from pretrain.inject import (
     InjectModule,
     caption_ids,
     caption_infonce,
-    load_stage1,
 )
 from pretrain.train import load_pretrain_config, pretrain
+from pretrain.warm_start import load_initial_weights
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,9 +171,9 @@ def test_init_refuses_a_stage1_checkpoint_of_another_architecture(tmp_path):
                 "emomae": {"model": cfg.to_dict(), "config": {}}}, ckpt)
     other = ModelConfig.from_dict({**cfg.to_dict(), "depth": 3, "skip_layers": [1, 2]})
     with pytest.raises(ValueError, match="depth: checkpoint 2 vs config 3"):
-        load_stage1(MaskedAVAutoencoder(other), other, ckpt)
+        load_initial_weights(MaskedAVAutoencoder(other), other, ckpt)
     fresh = MaskedAVAutoencoder(cfg)
-    load_stage1(fresh, cfg, ckpt)
+    load_initial_weights(fresh, cfg, ckpt)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
 

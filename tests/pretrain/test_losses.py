@@ -156,3 +156,16 @@ def test_gathered_loss_and_ddp_gradients_equal_the_single_process_batch_with_two
         torch.testing.assert_close(r["bias_grad"], proj.bias.grad)
     # without gathering each rank sees only its own negatives: a different (easier) loss
     assert not torch.allclose(sum(r["local_loss"] for r in ranks) / WORLD, loss.detach())
+
+
+def test_contrastive_logits_stay_float32_under_bf16_autocast():
+    # bf16's 8-bit mantissa cannot tell apart logits that differ by < ~0.5 %, which at temperature
+    # 0.07 is the whole range of an easy batch; the logits must leave autocast in float32
+    g = torch.Generator().manual_seed(0)
+    video, audio = torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
+    loss_fn = GatheredInfoNCE(0.07, gather_negatives=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_video, per_audio, _ = loss_fn.logits(video.bfloat16(), audio.bfloat16())
+    assert per_video.dtype == per_audio.dtype == torch.float32
+    exact, _, _ = loss_fn.logits(video.bfloat16().float(), audio.bfloat16().float())
+    torch.testing.assert_close(per_video, exact)

@@ -83,7 +83,7 @@ def test_patchify_matches_the_patch_embedding_token_order_and_inverts():
     assert torch.equal(unpatchify_audio(patchify_audio(fbank, 16), cfg), fbank)
 
 
-def test_decoder_blocks_receive_the_skip_features_deepest_first():
+def test_decoder_blocks_receive_the_skip_features_deepest_first_with_their_positions():
     torch.manual_seed(0)
     model = MaskedAVAutoencoder(ModelConfig(**TINY)).eval()
     video, fbank = clip_batch(2)
@@ -95,8 +95,10 @@ def test_decoder_blocks_receive_the_skip_features_deepest_first():
     from pretrain.encoders import normalize_video
 
     enc = model.forward_encoder(normalize_video(video), fbank, out.video_mask, out.audio_mask)
+    # HiCMAE: encoder_to_decoder(feature) + the decoder positions of the visible tokens
+    positions = gather_tokens(model.video_decoder.pos_embed.expand(2, -1, -1), out.video_mask.ids_keep)
     for context, layer in zip(contexts, [4, 3, 2]):
-        torch.testing.assert_close(context, model.video_to_decoder(enc.video_layers[layer - 1]))
+        torch.testing.assert_close(context, model.video_to_decoder(enc.video_layers[layer - 1]) + positions)
 
 
 def test_reconstruct_inverts_normalised_frame_difference_targets():

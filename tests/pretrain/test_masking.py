@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.masking import num_masked_tokens, random_mask, tube_mask
+from pretrain.masking import Mask, num_masked_tokens, random_mask, tube_mask
 
 
 def _check_consistent(mask, batch: int, num_tokens: int, masked: int) -> None:
@@ -54,3 +54,20 @@ def test_mask_ratio_that_hides_everything_or_is_out_of_range_is_rejected(ratio):
 def test_ratio_below_one_still_keeps_a_token_of_a_short_sequence():
     mask = random_mask(2, 4, 0.9)
     assert mask.num_visible == 1 and mask.num_masked == 3
+
+
+def test_a_given_boolean_mask_becomes_ascending_visible_and_hidden_ids():
+    hidden = torch.tensor([[True, False, True, False, False], [False, False, True, True, False]])
+    mask = Mask.from_bool(hidden)
+    _check_consistent(mask, batch=2, num_tokens=5, masked=2)
+    # x[~mask] and x[mask] order, as HiCMAE gathers its visible and masked tokens
+    assert mask.ids_keep.tolist() == [[1, 3, 4], [0, 1, 4]]
+    assert mask.ids_masked.tolist() == [[0, 2], [2, 3]]
+    assert torch.equal(mask.mask, hidden)
+
+
+def test_a_given_mask_with_uneven_rows_or_the_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="same number of tokens"):
+        Mask.from_bool(torch.tensor([[True, False, False], [True, True, False]]))
+    with pytest.raises(ValueError, match="bool"):
+        Mask.from_bool(torch.zeros(2, 3, dtype=torch.long))
