@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ema", action="store_true", help="import the checkpoint's model_ema weights")
     parser.add_argument("--layout", choices=("emomae", "hf"), default="emomae",
                         help="emomae: encoder.safetensors + MODEL_CARD.md; hf: model.safetensors + README.md")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
     try:
         summary = import_hicmae(args.checkpoint, args.out_dir, parse_overrides(args.overrides), args.ema, args.layout)
     except (ExportError, HiCMAEKeyError) as err:

@@ -50,10 +50,12 @@ def fixture():
     return meta, tensors, cfg
 
 
-def objective(meta: dict) -> ObjectiveConfig:
-    pc = meta["pretrain_config"]
+def objective(meta: dict, args) -> ObjectiveConfig:
+    """HiCMAE's loss as the fixture's run configured it (its saved `args`)."""
     return ObjectiveConfig(
-        contrastive_weight=meta.get("loss_weight", 0.0025), temperature=pc["inter_contrastive_temperature"],
+        contrastive_weight=float(getattr(args, "loss_weight", 0.0025)),
+        frame_diff_target=bool(getattr(args, "use_frame_diff_as_target", True)),
+        temperature=meta["pretrain_config"]["inter_contrastive_temperature"],
         gather_negatives=False,  # HiCMAE's negatives are the local batch
     )
 
@@ -61,8 +63,8 @@ def objective(meta: dict) -> ObjectiveConfig:
 def pretraining_outputs(meta: dict, t: dict, cfg: ModelConfig, swap_levels: tuple[int, int] | None = None) -> dict:
     """Everything the fixture holds, computed by emomae from the converted pretraining checkpoint.
     `swap_levels` exchanges two encoder layers' outputs (a mutation the comparison must catch)."""
-    state, _ = read_hicmae_checkpoint(FIXTURE / "pretrain_checkpoint.pth")
-    model = pretraining_model(state, cfg, objective=objective(meta))
+    state, args = read_hicmae_checkpoint(FIXTURE / "pretrain_checkpoint.pth")
+    model = pretraining_model(state, cfg, objective=objective(meta, args))
     video_uint8 = t["video_uint8"].permute(0, 2, 1, 3, 4)  # HiCMAE (B, C, T, H, W) -> ours (B, T, C, H, W)
     fbank = t["audio"][:, 0]
     masks = (Mask.from_bool(t["mask_video"]), Mask.from_bool(t["mask_audio"]))

@@ -65,14 +65,14 @@ def test_cli_run_logs_every_loss_term_lr_and_throughput_to_csv(cli_run):
     assert throughput and all(t > 0 for t in throughput)
 
 
-def test_cli_run_checkpoints_load_weights_only_with_model_config(cli_run):
+def test_cli_run_checkpoints_load_weights_only_with_model_config(cli_run, synth_shards):
     _, run_dir = cli_run
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 6
     assert ckpt["emomae"]["model"]["width"] == 128 and ckpt["emomae"]["model"]["num_frames"] == 8
-    assert ckpt["emomae"]["config"]["data"]["shards"] == ckpt["emomae"]["config"]["data"]["shards"]
+    assert ckpt["emomae"]["config"]["data"]["shards"] == str(synth_shards)  # the resolved run config travels too
     assert any(k.startswith("model.encoder.") for k in ckpt["state_dict"])
     assert "AVDataModule" in ckpt  # the stream position travels with the weights
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000006.ckpt"]  # demo keeps 1
