@@ -13,6 +13,7 @@ parameter gradient equals the single-process one.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -117,7 +118,9 @@ class GatheredInfoNCE(nn.Module):
         pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
         everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
         # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07
-        with torch.autocast(device_type=a.device.type, enabled=False):
+        device = a.device.type
+        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with no_autocast:
             scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
             a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
             b_to_a = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 1], everyone[:, :, 0])

@@ -119,9 +119,6 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
     if cfg.stage not in ("mae", "inject"):
         raise ConfigError(f"stage must be 'mae' or 'inject', got stage={cfg.stage!r}")
-    if cfg.init and not Path(cfg.init).exists():
-        raise ConfigError(f"init: {cfg.init} does not exist (a .ckpt of `emomae pretrain` or a folder of "
-                          "`emomae import-hicmae`)")
     if cfg.stage == "inject" and not cfg.init:
         raise ConfigError("stage=inject starts from a stage-1 run: set init=<stage-1 checkpoint .ckpt>")
     try:
