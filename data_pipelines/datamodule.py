@@ -2,9 +2,9 @@
 
 Batches are built inside the loader workers (`batch_size=None` DataLoaders). The train stream's
 position is part of the datamodule's `state_dict`, which Lightning stores in every checkpoint: the
-epoch, the batches of it consumed, and each worker's raw stream position. On resume the stream skips
-the consumed raw samples before decoding them, so the run sees exactly the batches an uninterrupted
-run would have seen (same keys, same augmentations, same order).
+epoch, the batches of it consumed, and each worker's raw stream position, for every rank. On resume
+each rank's stream skips its own consumed raw samples before decoding them, so the run sees exactly
+the batches an uninterrupted run would have seen (same keys, same augmentations, same order).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from data_pipelines.augment import VideoAugConfig
@@ -114,6 +115,11 @@ def resolve_shards(spec: str, groups: list[str] | None) -> list[str]:
     if missing:
         raise ValueError(f"data.shards={spec!r}: {len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[:3]}")
     return urls
+
+
+class StreamResumeError(ValueError):
+    """A checkpoint's data-stream state cannot continue in this run (worker count, batch size or
+    world size differ); the message says what to change."""
 
 
 class StreamLoader(DataLoader):
@@ -250,17 +256,60 @@ class AVDataModule(pl.LightningDataModule):
         self.corrupt_counts["eval"][info["worker"]] = info["corrupt"]
 
     def state_dict(self) -> dict:
-        """Training stream position: plain ints, so `torch.load(weights_only=True)` reads it."""
-        return {"epoch": int(self._progress["epoch"]), "batches": int(self._progress["batches"]),
-                "positions": [int(p) for p in self._progress["positions"]], "num_workers": self.cfg.num_workers,
-                "batch_size": self.cfg.batch_size}
+        """Training stream position: plain ints, so `torch.load(weights_only=True)` reads it.
+
+        Top level: this rank's position (rank 0's in a written file, the layout older checkpoints
+        have). `ranks[r]`: rank r's position, gathered from every rank, and `world_size`. Ranks do not
+        share a position: each draws its own shards, and one that skipped a corrupt sample is ahead.
+        With a process group this is a collective: Lightning calls it on every rank while it dumps a
+        checkpoint (`Trainer.save_checkpoint` must run on all ranks anyway, it ends in a barrier).
+        """
+        own = {"epoch": int(self._progress["epoch"]), "batches": int(self._progress["batches"]),
+               "positions": [int(p) for p in self._progress["positions"]]}
+        rank, world_size = resolve_rank(self._rank, self._world_size)
+        return {**own, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
+                "world_size": world_size, "ranks": _gather_positions(own, rank, world_size)}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_workers", "batch_size"):
             if key in state and state[key] != getattr(self.cfg, key):
-                raise ValueError(f"cannot resume the data stream: the checkpoint used data.{key}={state[key]}, "
-                                 f"this run has {getattr(self.cfg, key)}; resume with the same value")
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
-                        "positions": [int(p) for p in state["positions"]]}
+                raise StreamResumeError(f"cannot resume the data stream: the checkpoint used data.{key}={state[key]}, "
+                                        f"this run has {getattr(self.cfg, key)}; resume with the same value")
+        own = self._own_position(state)
+        self._resume = {"epoch": int(own["epoch"]), "batches": int(own["batches"]),
+                        "positions": [int(p) for p in own["positions"]]}
         self._next_epoch = self._resume["epoch"]
         self._progress = dict(self._resume, positions=list(self._resume["positions"]))
+
+    def _own_position(self, state: dict) -> dict:
+        """This rank's entry of a saved state (see `state_dict`)."""
+        rank, world_size = resolve_rank(self._rank, self._world_size)
+        if "ranks" not in state:
+            rank_zero_warn("the checkpoint's data-stream state has no per-rank positions (it predates them): every "
+                           "rank resumes from rank 0's position, which is exact on 1 rank but shifts a rank whose "
+                           "stream differed from rank 0's (a skipped corrupt sample), and the world size is unchecked")
+            return state
+        saved = int(state["world_size"])
+        if saved != world_size:
+            raise StreamResumeError(
+                f"cannot resume the data stream: the checkpoint was written by {saved} ranks, this run has "
+                f"{world_size}; each rank continues its own shard stream, which exists only at the same world size. "
+                f"Resume with {saved} ranks (trainer.devices x trainer.num_nodes), or start a new run (a new run_dir) "
+                "with init=<this checkpoint>, which copies the weights only (optimizer, schedule and data start afresh)")
+        own = state["ranks"][rank]
+        if own is None:  # saved without a process group: only the saving rank's entry is there
+            raise StreamResumeError(f"cannot resume the data stream: the checkpoint holds no position for rank {rank}")
+        return own
+
+
+def _gather_positions(own: dict, rank: int, world_size: int) -> list[dict | None]:
+    """Every rank's stream position, indexed by global rank (all-gathered when a process group runs)."""
+    pairs = [(rank, own)]
+    dist = torch.distributed
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        pairs = [None] * dist.get_world_size()
+        dist.all_gather_object(pairs, (rank, own))
+    ranks: list[dict | None] = [None] * world_size
+    for r, position in pairs:
+        ranks[r] = position
+    return ranks

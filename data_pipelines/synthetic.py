@@ -44,6 +44,7 @@ from data_pipelines.synth.params import (
     clip_params,
     speaker_traits,
 )
+from data_pipelines.synth.progress import ClipProgress
 from data_pipelines.synth.voice import VOWELS, frame_envelope, synth_voice
 
 # The generator's parts, re-exported: `data_pipelines.synthetic` stays the one public import path.
@@ -105,8 +106,9 @@ def _make_clip_job(job: tuple) -> dict:
     return make_clip(*job)
 
 
-def generate(out_dir: Path, cfg: SynthConfig | None = None) -> Path:
-    """Write the dataset under `out_dir`; returns the path of its `manifest.csv`."""
+def generate(out_dir: Path, cfg: SynthConfig | None = None, progress: bool = False) -> Path:
+    """Write the dataset under `out_dir`; returns the path of its `manifest.csv`. `progress`: report the
+    written clips on stdout (a bar on a terminal, plain lines otherwise; data_pipelines/synth/progress.py)."""
     cfg = cfg or SynthConfig()
     cfg.__post_init__()  # again: fields may have been changed after construction
     out_dir = Path(out_dir)
@@ -116,12 +118,18 @@ def generate(out_dir: Path, cfg: SynthConfig | None = None) -> Path:
             for i in range(cfg.clips_per_speaker_class)]
     # Auto: one process per core, but none for small jobs, where starting them costs more than it saves.
     workers = min(cfg.workers or min(os.cpu_count() or 1, 8, len(jobs) // 16), len(jobs))
-    if workers > 1:
-        # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            records = list(pool.map(_make_clip_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        records = [make_clip(*job) for job in jobs]
+    records = []
+    with ClipProgress(len(jobs), enabled=progress) as bar:
+        if workers > 1:
+            # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for record in pool.map(_make_clip_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
+                    records.append(record)
+                    bar.update()
+        else:
+            for job in jobs:
+                records.append(make_clip(*job))
+                bar.update()
 
     folds = speaker_folds([r["speaker"] for r in records], cfg.folds, seed=cfg.seed)
     rows = [ManifestRow(key=r["key"], video=f"clips/{r['key']}.mp4", label=str(r["label"]),
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emomae synth: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    manifest = generate(args.out, cfg)
+    manifest = generate(args.out, cfg, progress=True)
     took = time.perf_counter() - start
     n = cfg.num_speakers * len(CLASSES) * cfg.clips_per_speaker_class
     print(f"wrote {n} clips ({cfg.num_speakers} speakers x {len(CLASSES)} classes x {cfg.clips_per_speaker_class}, "

@@ -9,6 +9,10 @@ export (`encoder.safetensors` + `config.json` + `MODEL_CARD.md`), and `load_enco
 Sources: a Lightning `.ckpt` file (read with `weights_only=True`; encoder weights are the
 `state_dict` entries under `model.encoder.`) or a DeepSpeed checkpoint directory (ZeRO shards are
 consolidated to fp32 by DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`).
+
+`--ema` exports the exponential moving average of the weights instead (`optim.ema=true` runs):
+`checkpoint["ema_state_dict"]`, which pretrain.callbacks.EMA writes beside `state_dict` in a Lightning
+file and Lightning's DeepSpeed strategy passes on as client state (`<tag>/mp_rank_00_model_states.pt`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ HUB_FILES = ["config.json", "model.safetensors", "README.md"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HF_TAGS = ("audio-visual", "emotion-recognition", "masked-autoencoder")
 FILE_MODE = 0o644  # safetensors writes 0600; exports are meant to be shared and uploaded
+EMA_KEY = "ema_state_dict"  # pretrain.callbacks.EMA: the averaged weights, same names as state_dict
 
 
 class ExportError(ValueError):
@@ -70,7 +75,12 @@ def encoder_state(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, 
     return out
 
 
-def _read_lightning(path: Path) -> tuple[dict, dict]:
+def _no_ema(where: Path) -> ExportError:
+    return ExportError(f"{where}: --ema asks for the EMA weights, but there is no checkpoint[{EMA_KEY!r}] "
+                       "(the run had optim.ema=false); export without --ema to take the trained weights")
+
+
+def _read_lightning(path: Path, ema: bool) -> tuple[dict, dict, bool]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -80,52 +90,78 @@ def _read_lightning(path: Path) -> tuple[dict, dict]:
     meta = ckpt.get("emomae")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ExportError(f"{path}: no checkpoint['emomae']['model'] (the ModelConfig); was it written by `emomae pretrain`?")
-    return encoder_state(ckpt["state_dict"], str(path)), meta
+    averaged = ckpt.get(EMA_KEY)
+    if not ema:
+        return encoder_state(ckpt["state_dict"], str(path)), meta, isinstance(averaged, dict)
+    if not isinstance(averaged, dict):
+        raise _no_ema(path)
+    return encoder_state(averaged, f"{path} ({EMA_KEY})"), meta, True
 
 
-def _read_deepspeed(path: Path) -> tuple[dict, dict]:
+def _read_deepspeed(path: Path, ema: bool) -> tuple[dict, dict, bool]:
     """A DeepSpeed checkpoint directory (holding `latest` and the tag folder with `*_model_states.pt`
     and `*_optim_states.pt`). The ZeRO partitions are stitched by DeepSpeed's own converter; the
-    emomae metadata comes from `emomae.json` beside it or the client state of `mp_rank_00_model_states.pt`."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    emomae metadata comes from `emomae.json` beside it or the client state of `mp_rank_00_model_states.pt`,
+    where the EMA weights are too (whole tensors: EMA runs under ZeRO-2 only, pretrain/train.py: check)."""
     tag_file = path / "latest"
     if not tag_file.is_file():
         raise ExportError(f"{path}: a DeepSpeed checkpoint directory needs a 'latest' file naming its tag folder")
     tag = tag_file.read_text().strip()
+    client, client_file = _client_state(path, tag)
+    averaged = client.get(EMA_KEY)
+    if ema:
+        if not isinstance(averaged, dict):
+            raise _no_ema(client_file)
+        return encoder_state(averaged, f"{client_file} ({EMA_KEY})"), _deepspeed_meta(path, tag, client), True
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     try:
         # DeepSpeed's converter unpickles its own shard files: only export checkpoints you trained
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise ExportError(f"{path}: DeepSpeed could not consolidate the ZeRO checkpoint {tag!r}: {err}") from err
-    return encoder_state(state, str(path)), _deepspeed_meta(path, tag)
+    return encoder_state(state, str(path)), _deepspeed_meta(path, tag, client), isinstance(averaged, dict)
 
 
-def _deepspeed_meta(path: Path, tag: str) -> dict:
-    sidecar = path / "emomae.json"
-    if sidecar.is_file():
-        return json.loads(sidecar.read_text())
+def _client_state(path: Path, tag: str) -> tuple[dict, Path]:
+    """(client state saved with the model states, that file): what Lightning put beside the weights
+    (`emomae`, `ema_state_dict`, loops, ...); ({}, expected file) when no file reads weights-only."""
     states = sorted((path / tag).glob("*mp_rank_00_model_states.pt"))
     for file in states:
         try:
             client = torch.load(file, map_location="cpu", weights_only=True)
         except Exception:  # DeepSpeed stores objects a weights-only load refuses; try the sidecar route
             continue
-        if isinstance(client, dict) and isinstance(client.get("emomae"), dict):
-            return client["emomae"]
+        if isinstance(client, dict):
+            return client, file
+    return {}, states[0] if states else path / tag / "mp_rank_00_model_states.pt"
+
+
+def _deepspeed_meta(path: Path, tag: str, client: dict) -> dict:
+    sidecar = path / "emomae.json"
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    if isinstance(client.get("emomae"), dict):
+        return client["emomae"]
     raise ExportError(
         f"{path}: no emomae metadata (ModelConfig) found: expected {sidecar.name} beside 'latest' or "
         f"checkpoint['emomae'] in {tag}/mp_rank_00_model_states.pt"
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (encoder state dict, `checkpoint['emomae']` = {"model": ModelConfig dict, "config": run config})."""
-    path = Path(path)
+def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (encoder state dict, `checkpoint['emomae']` = {"model": ModelConfig dict, "config": run config});
+    `ema`: the encoder of `checkpoint['ema_state_dict']` (an ExportError naming the file when absent)."""
+    state, meta, _ = _read_checkpoint(Path(path), ema)
+    return state, meta
+
+
+def _read_checkpoint(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict, bool]:
+    """read_checkpoint, and whether the checkpoint holds EMA weights."""
     if path.is_dir():
-        return _read_deepspeed(path)
+        return _read_deepspeed(path, ema)
     if path.is_file():
-        return _read_lightning(path)
+        return _read_lightning(path, ema)
     raise ExportError(f"checkpoint not found: {path}")
 
 
@@ -352,15 +388,26 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu"):
     return encoder.to(device).eval()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae") -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", ema: bool = False) -> Path:
     """Checkpoint (Lightning file or DeepSpeed dir) -> export folder in `layout` ("emomae" or "hf");
-    checks the weights fit."""
-    state, meta = read_checkpoint(checkpoint)
+    checks the weights fit. `ema`: export the EMA weights (config.json gets `"weights": "ema"`); without
+    it, a checkpoint that has them gets a one-line note on stdout."""
+    state, meta, has_ema = _read_checkpoint(Path(checkpoint), ema)
+    if has_ema and not ema:
+        print(f"note: {checkpoint} also holds EMA weights ({EMA_KEY}); `emomae export --ema` exports those")
     model_cfg = meta["model"]
     encoder, _ = build_encoder(model_cfg, where=f"{checkpoint} (checkpoint['emomae']['model'])")
-    load_weights(encoder, state, where=str(checkpoint))
+    load_weights(encoder, state, where=f"{checkpoint} ({EMA_KEY})" if ema else str(checkpoint))
     spec = input_spec(meta.get("config"), model_cfg)
-    out = save_export(encoder, model_cfg, spec, out_dir, source=Path(checkpoint).name, layout=layout)
+    extra, card_note = None, None
+    if ema:
+        decay = ((meta.get("config") or {}).get("optim") or {}).get("ema_decay")
+        extra = {"weights": "ema"}
+        card_note = (f"The weights are the exponential moving average of the training weights"
+                     f"{f' (decay {decay})' if decay is not None else ''}, `checkpoint[{EMA_KEY!r}]`, "
+                     "exported with `emomae export --ema`.")
+    out = save_export(encoder, model_cfg, spec, out_dir, source=Path(checkpoint).name, extra=extra, layout=layout,
+                      card_note=card_note)
     from finetune.zeroshot import TEXT_HEADS_FILE, export_text_heads
 
     if export_text_heads(checkpoint, out):  # stage-2 (inject) runs: the projection heads zero-shot needs
@@ -375,9 +422,11 @@ def main(argv: list[str]) -> int:
                                             "(with --layout hf: model.safetensors, config.json, README.md)")
     parser.add_argument("--layout", choices=LAYOUTS, default="emomae",
                         help="emomae (default) or hf: the Hugging Face hub layout, ready to upload")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the EMA weights (checkpoint['ema_state_dict'], runs with optim.ema=true)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir, layout=args.layout)
+        out = export(args.checkpoint, args.out_dir, layout=args.layout, ema=args.ema)
     except ExportError as err:
         print(f"emomae export: {err}", file=sys.stderr)
         return 1

@@ -110,35 +110,84 @@ def _slurm_requeue() -> None:
 
 
 class EMA(Callback):
-    """Exponential moving average of the model's weights (timm's ModelEmaV3), updated after every
-    optimizer step and stored in checkpoints as `checkpoint["ema_state_dict"]` with the same keys
-    as `checkpoint["state_dict"]`, so an export can take either."""
+    """Exponential moving average of the model's weights, updated after every optimizer step and stored
+    in checkpoints as `checkpoint["ema_state_dict"]` with the same keys as `checkpoint["state_dict"]`
+    (`emomae export --ema` takes it; under DeepSpeed it travels in the client state).
+
+    Decay as timm's ModelEmaV3 without warm-up: the first update copies the weights, every later one
+    is `ema = decay * ema + (1 - decay) * w`. The average is kept in fp32 whatever the weights' dtype:
+    DeepSpeed with bf16 makes the module's parameters bf16 copies of its fp32 master partitions, and a
+    bf16 average would never move (a step of 1 - 0.9998 = 2e-4 is below bf16's resolution of 4e-3).
+    Under ZeRO-2 every rank holds whole parameters after each step, so every rank averages the same
+    tensors. Under ZeRO-3 a rank holds a shard only: the config check refuses that combination
+    (pretrain/train.py) and `on_fit_start` refuses it again for callers that build the Trainer themselves.
+    """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self.ema: Any = None
-        self._pending: dict | None = None
+        self.ema: dict[str, torch.Tensor] | None = None  # state-dict name (without "model.") -> average
+        self._pending: dict | None = None  # a stored average read before on_fit_start
+        self._fitting = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from timm.utils import ModelEmaV3
-
-        self.ema = ModelEmaV3(pl_module.model, decay=self.decay)
-        if self._pending is not None:
-            self.ema.module.load_state_dict(self._pending)
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            raise RuntimeError(
+                "EMA (optim.ema=true) cannot average ZeRO-3 parameters: each rank holds only a shard of them; "
+                "use trainer.strategy=deepspeed_stage_2 or ddp"
+            )
+        self.start(pl_module.model)
+        self._fitting = True
+        if self._pending is not None:  # on_load_checkpoint ran first (DDP and single-device resume)
+            self._restore(self._pending)
             self._pending = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = False
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Begin the average at the current weights of `model` (floating-point entries in fp32)."""
+        self.ema = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                    for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold the current weights of `model` into the average; `step` is the optimizer step just taken."""
+        decay = self.decay if step > 1 else 0.0
+        averaged, current = [], []
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                averaged.append(self.ema[name])
+                current.append(value.float())
+            else:
+                self.ema[name].copy_(value)
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if not trainer.fit_loop._should_accumulate():
-            self.ema.update(pl_module.model, step=trainer.global_step)
+            self.update(pl_module.model, trainer.global_step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self.ema is not None:
-            checkpoint["ema_state_dict"] = {f"model.{k}": v for k, v in self.ema.module.state_dict().items()}
+            checkpoint["ema_state_dict"] = {f"model.{k}": v for k, v in self.ema.items()}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         stored = checkpoint.get("ema_state_dict")
-        if stored is not None:
-            self._pending = {k.removeprefix("model."): v for k, v in stored.items()}
+        if stored is None:
+            return
+        stored = {k.removeprefix("model."): v for k, v in stored.items()}
+        if self._fitting:  # DeepSpeed restores callbacks after setup, so after on_fit_start
+            self._restore(stored)
+        else:
+            self._pending = stored
+
+    def _restore(self, stored: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = sorted(set(self.ema) - set(stored)), sorted(set(stored) - set(self.ema))
+        if missing or unexpected:
+            raise KeyError(f"checkpoint['ema_state_dict'] does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+        for name, value in stored.items():
+            self.ema[name].copy_(value)
 
 
 class MemoryMonitor(Callback):
@@ -164,16 +213,30 @@ def peak_rss_bytes() -> int:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """TQDM bar over optimizer steps up to `max_steps`, so a streamed (length-less) dataset still gets
-    a total and an ETA, and a resumed run starts the bar where it left off."""
+    """One TQDM bar over optimizer steps up to `max_steps` for the whole fit, so a streamed (length-less)
+    dataset still gets a total, a rate and the time left.
+
+    Lightning resets its bar at every epoch start (and names it `Epoch N`), and the resampled stream has
+    an epoch boundary every `data.epoch_length` batches: tqdm's clock restarted there while the count
+    jumped to the global step, so the rate read millions of steps per second and the time left zero.
+    Here the bar is made once, when training starts, and epoch starts leave it alone. A resumed run
+    starts it at the restored step as tqdm's `initial`, so the rate counts the steps this process took."""
+
+    @property
+    def train_description(self) -> str:
+        return "pretrain"
+
+    def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar = self.init_train_tqdm()
+        if bar.disable:
+            return
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step
+        if bar.n:
+            bar.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        bar = self.train_progress_bar
-        if trainer.max_steps > 0:
-            bar.reset(total=trainer.max_steps)
-            _update_n(bar, trainer.global_step)
-        bar.set_description("pretrain")
+        pass  # an epoch of the resampled stream is no unit of progress: the bar runs on
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         bar = self.train_progress_bar

@@ -42,6 +42,16 @@ def load_zero_yaml(path: str | Path) -> dict[str, Any]:
     return body
 
 
+def zero_stage(strategy: str, config_path: str | Path | None = None) -> int | None:
+    """ZeRO stage a run will use: `zero_optimization.stage` of its YAML (`trainer.deepspeed_config`, else
+    the strategy's default file), None for a strategy that is not DeepSpeed."""
+    if strategy not in STRATEGY_FILES:
+        return None
+    body = load_zero_yaml(config_path or CONFIG_DIR / STRATEGY_FILES[strategy])
+    stage = (body.get("zero_optimization") or {}).get("stage")
+    return int(stage) if stage is not None else None
+
+
 def build_deepspeed_config(
     zero: dict[str, Any] | str | Path,
     *,

@@ -154,7 +154,8 @@ class VideoPatchEmbed(nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         """video: (B, T, 3, H, W) float -> (B, T/t * H/p * W/p, D), tokens in (t, h, w) order."""
-        x = self.proj(rearrange(video, "b t c h w -> b c t h w")).flatten(2).transpose(1, 2)
+        # DeepSpeed's bf16 engine holds bf16 weights and runs without autocast: follow the weights
+        x = self.proj(rearrange(video, "b t c h w -> b c t h w").to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
         x = x + self.pos_embed.to(x.dtype)
         return x if self.modality_token is None else x + self.modality_token
 
@@ -170,7 +171,7 @@ class AudioPatchEmbed(nn.Module):
 
     def forward(self, fbank: Tensor) -> Tensor:
         """fbank: (B, F, M) -> (B, F/p * M/p, D), tokens in (time, freq) order."""
-        x = self.proj(fbank.unsqueeze(1)).flatten(2).transpose(1, 2)
+        x = self.proj(fbank.unsqueeze(1).to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
         x = x + self.pos_embed.to(x.dtype)
         return x if self.modality_token is None else x + self.modality_token
 

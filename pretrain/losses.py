@@ -12,6 +12,7 @@ parameter gradient equals the single-process one.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 
@@ -19,6 +20,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger("emomae.precision")
+_FP32_NOTED: set[str] = set()  # what `note_fp32` has already logged in this process
+
+
+def note_fp32(what: str, why: str, *tensors: Tensor) -> None:
+    """Log once per process that `what` computes in fp32 on purpose, when the run computes in lower
+    precision: autocast to bf16/fp16 is on, or one of `tensors` is bf16/fp16 (DeepSpeed's bf16 module).
+    A warning, so that it reaches a run's log without any logging set-up. Not inside torch.compile: a
+    logging call would break the graph, so a compiled forward logs nothing."""
+    if torch.compiler.is_compiling() or what in _FP32_NOTED:  # in this order: no guard on the set
+        return
+    low = (torch.bfloat16, torch.float16)
+    devices = {t.device.type for t in tensors} or {"cpu"}
+    autocast = any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
+                   and torch.get_autocast_dtype(d) in low for d in devices)
+    if autocast or any(t.dtype in low for t in tensors):
+        _FP32_NOTED.add(what)
+        log.warning("low-precision run: %s computes in fp32 on purpose (%s)", what, why)
+
 
 # ---------------------------------------------------------------- reconstruction targets
 
@@ -40,6 +61,8 @@ def frame_difference(tubelets: Tensor) -> Tensor:
 def video_target(patches: Tensor, tubelet: int, norm_pix: bool = True, frame_diff: bool = True) -> Tensor:
     """patches: (B, N, tubelet * p * p * 3) of de-normalised [0, 1] pixels in (t, p, p, c) order ->
     target of the same shape."""
+    note_fp32("video reconstruction target", "per-patch mean/std and frame differences of [0, 1] pixels "
+              "need more than bf16's 8-bit mantissa", patches)
     b, n, d = patches.shape
     x = patches.reshape(b, n, tubelet, d // (tubelet * 3), 3).float()
     if norm_pix:
@@ -51,12 +74,14 @@ def video_target(patches: Tensor, tubelet: int, norm_pix: bool = True, frame_dif
 
 def audio_target(patches: Tensor, norm_pix: bool = True) -> Tensor:
     """patches: (B, N, p * p) fbank patches -> target of the same shape (normalised per patch)."""
+    note_fp32("audio reconstruction target", "per-patch mean/std of the fbank in full precision", patches)
     patches = patches.float()
     return normalize_patches(patches.unsqueeze(-1)).squeeze(-1) if norm_pix else patches
 
 
 def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over the masked tokens: both (B, N_masked, D)."""
+    note_fp32("reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -115,6 +140,8 @@ class GatheredInfoNCE(nn.Module):
         """a, b: (B, L, D) paired features -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B),
         column of the local batch's first row). Row i's positive is column offset + i; with
         `gather_negatives=False` (HiCMAE) the columns are the local batch only and offset is 0."""
+        note_fp32("contrastive logits (outside autocast)", "1 / temperature (14 at 0.07) scales the cosine "
+                  "similarities, and bf16's 8-bit mantissa would blur the logits", a, b)
         pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
         everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
         # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07

@@ -24,7 +24,7 @@ from pretrain.encoders import (
     normalize_video,
     sinusoid_table,
 )
-from pretrain.losses import HierarchicalContrastiveLoss, audio_target, masked_mse, video_target
+from pretrain.losses import HierarchicalContrastiveLoss, audio_target, masked_mse, note_fp32, video_target
 from pretrain.masking import Mask, random_mask, tube_mask
 
 
@@ -275,6 +275,8 @@ class MaskedAVAutoencoder(nn.Module):
         back to pixel/fbank units with the true patches' statistics (targets are normalised per patch).
         -> video (B, T, 3, H, W) in [0, 1], fbank (B, F, M)."""
         obj, t = self.objective, self.cfg.tubelet
+        note_fp32("reconstruction pictures", "predictions are mapped back to pixels with fp32 patch statistics",
+                  out.video_pred, out.audio_pred)
         video_patches, audio_patches = self.patchify(video_uint8.float() / 255.0, fbank.float())
         b, nm = out.video_pred.shape[:2]
         truth = gather_tokens(video_patches, out.video_mask.ids_masked).view(b, nm, t, -1, 3)

@@ -135,6 +135,21 @@ def check(cfg: PretrainConfig) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    if cfg.optim.ema and t.strategy.startswith("deepspeed"):
+        from pretrain.deepspeed import DeepSpeedConfigError, zero_stage
+
+        try:
+            stage = zero_stage(t.strategy, t.deepspeed_config)
+        except DeepSpeedConfigError as err:
+            raise ConfigError(f"trainer.deepspeed_config: {err}") from err
+        if stage == 3:
+            # ZeRO-3 leaves each rank a shard of every parameter: an average of those is not the model's
+            raise ConfigError(
+                f"optim.ema=true does not work with ZeRO-3 (trainer.strategy={t.strategy}"
+                f"{f', trainer.deepspeed_config={t.deepspeed_config}' if t.deepspeed_config else ''}): "
+                "parameters are partitioned across ranks. For EMA weights use trainer.strategy=deepspeed_stage_2 "
+                "or ddp, or set optim.ema=false"
+            )
     if t.strategy.startswith("deepspeed") and not _on_gpu(t):
         raise ConfigError(
             f"trainer.strategy={t.strategy} needs CUDA GPUs (DeepSpeed's Lightning strategy runs on CUDA only); "
@@ -264,7 +279,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from data_pipelines.datamodule import AVDataModule
+    from data_pipelines.datamodule import AVDataModule, StreamResumeError
     from pretrain.module import PretrainModule
 
     t = cfg.trainer
@@ -310,6 +325,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         interrupted = "SIGTERM"
+    except StreamResumeError as err:  # every rank raises it while restoring, before any step
+        _finish_wandb(trainer, failed=True)
+        raise ConfigError(f"resume from {ckpt_path}: {err}") from err
     except BaseException:
         _finish_wandb(trainer, failed=True)
         raise

@@ -173,3 +173,13 @@ def test_loss_decreases_when_overfitting_one_batch(kind):
     for term in ("recon_video", "recon_audio"):
         assert last[term] < 0.95 * first[term], term
     assert last["contrastive"] < 0.5 * first["contrastive"]  # 4 clips: the pairs become easy to tell apart
+
+
+def test_a_model_held_in_bf16_runs_without_autocast():
+    # DeepSpeed's bf16 engine casts the weights to bf16 and runs the forward without autocast, while
+    # the loader hands fp32 frames and fbanks: the patch embeddings follow the weights' dtype
+    model = MaskedAVAutoencoder(ModelConfig(**TINY)).to(torch.bfloat16)
+    video, fbank = clip_batch(2)
+    out = model(video, fbank.float(), generator=torch.Generator().manual_seed(0))
+    assert out.video_pred.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)

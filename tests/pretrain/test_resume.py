@@ -57,6 +57,8 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(synth_shards, t
     end_split = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
     assert end_split["global_step"] == end_straight["global_step"] == 6
     assert end_split["AVDataModule"] == end_straight["AVDataModule"]
+    data = end_split["AVDataModule"]  # one rank: its entry is the top-level position
+    assert data["world_size"] == 1 and data["ranks"] == [{k: data[k] for k in ("epoch", "batches", "positions")}]
     for name, value in end_straight["state_dict"].items():
         torch.testing.assert_close(end_split["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
