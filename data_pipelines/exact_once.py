@@ -51,3 +51,23 @@ def exact_once_split(urls: list[str], sizes: list[int] | None, slot: int, num_sl
             pieces.append({"url": url, "start": max(lo, offset) - offset, "stop": stop})
         offset = end
     return pieces
+
+
+def split_addresses(addresses: list[tuple[str, int]], slot: int, num_slots: int) -> list[dict]:
+    """The pieces slot `slot` of `num_slots` reads when only the samples at `addresses` are wanted
+    (`(url, index in its tar)`, in shard order: one part of a fold, found by a scan of the shards).
+
+    The addresses are cut into contiguous runs whose sizes differ by at most one, so every slot gets
+    its share of THESE samples wherever they lie (a contiguous split of all samples would leave the
+    ranks that read other folds' shards idle). A piece spans a shard from the first to the last sample
+    of the run in it (`{"url", "start", "stop"}`); the samples between them that are not wanted are
+    the reader's filter to drop. Runs are disjoint and ordered, so no sample falls in two slots' spans.
+    """
+    lo, hi = slot * len(addresses) // num_slots, (slot + 1) * len(addresses) // num_slots
+    pieces: list[dict] = []
+    for url, index in addresses[lo:hi]:
+        if pieces and pieces[-1]["url"] == url and index >= pieces[-1]["stop"]:
+            pieces[-1]["stop"] = index + 1
+        else:
+            pieces.append({"url": url, "start": index, "stop": index + 1})
+    return pieces

@@ -324,10 +324,14 @@ class EvalStream(AVStream):
         if self.sizes is not None and len(self.sizes) != len(self.urls):
             raise ValueError(f"shard_sizes has {len(self.sizes)} entries for {len(self.urls)} shard URLs")
 
+    def pieces(self, ctx: WorkerContext) -> list[dict]:
+        """This worker's `{"url", "start", "stop"}` ranges of the shards."""
+        sizes = self.sizes if self.sizes is not None else shard_sizes(self.urls)
+        return exact_once_split(self.urls, sizes, ctx.slot, ctx.num_slots)
+
     def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
         decoder = SampleDecoder(self.cfg, train=False)
-        sizes = self.sizes if self.sizes is not None else shard_sizes(self.urls)
-        pieces = exact_once_split(self.urls, sizes, ctx.slot, ctx.num_slots)
+        pieces = self.pieces(ctx)
         return wds.DataPipeline(
             lambda: iter(pieces),
             lambda src: read_shards(src, errors),

@@ -5,6 +5,11 @@ Linear probe: token-means of every layer and of the fusion outputs (a few KiB pe
 Attentive probe: the fusion encoder's tokens, stored as float16 to halve memory and disk.
 Files: `features-<fingerprint>.safetensors` + `.json` (keys, clip keys, targets, timing), where the
 fingerprint covers the encoder weights, the shards and what was cached, so a stale cache is never read.
+
+Window order is shard order whatever the number of ranks and loader workers: each rank encodes its
+exact-once share (contiguous ranges of the shards, one per worker), keeps its workers' batches in
+worker order, and the ranks' parts are joined in rank order (`join_caches`). The probes draw their
+batches by window index, so the same cache gives the same training on 1 or 8 GPUs.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,29 +52,47 @@ class FeatureCache:
 
 @torch.inference_mode()
 def build_cache(encoder: torch.nn.Module, batches: Iterable[dict], modes: list[str], kind: str, task: str,
-                device: torch.device | str = "cpu") -> FeatureCache:
-    """Encode every batch of an exact-once evaluation stream in each mode (av / audio / video)."""
+                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> FeatureCache:
+    """Encode every batch of an exact-once evaluation stream in each mode (av / audio / video); the
+    batches are kept in loader-worker order (`batch["stream"]["worker"]`), which is shard order.
+    `progress(n)` is told the windows of each batch. A rank's share may be empty: `join_caches`
+    checks the whole."""
     if kind not in ("pooled", "tokens"):
         raise ValueError(f"kind must be 'pooled' or 'tokens', got {kind!r}")
     extract, dtype = (pool_tokens, torch.float32) if kind == "pooled" else (fusion_tokens, torch.float16)
     encoder.eval().to(device)
-    keys, clip_keys, targets = [], [], []
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in modes}
+    encoded: list[tuple[int, list[str], list[str], np.ndarray, dict[str, dict[str, torch.Tensor]]]] = []
     start = time.perf_counter()
     for batch in batches:
         video = normalize_video(batch["video"].to(device))
         fbank = batch["fbank"].to(device).float()
+        features: dict[str, dict[str, torch.Tensor]] = {}
         for mode in modes:
             out = extract(encoder.forward_features(*drop_modality(video, fbank, mode)))
-            for name, t in out.items():
-                parts[mode].setdefault(name, []).append(t.to("cpu", dtype))
-        keys += list(batch["key"])
-        clip_keys += list(batch["clip_key"])
-        targets.append(batch_targets(batch, task).cpu().numpy())
-    if not keys:
+            features[mode] = {name: t.to("cpu", dtype) for name, t in out.items()}
+        encoded.append((batch.get("stream", {}).get("worker", 0), list(batch["key"]), list(batch["clip_key"]),
+                        batch_targets(batch, task).cpu().numpy(), features))
+        if progress is not None:
+            progress(len(batch["key"]))
+    encoded.sort(key=lambda e: e[0])  # stable: each worker's batches stay in their order
+    if not encoded:
+        return FeatureCache([], [], np.zeros(0), {}, time.perf_counter() - start)
+    features = {m: {n: torch.cat([e[4][m][n] for e in encoded]) for n in encoded[0][4][m]} for m in modes}
+    return FeatureCache([k for e in encoded for k in e[1]], [k for e in encoded for k in e[2]],
+                        np.concatenate([e[3] for e in encoded]), features, time.perf_counter() - start)
+
+
+def join_caches(parts: list[FeatureCache]) -> FeatureCache:
+    """The ranks' caches, in rank order, as one; `seconds` is the slowest rank's."""
+    parts = [p for p in parts if p.keys] or parts
+    if not parts or not parts[0].keys:
         raise RuntimeError("the evaluation stream gave no samples to cache")
-    features = {m: {n: torch.cat(ts) for n, ts in d.items()} for m, d in parts.items()}
-    return FeatureCache(keys, clip_keys, np.concatenate(targets), features, time.perf_counter() - start)
+    if len(parts) == 1:
+        return parts[0]
+    features = {m: {n: torch.cat([p.features[m][n] for p in parts]) for n in named}
+                for m, named in parts[0].features.items()}
+    return FeatureCache([k for p in parts for k in p.keys], [k for p in parts for k in p.clip_keys],
+                        np.concatenate([p.targets for p in parts]), features, max(p.seconds for p in parts))
 
 
 def speaker_normalized(cache: FeatureCache, speakers: list[str], eps: float = 1e-6) -> FeatureCache:

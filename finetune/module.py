@@ -4,6 +4,9 @@ clip-level prediction, losses and honest epoch selection.
 Missing modality: the absent input is replaced by zeros AFTER normalisation (video: the ImageNet-mean
 image; fbank: the AudioSet-mean spectrum). Encoder, fusion and head run unchanged, so one trained
 model reports audio-visual, audio-only and video-only figures.
+
+On several ranks every rank scores its own exact-once share of an evaluation stream, and the window
+scores are gathered (`all_ranks`) before any metric: clip averaging and UAR need the whole set.
 """
 
 from __future__ import annotations
@@ -29,6 +32,48 @@ from finetune.heads import (
 from finetune.metrics import average_clips, classification_metrics, regression_metrics
 from pretrain.encoders import normalize_video
 from pretrain.optim import warmup_cosine_factor
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+_CPU_GROUP: dict[str, object] = {}
+
+
+def cpu_group():
+    """A gloo group over every rank, for host-side collectives (gathered scores, cached features, probe
+    gradients): the default group when it is gloo; with NCCL, pickled objects would be staged on the
+    GPU and CPU tensors cannot be reduced at all. Made once, at the first call, which every rank makes
+    at the same point (the first gather)."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if "gloo" not in _CPU_GROUP:
+        _CPU_GROUP["gloo"] = torch.distributed.new_group(backend="gloo")
+    return _CPU_GROUP["gloo"]
+
+
+def all_ranks(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank; `items` itself in
+    a single process. Every rank must call it at the same point, with an empty list if it has nothing."""
+    _, world = process_group()
+    if world == 1:
+        return list(items)
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, list(items), group=cpu_group())
+    return [item for part in gathered for item in part]
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (picklable); `value` itself in a single process."""
+    if process_group()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
+    return box[0]
 
 
 def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,9 +220,17 @@ class FinetuneModule(pl.LightningModule):
         num_classes = len(classes) if task == "classification" else None
         self.mixup = AVMixup(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.switch_prob,
                              recipe.label_smoothing, num_classes)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.tracker = SelectionTracker(selection_metric(task))
         self._outputs: dict[int, list] = {}
+
+    def on_fit_start(self) -> None:
+        # the other ranks draw their own mixup pairs, modality dropout and drop path (one seed for all
+        # would give every rank's share of a batch the same pattern); rank 0 keeps a 1-process run's
+        if self.global_rank:
+            self.rng = np.random.default_rng([self.seed, self.global_rank])
+            torch.manual_seed(self.seed + 1_000_003 * self.global_rank)
 
     def on_train_start(self) -> None:
         # load_encoder returns eval mode and Lightning keeps each module's mode: without this, drop
@@ -217,7 +270,7 @@ class FinetuneModule(pl.LightningModule):
             return
         results = {}
         for idx, name in ((0, "val"), (1, "test")):
-            parts = self._outputs.get(idx, [])
+            parts = all_ranks(self._outputs.get(idx, []))  # a rank's exact-once share can be empty
             if not parts:
                 raise RuntimeError(f"no {name} batches were evaluated; the {name} split is empty")
             scores = np.concatenate([p[0] for p in parts])
@@ -227,7 +280,9 @@ class FinetuneModule(pl.LightningModule):
         self._outputs.clear()
         metric = self.tracker.metric
         self.tracker.update(self.current_epoch, results["val"], results["test"], self.model.state_dict)
-        self.log_dict({f"val/{metric}": results["val"][metric], f"test/{metric}": results["test"][metric]})
+        # the figures are the gathered ones, equal on every rank: sync_dist only tells Lightning so
+        self.log_dict({f"val/{metric}": results["val"][metric], f"test/{metric}": results["test"][metric]},
+                      sync_dist=True)
 
     def configure_optimizers(self):
         enc_cfg = self.model.encoder.cfg
@@ -242,13 +297,17 @@ class FinetuneModule(pl.LightningModule):
 @torch.inference_mode()
 def predict(model: Callable[..., torch.Tensor], batches: Iterable[dict], task: str, modality: str,
             device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Window-level scores of a full model over an evaluation stream: (scores, targets, clip_keys)."""
-    scores, targets, keys = [], [], []
+    """Window-level scores of a full model over an evaluation stream: (scores, targets, clip_keys).
+    On several ranks each scores its share of the stream and all get every rank's windows."""
+    parts = []
     for batch in batches:
         video = normalize_video(batch["video"].to(device))
         out = model(video, batch["fbank"].to(device).float(), modality).float()
-        scores.append((out.softmax(-1) if task == "classification" else out).cpu().numpy())
-        targets.append(batch_targets(batch, task).cpu().numpy())
-        keys += list(batch["clip_key"])
-    return np.concatenate(scores), np.concatenate(targets), keys
+        parts.append(((out.softmax(-1) if task == "classification" else out).cpu().numpy(),
+                      batch_targets(batch, task).cpu().numpy(), list(batch["clip_key"])))
+    parts = all_ranks(parts)
+    if not parts:
+        raise RuntimeError("the evaluation stream gave no windows to score")
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [k for p in parts for k in p[2]])
 

@@ -3,6 +3,11 @@
 The cached features of a fold fit in memory and an epoch is a few small matmuls, so a plain torch
 loop is used here: a Trainer's per-fit start-up would cost more than the training itself. The
 optimiser, schedule, loss and honest epoch selection are the ones full fine-tuning uses.
+
+On several ranks every rank holds the whole cache; each step's global batch (the one a single
+process would draw) is split over the ranks, each backpropagates its share and the gradients are
+averaged, as DDP would. Scoring the cached validation and test features is a few matmuls, so every
+rank does it on all of them (the same figures everywhere, no communication).
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from finetune.cache import FeatureCache
-from finetune.module import SelectionTracker, build_optimizer, evaluate, selection_metric, task_loss
+from finetune.module import (
+    SelectionTracker,
+    build_optimizer,
+    cpu_group,
+    evaluate,
+    process_group,
+    selection_metric,
+    task_loss,
+)
 from finetune.protocols import FoldSplit
 
 
@@ -44,10 +57,31 @@ def _scores(head: torch.nn.Module, feats: dict[str, torch.Tensor], task: str, ba
     return torch.cat(outs).numpy()
 
 
+def rank_share(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of a global batch of window indices: every `world_size`-th from `rank` on."""
+    return global_batch[rank::world_size]
+
+
+def _average_gradients(head: torch.nn.Module, world_size: int) -> None:
+    """Mean of every parameter's gradient over the ranks (a rank whose share was empty adds zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in head.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=cpu_group())
+    flat /= world_size
+    for p, g in zip(head.parameters(), torch.split(flat, [g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
 def _fit(head: torch.nn.Module, feats: dict[str, torch.Tensor], targets: torch.Tensor, recipe, task: str,
-         seed: int, after_epoch: Callable[[int], None]) -> None:
+         seed: int, after_epoch: Callable[[int, float], None], rank: int = 0, world_size: int = 1) -> None:
     """AdamW + warm-up/cosine over `recipe.epochs` on in-memory features `(N, ...)`; after every epoch
-    `after_epoch(epoch)` runs with the head in eval mode."""
+    `after_epoch(epoch, mean training loss)` runs with the head in eval mode.
+
+    Each epoch trains on the first `steps x batch` windows of a seeded permutation (the last `N mod
+    batch` wait for another epoch's draw). With `world_size` ranks every rank draws the same
+    permutation, trains on `rank_share` of each global batch and the gradients are averaged; a share's
+    loss is weighted by its size, so the update is the global batch's whatever the split (exactly so
+    for per-window losses; the CCC loss of a regression is a batch statistic, computed per share)."""
     if hasattr(head, "fit_standardizer"):  # z-score with statistics of these (training) windows only
         head.fit_standardizer(feats)
     gen = torch.Generator().manual_seed(seed)
@@ -60,18 +94,29 @@ def _fit(head: torch.nn.Module, feats: dict[str, torch.Tensor], targets: torch.T
     for epoch in range(recipe.epochs):
         head.train()
         order = torch.randperm(n, generator=gen)
+        loss_sum = torch.zeros(())
         for step in range(steps_per_epoch):
             sel = order[step * batch : (step + 1) * batch]
-            logits = head({k: v[sel].float() for k, v in feats.items()})
-            loss = task_loss(task, recipe.loss, logits, targets[sel], recipe.label_smoothing)
+            mine = rank_share(sel, rank, world_size)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(mine):
+                logits = head({k: v[mine].float() for k, v in feats.items()})
+                loss = task_loss(task, recipe.loss, logits, targets[mine], recipe.label_smoothing)
+                if world_size > 1:
+                    loss = loss * (len(mine) * world_size / len(sel))
+                loss.backward()
+                loss_sum += loss.detach()
+            if world_size > 1:
+                _average_gradients(head, world_size)
             if recipe.grad_clip:
                 torch.nn.utils.clip_grad_norm_(head.parameters(), recipe.grad_clip)
             optimizer.step()
             scheduler.step()
+        if world_size > 1:
+            torch.distributed.all_reduce(loss_sum, group=cpu_group())
+            loss_sum /= world_size
         head.eval()
-        after_epoch(epoch)
+        after_epoch(epoch, float(loss_sum) / steps_per_epoch)
 
 
 def pick_epoch(val_metric: list[float], window: int = 1) -> int:
@@ -102,7 +147,8 @@ class PickedEpoch(SelectionTracker):
 
 
 def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.ndarray], recipe, task: str,
-                classes: list[str], target_names: list[str], modalities: list[str], seed: int = 0) -> dict:
+                classes: list[str], target_names: list[str], modalities: list[str], seed: int = 0,
+                on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train `head` on the fold's training windows, pick the epoch on validation clips, and return the
     fold's results with the selected epoch's test metrics for every modality.
 
@@ -110,7 +156,14 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
     `recipe.select_window`): the head is then trained again from the same initial weights on training
     AND validation speakers (every non-test fold, as the papers train) and its state at the picked
     epoch is the one tested. The test fold never picks anything.
+
+    On several ranks (an initialised process group) the training batches are split over them (`_fit`).
+    `on_epoch(epoch, figures)` gets each epoch's figures as they come: `train_loss`, `val_<metric>`,
+    `test_<metric>`; with refit, the selection run's `train_loss` and `val_<metric>`, then the refit
+    run's `refit_train_loss` and `refit_test_<metric>`.
     """
+    rank, world_size = process_group()
+    report = on_epoch or (lambda epoch, figures: None)
     torch.manual_seed(seed)
     initial = {k: v.detach().clone() for k, v in head.state_dict().items()}
     views = {part: cache.select("av", index[part]) for part in ("val", "test")}
@@ -124,22 +177,35 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
         return evaluate(_scores(head, feats, task), cache.targets[idx], [cache.clip_keys[i] for i in idx],
                         task, classes, target_names)
 
-    train = index["train"]
+    train, metric = index["train"], selection_metric(task)
+    ranks = {"rank": rank, "world_size": world_size}
     if not recipe.refit:
-        tracker = SelectionTracker(selection_metric(task))
-        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
-             lambda e: tracker.update(e, score("val", views["val"]), score("test", views["test"]), head.state_dict))
+        tracker = SelectionTracker(metric)
+
+        def select(e: int, loss: float) -> None:
+            tracker.update(e, score("val", views["val"]), score("test", views["test"]), head.state_dict)
+            last = tracker.history[-1]
+            report(e, {"train_loss": loss, f"val_{metric}": last["val"][metric], f"test_{metric}": last["test"][metric]})
+
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed, select, **ranks)
     else:
         val_curve: list[dict] = []
-        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
-             lambda e: val_curve.append(score("val", views["val"])))
-        metric = selection_metric(task)
+
+        def pick(e: int, loss: float) -> None:
+            val_curve.append(score("val", views["val"]))
+            report(e, {"train_loss": loss, f"val_{metric}": val_curve[-1][metric]})
+
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed, pick, **ranks)
         tracker = PickedEpoch(metric, picked=pick_epoch([v[metric] for v in val_curve], recipe.select_window))
         head.load_state_dict(initial)
         train = np.concatenate([index["train"], index["val"]])
+
         # validation figures come from the selection run: the refit model has seen those speakers
-        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed,
-             lambda e: tracker.update(e, val_curve[e], score("test", views["test"]), head.state_dict))
+        def refit(e: int, loss: float) -> None:
+            tracker.update(e, val_curve[e], score("test", views["test"]), head.state_dict)
+            report(e, {"refit_train_loss": loss, f"refit_test_{metric}": tracker.history[-1]["test"][metric]})
+
+        _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed, refit, **ranks)
 
     head.load_state_dict(tracker.best_state)
     head.eval()

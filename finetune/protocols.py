@@ -76,6 +76,8 @@ class WandbConfig:
     entity: str | None = None
     mode: str = "online"  # online | offline | disabled
     tags: list[str] = field(default_factory=list)
+    # runs of one protocol and head (e.g. the fold tasks of a SLURM array) share it; default <protocol>-<head>
+    group: str | None = None
 
 
 @dataclass
@@ -102,7 +104,10 @@ class FinetuneConfig:
     seed: int = 0
     num_workers: int = 2
     accelerator: str = "auto"
+    # processes per node x nodes: each trains on its own share of every batch and scores its own share
+    # of every evaluation; `recipes.<head>.batch_size` stays the global batch (docs/finetune.md)
     devices: int = 1
+    num_nodes: int = 1
     precision: str = "32-true"
     cache_dir: str | None = None  # where linear/attentive probes keep frozen features; default in run dir
     speed_batches: int = 3  # batches timed for the encoder inference speed in the report
@@ -126,6 +131,13 @@ def validate(cfg) -> None:
     if cfg.speaker_norm and cfg.head == "finetune":
         raise ConfigError("speaker_norm=true applies to the probes' cached features; head=finetune trains the "
                           "encoder, so its features move: use head=linear or head=attentive")
+    world_size = cfg.devices * cfg.num_nodes
+    if cfg.devices < 1 or cfg.num_nodes < 1:
+        raise ConfigError(f"devices and num_nodes count processes, >= 1 each; got devices={cfg.devices}, "
+                          f"num_nodes={cfg.num_nodes}")
+    if cfg.head == "finetune" and not cfg.eval_only and recipe.batch_size % world_size:
+        raise ConfigError(f"recipes.finetune.batch_size={recipe.batch_size} is the global batch and must split "
+                          f"evenly over devices x num_nodes = {world_size} processes")
     if recipe.unimodal_loss < 0:
         raise ConfigError(f"recipes.{cfg.head}.unimodal_loss is a loss weight >= 0, got {recipe.unimodal_loss}")
     if recipe.unimodal_loss > 0 and recipe.modality_dropout > 0:

@@ -1,6 +1,7 @@
 """Run reports: results.json + results.md (paper-table ready), confusion-matrix and per-class recall
 PNGs, encoder inference speed, and the provenance every run directory carries (resolved config,
-git commit, versions)."""
+git commit, versions); and what a run reports while it works: progress (a bar on a terminal, plain
+lines in a SLURM log) and per-epoch figures to W&B (`Monitor`)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,26 @@ def plot_per_class_recall(recall: list[float | None], classes: list[str], path: 
     return path
 
 
+def figures(run_dir: Path, results: dict) -> list[Path]:
+    """Confusion matrix and per-class recall PNGs (pooled over the run's folds, and per fold)."""
+    if results["task"] != "classification":
+        return []
+    classes, paths = results["classes"], []
+    pooled = results["summary"]["av_pooled"]
+    paths.append(plot_confusion(pooled["confusion"], classes, run_dir / "confusion_av.png",
+                                f"{results['protocol']} {results['head']}: audio-visual, all folds"))
+    recall = np.diag(np.asarray(pooled["confusion"])) / np.maximum(np.asarray(pooled["confusion"]).sum(1), 1)
+    paths.append(plot_per_class_recall(recall.tolist(), classes, run_dir / "recall_av.png",
+                                       f"{results['protocol']} {results['head']}: per-class recall"))
+    for f in results["folds"]:
+        fold_dir = run_dir / f"fold{f['fold']}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        for modality, metrics in f["test"].items():
+            paths.append(plot_confusion(metrics["confusion"], classes, fold_dir / f"confusion_{modality}.png",
+                                        f"fold {f['fold']}, {modality}"))
+    return paths
+
+
 def summarise(folds: list[dict], task: str) -> dict:
     """Mean and std over folds for every modality of the honest (validation-selected) figures and
     for the papers' protocol (epoch picked on the test fold)."""
@@ -204,3 +225,128 @@ def write_results(run_dir: Path, results: dict) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     md_path.write_text(results_markdown(results))
     return json_path, md_path
+
+
+# ---------------------------------------------------------------- while the run works
+
+
+class Progress:
+    """Progress of one piece of long work (a fold's epochs, the probes' feature caching). A tqdm bar
+    when stdout is a terminal; otherwise plain lines, for SLURM logs: at the first and the last step,
+    at every tenth of the total and at least every `every_s` seconds, each with the latest figures."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool = True, every_s: float = 60.0):
+        self.label, self.total, self.unit, self.enabled, self.every_s = label, max(1, total), unit, enabled, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=label, unit=unit, file=sys.stdout, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **figures: float) -> None:
+        if not self.enabled:
+            return
+        before, self.done = self.done, self.done + n
+        if self.bar is not None:
+            if figures:  # shown by the update's redraw
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()}, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        tenth = 10 * self.done // self.total > 10 * before // self.total
+        if before == 0 or self.done >= self.total or tenth or now - self.last >= self.every_s:
+            self.last = now
+            shown = "".join(f" {k} {v:.4g}" for k, v in figures.items())
+            print(f"{self.label}: {self.unit} {self.done}/{self.total}{shown} [{now - self.start:.1f} s]", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def start_wandb(w, run_dir: Path, resolved: dict, group: str):
+    """The W&B run of a protocol run (`w`: the config's `wandb` section), started before the first fold."""
+    import wandb
+
+    return wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(run_dir), config=resolved,
+                      name=run_dir.name, group=group, tags=list(w.tags), job_type="finetune")
+
+
+class Monitor:
+    """A run's live reporting, on rank 0 (`show=False` elsewhere makes every call a no-op).
+
+    Each fold's epochs go to a `Progress` and, with a W&B run, to `run.log` as they finish: one W&B
+    run per protocol run, keys `fold<k>/<figure>` plotted against `fold<k>/epoch`, so the folds of
+    one run are separate curves. `finish` adds the summary, the figures and the results table."""
+
+    def __init__(self, show: bool, wandb_run=None):
+        self.show, self.wandb = show, wandb_run if show else None
+        self.fold: int | None = None
+        self.progress = Progress("", 1, "", enabled=False)
+
+    def caching(self, what: str, total: int) -> Progress:
+        return Progress(f"caching {what} features", total, "windows", enabled=self.show)
+
+    def start_fold(self, fold: int, position: int, count: int, epochs: int, what: str, unit: str = "epoch") -> None:
+        self.fold = fold
+        self.progress = Progress(f"fold {fold} ({position}/{count}) {what}", epochs, unit, enabled=self.show)
+        if self.wandb is not None:
+            self.wandb.define_metric(f"fold{fold}/epoch")
+            self.wandb.define_metric(f"fold{fold}/*", step_metric=f"fold{fold}/epoch")
+
+    def epoch(self, epoch: int, figures: dict[str, float]) -> None:
+        self.progress.update(1, **figures)
+        if self.wandb is not None:
+            prefix = f"fold{self.fold}/"
+            self.wandb.log({prefix + "epoch": epoch, **{prefix + k: float(v) for k, v in figures.items()}})
+
+    def end_fold(self) -> None:
+        self.progress.close()
+
+    def finish(self, results: dict | None, images: list[Path], failed: bool = False) -> None:
+        """Summary figures, the PNGs and the results table (when the run got that far), then close."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        run, self.wandb = self.wandb, None
+        if results is not None:
+            run.summary.update(flat_summary(results["summary"]))
+            run.log({_image_key(p): wandb.Image(str(p)) for p in images}
+                    | {"results": _table(wandb, results)})
+        run.finish(exit_code=1 if failed else 0)
+
+
+def _table(wandb, results: dict):
+    columns, rows = results_table(results)
+    return wandb.Table(columns=columns, data=rows)
+
+
+def _image_key(path: Path) -> str:
+    """`confusion_av` for a run-level PNG, `fold<k>/confusion_<modality>` for a fold's."""
+    return f"{path.parent.name}/{path.stem}" if path.parent.name.startswith("fold") else path.stem
+
+
+def flat_summary(summary: dict) -> dict[str, float]:
+    """`summarise`'s (mean, std) pairs and pooled figures as flat W&B summary keys."""
+    flat = {}
+    for modality, metrics in summary.items():
+        for key, value in metrics.items():
+            if isinstance(value, (list, tuple)) and len(value) == 2 and not isinstance(value[0], list):
+                flat[f"{modality}/{key}_mean"], flat[f"{modality}/{key}_std"] = value
+            elif isinstance(value, float):
+                flat[f"{modality}/{key}"] = value
+    return flat
+
+
+def results_table(results: dict) -> tuple[list[str], list[list]]:
+    """results.md's table as (columns, rows): one row per fold and evaluation, then the mean and std
+    over folds per evaluation."""
+    keys = list(CLASSIFICATION_KEYS if results["task"] == "classification" else ("ccc", "pcc"))
+    rows = [[str(f["fold"]), str(f["selected_epoch"]), m, *(float(f["test"][m][k]) for k in keys)]
+            for f in results["folds"] for m in f["test"]]
+    for i, stat in enumerate(("mean", "std")):
+        rows += [[stat, "", m, *(float(results["summary"][m][k][i]) for k in keys)] for m in results["modalities"]]
+    return ["fold", "epoch", "evaluation", *keys], rows

@@ -4,6 +4,11 @@ Runs one or every fold of a protocol sequentially (a SLURM array runs one fold p
 `fold=$SLURM_ARRAY_TASK_ID`) and writes one run directory:
 `config.yaml` (resolved), `run.json` (git commit, argv, versions), `results.json`, `results.md`,
 `confusion_av.png`, `recall_av.png`, per-fold `fold<k>/` (confusion PNG, Lightning CSV logs).
+
+With `devices` x `num_nodes` > 1 (torchrun, srun, or a plain command that starts its own processes)
+every process runs the whole protocol: each trains on its share of every global batch and scores its
+share of every evaluation, exactly once over ranks x loader workers; the scores are gathered before
+any metric, and rank 0 alone reports (progress, W&B, the run directory). docs/finetune.md, section 7.
 """
 
 from __future__ import annotations
@@ -14,80 +19,88 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
 
-from data_pipelines.augment import VideoAugConfig
-from data_pipelines.features import FbankConfig
+from data_pipelines.exact_once import shard_sizes
 from data_pipelines.shards import shard_urls
-from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
-from finetune.cache import FeatureCache, build_cache, fingerprint, load_cache, save_cache, speaker_normalized
+from data_pipelines.stream import EvalStream, eval_pipeline
+from finetune.cache import (
+    FeatureCache,
+    build_cache,
+    fingerprint,
+    join_caches,
+    load_cache,
+    save_cache,
+    speaker_normalized,
+)
 from finetune.export import build_encoder, load_encoder, read_export_config, resolve_export_dir, weights_file
 from finetune.heads import AttentiveProbe, FeatureFusionHead
 from finetune.hicmae_import import load_head
-from finetune.module import FinetuneModule, FullFinetuneModel, evaluate, predict
+from finetune.module import (
+    FinetuneModule,
+    FullFinetuneModel,
+    all_ranks,
+    evaluate,
+    from_rank0,
+    predict,
+    process_group,
+    selection_metric,
+)
 from finetune.probe import fold_indices, fold_result, train_probe
 from finetune.protocols import FinetuneConfig, FoldSplit, fold_ids, fold_splits, read_clips, validate
 from finetune.report import (
+    Monitor,
     encoder_speed,
-    plot_confusion,
-    plot_per_class_recall,
+    figures,
     run_metadata,
+    start_wandb,
     summarise,
     write_results,
+)
+from finetune.streams import (
+    FoldTrainStream,
+    PartEvalStream,
+    PartFilter,
+    StreamEpoch,
+    loader,
+    scan_windows,
+    stream_config,
 )
 from pretrain.config import ConfigError, load_config, save_config
 from pretrain.encoders import normalize_video
 
 
-class PartFilter:
-    """Sample filter (picklable, for loader workers): keep the windows of one part of a fold."""
+def launch(cfg: FinetuneConfig) -> torch.device | None:
+    """With `devices` x `num_nodes` > 1: join the run's processes (started by torchrun or srun) or start
+    them (a plain command relaunches itself once per device, as Lightning does), and open their
+    process group. Returns this process's device, or None for a single-process run."""
+    if cfg.devices * cfg.num_nodes == 1:
+        return None
+    from lightning_fabric import Fabric
 
-    def __init__(self, split: FoldSplit, part: str, clip_meta: dict[str, dict]):
-        self.split, self.part, self.clip_meta = split, part, clip_meta
-
-    def __call__(self, meta: dict) -> bool:
-        info = self.clip_meta.get(str(meta.get("clip_key")))
-        if info is None:
-            raise KeyError(f"clip {meta.get('clip_key')!r} is in the shards but not in protocol.manifest")
-        return self.split.part(info) == self.part
-
-
-def stream_config(spec: dict, arch: dict, batch_size: int, seed: int, recipe=None, epoch_length: int = 1) -> StreamConfig:
-    """The encoder's input spec as a StreamConfig; training augmentation from the recipe."""
-    fb = spec["fbank"]
-    fbank = FbankConfig(sample_rate=int(spec["sample_rate"]), mel_bins=arch["mel_bins"], fbank_frames=arch["fbank_frames"],
-                        mean=float(fb["mean"]), std=float(fb["std"]),
-                        freq_mask=getattr(recipe, "freq_mask", 0), time_mask=getattr(recipe, "time_mask", 0))
-    aug = VideoAugConfig(img_size=arch["img_size"])
-    if recipe is not None and recipe.augment:
-        aug = VideoAugConfig(img_size=arch["img_size"], crop_scale=tuple(recipe.crop_scale), hflip=recipe.hflip)
-    return StreamConfig(batch_size=batch_size, num_frames=arch["num_frames"], img_size=arch["img_size"], fbank=fbank,
-                        video_aug=aug, shuffle_buffer=256, epoch_length=max(1, epoch_length), seed=seed)
-
-
-def scan_windows(urls: list[str]) -> list[str]:
-    """clip_key of every window in the shards, reading only their json members."""
-    clip_keys = []
-    for sample in wds.tarfile_samples([{"url": u} for u in urls]):
-        if "json" in sample:
-            clip_keys.append(str(json.loads(sample["json"]).get("clip_key", sample["__key__"])))
-    return clip_keys
-
-
-def loader(stream, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="ddp")
+    fabric.launch()  # a no-op when the process group is up already (another run in the same processes)
+    return fabric.device
 
 
 class Run:
     """One `emomae finetune` invocation: shared state of all folds."""
 
-    def __init__(self, cfg: FinetuneConfig, node, run_dir: Path):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        node,
+        run_dir: Path,
+        device: torch.device | None = None,
+        monitor: Monitor | None = None,
+    ):
         self.cfg, self.run_dir = cfg, run_dir
+        self.rank, self.world_size = process_group()
+        self.monitor = monitor or Monitor(show=False)
         p = cfg.protocol
         export_config = read_export_config(cfg.encoder)
         self.arch, self.spec = export_config["architecture"], export_config["input"]
@@ -98,7 +111,9 @@ class Run:
         clips = read_clips(p.manifest)
         self.clip_meta = {c.key: {"speaker": c.speaker, "fold": c.fold} for c in clips}
         self.splits = fold_splits(clips, p.num_folds, p.val_fraction, cfg.seed)
-        self.device = torch.device("cuda" if cfg.accelerator in ("auto", "gpu") and torch.cuda.is_available() else "cpu")
+        self.device = device or torch.device(
+            "cuda" if cfg.accelerator in ("auto", "gpu") and torch.cuda.is_available() else "cpu"
+        )
         self.recipe = cfg.recipes[cfg.head]
         self.modalities = list(dict.fromkeys(["av", *cfg.modalities]))
         self._check_shards()
@@ -108,8 +123,10 @@ class Run:
         shard_cfg = index.get("config", {})
         for key in ("num_frames", "img_size"):
             if key in shard_cfg and int(shard_cfg[key]) != int(self.arch[key]):
-                raise ConfigError(f"protocol.shards: {key}={shard_cfg[key]} in {self.cfg.protocol.shards}/index.json, "
-                                  f"but the encoder was built for {key}={self.arch[key]}; write shards to match it")
+                raise ConfigError(
+                    f"protocol.shards: {key}={shard_cfg[key]} in {self.cfg.protocol.shards}/index.json, "
+                    f"but the encoder was built for {key}={self.arch[key]}; write shards to match it"
+                )
 
     def encoder(self, drop_path: float = 0.0):
         """The exported encoder (or, with random_init, the same architecture freshly initialised)."""
@@ -124,10 +141,32 @@ class Run:
             encoder = fresh
         return encoder
 
-    def eval_stream(self, batch_size: int, sample_filter=None):
+    def eval_stream(self, batch_size: int) -> EvalStream:
+        """Every window of the shards once over ranks x workers (the probes' cache, the speed batch)."""
         scfg = stream_config(self.spec, self.arch, batch_size, self.cfg.seed)
-        return eval_pipeline(self.urls, scfg, rank=0, world_size=1, sample_filter=sample_filter,
-                             log_dir=str(self.run_dir / "corrupt"))
+        return eval_pipeline(
+            self.urls, scfg, rank=self.rank, world_size=self.world_size, log_dir=str(self.run_dir / "corrupt")
+        )
+
+    def part_stream(self, batch_size: int, split: FoldSplit, part: str, windows: list[tuple[str, int, str]]):
+        """The `part` windows of a fold, once over ranks x workers, as a loader."""
+        addresses = [(url, index) for url, index, clip in windows if split.part(self.clip_meta[clip]) == part]
+        scfg = stream_config(self.spec, self.arch, batch_size, self.cfg.seed)
+        stream = PartEvalStream(
+            self.urls,
+            scfg,
+            addresses,
+            rank=self.rank,
+            world_size=self.world_size,
+            sample_filter=PartFilter(split, part, self.clip_meta),
+            log_dir=str(self.run_dir / "corrupt"),
+        )
+        return loader(stream, self.cfg.num_workers)
+
+    def rank_share(self, total: int) -> int:
+        """Windows of `total` this rank's loader workers read in an exact-once split."""
+        slots, k = self.world_size * max(1, self.cfg.num_workers), max(1, self.cfg.num_workers)
+        return ((self.rank + 1) * k * total) // slots - (self.rank * k * total) // slots
 
     # --- probes on cached features -------------------------------------------------------------
 
@@ -135,16 +174,38 @@ class Run:
         cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.run_dir / "cache"
         weights = weights_file(resolve_export_dir(self.cfg.encoder))
         stat = weights.stat()
-        fp = fingerprint(self.arch, str(weights.resolve()), stat.st_size, stat.st_mtime_ns, self.cfg.random_init,
-                         self.cfg.seed, (Path(self.cfg.protocol.shards) / "index.json").read_text(), kind,
-                         self.modalities, self.task)
+        fp = fingerprint(
+            self.arch,
+            str(weights.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.cfg.random_init,
+            self.cfg.seed,
+            (Path(self.cfg.protocol.shards) / "index.json").read_text(),
+            kind,
+            self.modalities,
+            self.task,
+        )
         path = cache_dir / f"features-{fp}"
-        cached = load_cache(path)
+        # rank 0 reads a finished cache and hands it round: the others need not see its filesystem
+        cached = from_rank0(load_cache(path) if self.rank == 0 else None)
         if cached is not None:
             return cached
-        cache = build_cache(self.encoder(), loader(self.eval_stream(self.recipe.batch_size), self.cfg.num_workers),
-                            self.modalities, kind, self.task, self.device)
-        save_cache(cache, path)
+        total = sum(shard_sizes(self.urls) or [0])
+        progress = self.monitor.caching(kind, self.rank_share(total))
+        part = build_cache(
+            self.encoder(),
+            loader(self.eval_stream(self.recipe.batch_size), self.cfg.num_workers),
+            self.modalities,
+            kind,
+            self.task,
+            self.device,
+            progress=progress.update,
+        )
+        progress.close()
+        cache = join_caches(all_ranks([part]))
+        if self.rank == 0:
+            save_cache(cache, path)
         return cache
 
     def probe_fold(self, cache: FeatureCache, split: FoldSplit) -> dict:
@@ -155,35 +216,93 @@ class Run:
         else:
             head = AttentiveProbe(width, self.num_outputs, num_heads=max(1, width // 64))
         index = fold_indices(cache, split, self.clip_meta)
-        return train_probe(head, cache, index, self.recipe, self.task, self.classes, self.targets, self.modalities,
-                           seed=self.cfg.seed + split.test_fold)
+        return train_probe(
+            head,
+            cache,
+            index,
+            self.recipe,
+            self.task,
+            self.classes,
+            self.targets,
+            self.modalities,
+            seed=self.cfg.seed + split.test_fold,
+            on_epoch=self.monitor.epoch,
+        )
 
     # --- full fine-tuning ---------------------------------------------------------------------
 
-    def finetune_fold(self, split: FoldSplit, window_clips: list[str]) -> dict:
+    def train_stream(
+        self, split: FoldSplit, windows: list[tuple[str, int, str]]
+    ) -> tuple[FoldTrainStream, int, int]:
+        """This rank's training stream of a fold, the global batch and the steps per epoch. The recipe's
+        batch (at most the fold's training windows) is the global one, split evenly over the ranks."""
+        world = self.world_size
+        train = sum(split.part(self.clip_meta[clip]) == "train" for _, _, clip in windows)
+        batch = min(self.recipe.batch_size, train) // world * world
+        if batch == 0:
+            raise ConfigError(
+                f"fold {split.test_fold}: {train} training windows cannot fill a batch on each of "
+                f"{world} processes"
+            )
+        steps = max(1, train // batch)
+        scfg = stream_config(
+            self.spec,
+            self.arch,
+            batch // world,
+            self.cfg.seed + split.test_fold,
+            self.recipe,
+            epoch_length=steps,
+        )
+        stream = FoldTrainStream(
+            self.urls,
+            scfg,
+            rank=self.rank,
+            world_size=world,
+            sample_filter=PartFilter(split, "train", self.clip_meta),
+            log_dir=str(self.run_dir / "corrupt"),
+        )
+        return stream, batch, steps
+
+    def finetune_fold(self, split: FoldSplit, windows: list[tuple[str, int, str]]) -> dict:
         cfg, recipe = self.cfg, self.recipe
         pl.seed_everything(cfg.seed + split.test_fold, workers=True, verbose=False)
-        parts = [split.part(self.clip_meta[c]) for c in window_clips]
+        parts = [split.part(self.clip_meta[clip]) for _, _, clip in windows]
         sizes = {p: parts.count(p) for p in ("train", "val", "test")}
-        batch = min(recipe.batch_size, sizes["train"])
-        steps = max(1, sizes["train"] // batch)
-        train_cfg = stream_config(self.spec, self.arch, batch, cfg.seed + split.test_fold, recipe, epoch_length=steps)
-        train_stream = pretrain_pipeline(self.urls, train_cfg, rank=0, world_size=1,
-                                         sample_filter=PartFilter(split, "train", self.clip_meta),
-                                         log_dir=str(self.run_dir / "corrupt"))
-        evals = [loader(self.eval_stream(recipe.batch_size, PartFilter(split, part, self.clip_meta)), cfg.num_workers)
-                 for part in ("val", "test")]
+        train_stream, batch, steps = self.train_stream(split, windows)
+        evals = [self.part_stream(recipe.batch_size, split, part, windows) for part in ("val", "test")]
         encoder = self.encoder(recipe.drop_path)
         head = FeatureFusionHead(self.arch["width"], self.arch["depth"], self.arch["depth"], self.num_outputs)
         model = FullFinetuneModel(encoder, head)
-        module = FinetuneModule(model, self.task, self.classes, self.targets, recipe,
-                                peak_lr=recipe.blr * batch / 256, steps_per_epoch=steps, seed=cfg.seed + split.test_fold)
+        module = FinetuneModule(
+            model,
+            self.task,
+            self.classes,
+            self.targets,
+            recipe,
+            peak_lr=recipe.blr * batch / 256,
+            steps_per_epoch=steps,
+            seed=cfg.seed + split.test_fold,
+        )
         fold_dir = self.run_dir / f"fold{split.test_fold}"
+        # no buffer sync in forward: the buffers are fixed (positional tables), and a collective in every
+        # forward would hang the evaluation, where ranks can score different numbers of batches
+        strategy = DDPStrategy(forward_sync_buffers=False) if self.world_size > 1 else "auto"
         trainer = pl.Trainer(
-            max_epochs=recipe.epochs, accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
-            logger=CSVLogger(str(fold_dir), name="", version=""), enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            gradient_clip_val=recipe.grad_clip, callbacks=[StreamEpoch(train_stream)], log_every_n_steps=max(1, steps),
+            max_epochs=recipe.epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=strategy,
+            precision=cfg.precision,
+            use_distributed_sampler=False,
+            logger=CSVLogger(str(fold_dir), name="", version=""),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            gradient_clip_val=recipe.grad_clip,
+            log_every_n_steps=max(1, steps),
+            callbacks=[StreamEpoch(train_stream), EpochMonitor(self.monitor)],
         )
         trainer.fit(module, train_dataloaders=loader(train_stream, cfg.num_workers), val_dataloaders=evals)
         model.load_state_dict(module.tracker.best_state)
@@ -194,125 +313,145 @@ class Run:
             test[modality] = evaluate(scores, targets, keys, self.task, self.classes, self.targets)
         return fold_result(module.tracker, test, sizes)
 
-    def evaluate_fold(self, split: FoldSplit, window_clips: list[str]) -> dict:
+    def evaluate_fold(self, split: FoldSplit, windows: list[tuple[str, int, str]]) -> dict:
         """`eval_only=true`: the encoder and its saved fine-tuned head on the fold's test speakers."""
         head = load_head(resolve_export_dir(self.cfg.encoder))
         if head.fc.out_features != self.num_outputs:
-            raise ConfigError(f"eval_only: the head in {self.cfg.encoder} has {head.fc.out_features} outputs, the "
-                              f"protocol {self.cfg.protocol.name} has {self.num_outputs} classes/targets")
+            raise ConfigError(
+                f"eval_only: the head in {self.cfg.encoder} has {head.fc.out_features} outputs, the "
+                f"protocol {self.cfg.protocol.name} has {self.num_outputs} classes/targets"
+            )
         model = FullFinetuneModel(self.encoder(), head).to(self.device).eval()
-        parts = [split.part(self.clip_meta[c]) for c in window_clips]
-        test_stream = loader(self.eval_stream(self.recipe.batch_size, PartFilter(split, "test", self.clip_meta)),
-                             self.cfg.num_workers)
-        test = {}
+        parts = [split.part(self.clip_meta[clip]) for _, _, clip in windows]
+        test_stream = self.part_stream(self.recipe.batch_size, split, "test", windows)
+        test, metric = {}, selection_metric(self.task)
         for modality in self.modalities:
             scores, targets, keys = predict(model, test_stream, self.task, modality, self.device)
             test[modality] = evaluate(scores, targets, keys, self.task, self.classes, self.targets)
-        return {"selected_epoch": "imported", "val": {}, "test": test, "best_on_test": {**test["av"], "epoch": None},
-                "windows": {"test": parts.count("test")}, "curve": []}
+            self.monitor.epoch(len(test) - 1, {f"{modality}/test_{metric}": test[modality][metric]})
+        return {
+            "selected_epoch": "imported",
+            "val": {},
+            "test": test,
+            "best_on_test": {**test["av"], "epoch": None},
+            "windows": {"test": parts.count("test")},
+            "curve": [],
+        }
 
     # --- the whole run ------------------------------------------------------------------------
 
     def speed(self) -> dict:
-        batch = next(iter(loader(self.eval_stream(self.recipe.batch_size), 0)))
+        batch = next(iter(loader(self.eval_stream(self.recipe.batch_size), 0)))  # this rank's first batch
         encoder = self.encoder().to(self.device)
         video = normalize_video(batch["video"].to(self.device))
-        return encoder_speed(encoder, video, batch["fbank"].to(self.device).float(), repeats=self.cfg.speed_batches)
+        return encoder_speed(
+            encoder, video, batch["fbank"].to(self.device).float(), repeats=self.cfg.speed_batches
+        )
 
     def run(self) -> dict:
         cfg = self.cfg
         folds = fold_ids(cfg.fold, cfg.protocol.num_folds)
-        results: dict = {"protocol": cfg.protocol.name, "head": cfg.head, "encoder": str(cfg.encoder),
-                         "random_init": cfg.random_init, "task": self.task, "classes": self.classes,
-                         "targets": self.targets, "modalities": self.modalities, "folds": []}
+        results: dict = {
+            "protocol": cfg.protocol.name,
+            "head": cfg.head,
+            "encoder": str(cfg.encoder),
+            "random_init": cfg.random_init,
+            "task": self.task,
+            "classes": self.classes,
+            "targets": self.targets,
+            "modalities": self.modalities,
+            "folds": [],
+        }
         if cfg.head in ("linear", "attentive"):
             cache = self.cache("pooled" if cfg.head == "linear" else "tokens")
-            results["cache"] = {"samples": len(cache.keys), "seconds": cache.seconds, "bytes": cache.num_bytes,
-                                "modes": self.modalities}
+            results["cache"] = {
+                "samples": len(cache.keys),
+                "seconds": cache.seconds,
+                "bytes": cache.num_bytes,
+                "modes": self.modalities,
+            }
             if cfg.speaker_norm:
                 cache = speaker_normalized(cache, [self.clip_meta[c]["speaker"] for c in cache.clip_keys])
             results["speaker_norm"] = cfg.speaker_norm
-            for k in folds:
+            epochs = self.recipe.epochs * (2 if self.recipe.refit else 1)
+            for i, k in enumerate(folds):
+                self.monitor.start_fold(k, i + 1, len(folds), epochs, f"{cfg.head} probe")
                 results["folds"].append({"fold": k, **self.probe_fold(cache, self.splits[k])})
+                self.monitor.end_fold()
         else:
-            windows = scan_windows(self.urls)
+            windows = from_rank0(scan_windows(self.urls) if self.rank == 0 else None)
             run_fold = self.evaluate_fold if cfg.eval_only else self.finetune_fold
             results["eval_only"] = cfg.eval_only
-            for k in folds:
+            for i, k in enumerate(folds):
+                if cfg.eval_only:
+                    self.monitor.start_fold(
+                        k, i + 1, len(folds), len(self.modalities), "evaluation", unit="modality"
+                    )
+                else:
+                    self.monitor.start_fold(k, i + 1, len(folds), self.recipe.epochs, "fine-tuning")
                 results["folds"].append({"fold": k, **run_fold(self.splits[k], windows)})
-        results["speed"] = self.speed()
+                self.monitor.end_fold()
+        results["speed"] = self.speed() if self.rank == 0 else {}
         results["summary"] = summarise(results["folds"], self.task)
         return results
 
 
-class StreamEpoch(pl.Callback):
-    """Tell the training stream which epoch it is, so each epoch gets new shuffles and augmentations."""
+class EpochMonitor(pl.Callback):
+    """Each epoch's figures to the run's `Monitor` (progress, W&B) once its validation is done:
+    the mean training loss (this rank's batches) and the validation and test selection metric."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+        self.loss, self.steps = torch.zeros(()), 0
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.stream.epoch = trainer.current_epoch
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loss = self.loss + outputs["loss"].detach().float().cpu()
+        self.steps += 1
 
-
-def figures(run_dir: Path, results: dict) -> list[Path]:
-    """Confusion matrix and per-class recall PNGs (pooled over the run's folds, and per fold)."""
-    if results["task"] != "classification":
-        return []
-    classes, paths = results["classes"], []
-    pooled = results["summary"]["av_pooled"]
-    paths.append(plot_confusion(pooled["confusion"], classes, run_dir / "confusion_av.png",
-                                f"{results['protocol']} {results['head']}: audio-visual, all folds"))
-    recall = np.diag(np.asarray(pooled["confusion"])) / np.maximum(np.asarray(pooled["confusion"]).sum(1), 1)
-    paths.append(plot_per_class_recall(recall.tolist(), classes, run_dir / "recall_av.png",
-                                       f"{results['protocol']} {results['head']}: per-class recall"))
-    for f in results["folds"]:
-        fold_dir = run_dir / f"fold{f['fold']}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        for modality, metrics in f["test"].items():
-            paths.append(plot_confusion(metrics["confusion"], classes, fold_dir / f"confusion_{modality}.png",
-                                        f"fold {f['fold']}, {modality}"))
-    return paths
-
-
-def log_wandb(cfg: FinetuneConfig, run_dir: Path, results: dict, images: list[Path], resolved: dict) -> None:
-    import wandb
-
-    w = cfg.wandb
-    run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(run_dir), config=resolved,
-                     name=run_dir.name, tags=list(w.tags), job_type="finetune")
-    for f in results["folds"]:
-        for point in f["curve"]:
-            run.log({f"fold{f['fold']}/{k}": v for k, v in point.items() if k != "epoch"} | {"epoch": point["epoch"]})
-    flat = {}
-    for modality, metrics in results["summary"].items():
-        for key, value in metrics.items():
-            if isinstance(value, (list, tuple)) and len(value) == 2 and not isinstance(value[0], list):
-                flat[f"{modality}/{key}_mean"], flat[f"{modality}/{key}_std"] = value
-            elif isinstance(value, float):
-                flat[f"{modality}/{key}"] = value
-    run.summary.update(flat)
-    run.log({p.stem: wandb.Image(str(p)) for p in images if p.parent == run_dir})
-    run.finish()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after this epoch's validation
+        last, metric = pl_module.tracker.history[-1], pl_module.tracker.metric
+        figures = {
+            "train_loss": float(self.loss) / max(1, self.steps),
+            f"val_{metric}": last["val"][metric],
+            f"test_{metric}": last["test"][metric],
+        }
+        self.loss, self.steps = torch.zeros(()), 0
+        self.monitor.epoch(trainer.current_epoch, figures)
 
 
 def finetune(cfg: FinetuneConfig, node=None, argv: list[str] | None = None) -> dict:
-    """Run the protocol; returns the results dict (also written to the run directory)."""
+    """Run the protocol; returns the results dict (also written to the run directory by rank 0)."""
     validate(cfg)
-    name = cfg.run_name or f"{cfg.protocol.name}-{cfg.head}{'-random' if cfg.random_init else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out_dir) / name
+    device = launch(cfg)
+    rank = process_group()[0]
+    name = (
+        cfg.run_name
+        or f"{cfg.protocol.name}-{cfg.head}{'-random' if cfg.random_init else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    run_dir = Path(cfg.out_dir) / from_rank0(name)  # the ranks' clocks may tick apart
     run_dir.mkdir(parents=True, exist_ok=True)
     node = node if node is not None else OmegaConf.structured(cfg)
-    save_config(node, run_dir / "config.yaml")
     meta = run_metadata(argv)
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    resolved = OmegaConf.to_container(node, resolve=True)
+    wandb_run = None
+    if rank == 0:
+        save_config(node, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if cfg.wandb.enabled:
+            wandb_run = start_wandb(
+                cfg.wandb, run_dir, resolved, cfg.wandb.group or f"{cfg.protocol.name}-{cfg.head}"
+            )
+    monitor = Monitor(show=rank == 0, wandb_run=wandb_run)
     start = time.perf_counter()
-    results = Run(cfg, node, run_dir).run()
-    results["meta"] = {**meta, "seconds": time.perf_counter() - start, "run_dir": str(run_dir)}
-    write_results(run_dir, results)
-    images = figures(run_dir, results)
-    if cfg.wandb.enabled:
-        log_wandb(cfg, run_dir, results, images, OmegaConf.to_container(node, resolve=True))
+    try:
+        results = Run(cfg, node, run_dir, device, monitor).run()
+        results["meta"] = {**meta, "seconds": time.perf_counter() - start, "run_dir": str(run_dir)}
+        if rank == 0:
+            write_results(run_dir, results)
+            monitor.finish(results, figures(run_dir, results))
+    except BaseException:
+        monitor.finish(None, [], failed=True)  # the curves so far stay in W&B, marked failed
+        raise
     return results
 
 
@@ -320,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="emomae finetune", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="protocol YAML, e.g. configs/finetune/crema_d.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. encoder=exports/base fold=all head=linear")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value, e.g. encoder=exports/base fold=all head=linear"
+    )
     args = parser.parse_args(argv)
     try:
         node = load_config(FinetuneConfig, args.config, args.overrides)
@@ -329,5 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"emomae finetune: {err}", file=sys.stderr)
         return 2
-    print((Path(results["meta"]["run_dir"]) / "results.md").read_text())
+    if process_group()[0] == 0:
+        print((Path(results["meta"]["run_dir"]) / "results.md").read_text())
     return 0

@@ -192,7 +192,7 @@ def run_zeroshot(model: str | Path, shards: str, prompts: dict[str, list[str]], 
     """Load the model, embed the prompts, score every window of `shards` once and return the metrics."""
     from data_pipelines.datamodule import resolve_shards
     from data_pipelines.stream import eval_pipeline
-    from finetune.train import loader, stream_config
+    from finetune.streams import loader, stream_config
 
     encoder, heads, info = load_zeroshot_model(model)
     text = FrozenTextEncoder(info["text_encoder"], cache_dir=text_cache)

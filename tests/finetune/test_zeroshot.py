@@ -70,7 +70,7 @@ def test_stage1_models_are_refused_with_a_pointer_to_stage2(tmp_path):
 def test_export_of_a_stage2_checkpoint_keeps_the_text_heads_and_scores_identically(tmp_path, synth_shards):
     from data_pipelines.datamodule import resolve_shards
     from data_pipelines.stream import eval_pipeline
-    from finetune.train import loader, stream_config
+    from finetune.streams import loader, stream_config
 
     ckpt = _checkpoint(tmp_path / "s2.ckpt", "inject")
     export(ckpt, tmp_path / "export")

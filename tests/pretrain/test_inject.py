@@ -233,7 +233,7 @@ def _probe_uar(export_dir: Path, shards: Path) -> float:
     from data_pipelines.stream import eval_pipeline
     from finetune.export import load_encoder, read_export_config
     from finetune.metrics import average_clips, classification_metrics
-    from finetune.train import loader, stream_config
+    from finetune.streams import loader, stream_config
     from pretrain.encoders import normalize_video
     from pretrain.text import pool_paths
 

@@ -27,13 +27,16 @@ def job_fields(job_id: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
-def wait_for(what: str, predicate, timeout: float, log: Path | None = None, poll: float = 0.5):
+def wait_for(what: str, predicate, timeout: float, log: Path | None = None, poll: float = 0.5, job: str | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
+    if job is not None:  # a stuck job: SIGABRT makes faulthandler print every rank's Python stacks to the log
+        subprocess.run(["scancel", "--signal=ABRT", job], capture_output=True)
+        time.sleep(5)
     tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no job log)"
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job log tail:\n{tail}")
 
@@ -57,8 +60,10 @@ def test_two_rank_job_saves_on_sigusr1_requeues_itself_and_resumes_to_the_last_s
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
     env = dict(os.environ, EMOMAE_ACCELERATOR="cpu", EMOMAE_PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    env.pop("WANDB_RUN_ID", None)
+               WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
+    # the job starts its own W&B service, as on a cluster, not the one an earlier test left in this process
+    for name in ("WANDB_RUN_ID", "WANDB_SERVICE"):
+        env.pop(name, None)
     job = sbatch([
         f"--partition={slurm_cluster}", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
         f"--output={log_dir}/%x-%j.out", f"--chdir={REPO}", str(SBATCH), str(DEMO),
@@ -71,14 +76,14 @@ def test_two_rank_job_saves_on_sigusr1_requeues_itself_and_resumes_to_the_last_s
     try:
         # The first periodic checkpoint: both ranks are in the training loop. Then what SLURM does
         # `--signal=USR1@120` before the time limit: SIGUSR1 to every task of the job step.
-        wait_for("the first periodic checkpoint", (run_dir / "checkpoints" / f"step{every:07d}.ckpt").exists, 300, log)
+        wait_for("the first periodic checkpoint", (run_dir / "checkpoints" / f"step{every:07d}.ckpt").exists, 300, log, job=job)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         wait_for("the job to requeue itself", lambda: job_fields(job).get("Restarts") == "1"
-                 and job_fields(job)["JobState"] == "PENDING", 120, log)
+                 and job_fields(job)["JobState"] == "PENDING", 120, log, job=job)
         # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again; skip the wait.
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         state = wait_for("the requeued job to finish", lambda: job_fields(job)["JobState"] in
-                         {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} and job_fields(job), 300, log)
+                         {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} and job_fields(job), 300, log, job=job)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     text = log.read_text()
