@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,27 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 
 
-def wandb_records(path: Path):
+def wandb_records(path: Path, wait: float = 60.0):
     """Records of a W&B run file (`run-<id>.wandb`): a LevelDB-style log of protobuf `Record`s in
     32 KiB blocks, each chunk with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
-    4 last), after a 7-byte file header. wandb >= 0.20 ships no Python reader for it."""
+    4 last), after a 7-byte file header. wandb >= 0.20 ships no Python reader for it.
+
+    `run.finish()` can return before wandb's service has written the file out, so this waits up to
+    `wait` seconds for the run's closing `exit` record (a run that never finished has none)."""
+    deadline = time.monotonic() + wait
+    records = _read_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = _read_records(path)
+    return iter(records)
+
+
+def _read_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, block = path.read_bytes(), 32768
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, pending = 7, b""
+    pos, pending, records = 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7 or data[pos + 6] == 0:  # block trailer / zero padding
@@ -36,7 +49,8 @@ def wandb_records(path: Path):
             record = pb.Record()
             record.ParseFromString(pending)
             pending = b""
-            yield record
+            records.append(record)
+    return records
 
 
 @pytest.fixture(scope="module")
