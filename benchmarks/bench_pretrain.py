@@ -61,9 +61,9 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
     """One model size in this process: returns the row of the table."""
     import torch
     from omegaconf import OmegaConf
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pretrain.encoders import ModelConfig
+    from pretrain.flops import flop_counter
     from pretrain.mae import MaskedAVAutoencoder
     from pretrain.optim import OptimConfig, build_optimizer
 
@@ -88,7 +88,7 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
         scheduler.step()
         return float(loss)
 
-    with FlopCounterMode(display=False) as counter:  # forward + backward of one step, counted by op
+    with flop_counter() as counter:  # forward + backward of one step, counted by op, attention included
         with amp:
             loss = model(video, fbank).loss
         loss.backward()

@@ -1,8 +1,8 @@
 """`emomae info <model.yaml | size> [key=value ...]`: parameter counts per part and GFLOPs per clip.
 
 Models are built on the meta device, so even `large` costs no memory and no compute; FLOPs are
-counted by `torch.utils.flop_counter.FlopCounterMode` on meta tensors (attention falls back to its
-math form there, so its matmuls are counted too; a multiply-add is 2 FLOPs).
+counted by `pretrain.flops.flop_counter` on meta tensors (attention included, as on every device; a
+multiply-add is 2 FLOPs).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import ConfigError, load_config
 from pretrain.encoders import ModelConfig
+from pretrain.flops import flop_counter
 from pretrain.mae import MaskedAVAutoencoder, ObjectiveConfig
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -89,9 +89,9 @@ def gflops_per_clip(cfg: ModelConfig, objective: ObjectiveConfig | None = None) 
         model = MaskedAVAutoencoder(cfg, objective)
         video = torch.zeros(1, cfg.num_frames, 3, cfg.img_size, cfg.img_size, dtype=torch.uint8)
         fbank = torch.zeros(1, cfg.fbank_frames, cfg.mel_bins)
-        with FlopCounterMode(display=False) as finetune:
+        with flop_counter() as finetune:
             model.encoder.forward_features(video.float(), fbank)
-        with FlopCounterMode(display=False) as pretrain:
+        with flop_counter() as pretrain:
             model(video, fbank)
     return {
         "fine-tune forward (all tokens)": finetune.get_total_flops() / 1e9,
