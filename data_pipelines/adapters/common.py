@@ -13,19 +13,59 @@ from pathlib import Path
 
 from data_pipelines.manifests import VIDEO_SUFFIXES, ManifestError, ManifestRow
 
+# A second copy as downloaders and file managers name it: `<clip>_1.mp4`, `<clip> (1).mp4`.
+_COPY_MARK = re.compile(r"^(.+?)(?:_(\d+)| \((\d+)\))$")
 
-def find_videos(root: Path, pattern: re.Pattern, suffixes: Iterable[str] = VIDEO_SUFFIXES) -> dict[str, Path]:
-    """stem -> path of files under root whose stem (name without suffix) matches; for duplicated stems
-    keep the format earliest in `suffixes` (a converted .mp4 wins over the original .flv)."""
+
+def find_videos(
+    root: Path, pattern: re.Pattern, scheme: str, suffixes: Iterable[str] = VIDEO_SUFFIXES
+) -> tuple[dict[str, Path], list[SkippedFile]]:
+    """(clip id -> path, skipped files) for the files under root with one of `suffixes`.
+
+    A file whose stem matches `pattern` is its clip; a stem that matches once a copy mark (`_1`,
+    ` (1)`) is cut off is a copy of that clip, used only when no plain-named file exists (the lowest
+    copy number wins; the other copies are skipped as duplicates). One clip in several formats keeps
+    the format earliest in `suffixes` (a converted .mp4 wins over the original .flv). Every other
+    file with such a suffix is skipped as not following `scheme`."""
     rank = {s: i for i, s in enumerate(suffixes)}
-    found: dict[str, Path] = {}
-    for path in root.rglob("*"):
-        suf = path.suffix.lower()
-        if suf in rank and pattern.match(path.stem) and path.is_file():
-            old = found.get(path.stem)
-            if old is None or rank[suf] < rank[old.suffix.lower()]:
-                found[path.stem] = path
-    return found
+    candidates: dict[str, list[tuple[int, int, Path]]] = {}
+    skipped = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in rank or not path.is_file():
+            continue
+        clip, copy = _clip_id(path.stem, pattern)
+        if clip is None:
+            skipped.append(SkippedFile(str(path), f"name does not follow {scheme}"))
+            continue
+        candidates.setdefault(clip, []).append((copy, rank[path.suffix.lower()], path))
+    found = {}
+    for clip, options in candidates.items():
+        options.sort()
+        found[clip] = chosen = options[0][2]
+        for copy, _, path in options[1:]:
+            if copy != options[0][0]:  # the same file in a second format is no duplicate
+                skipped.append(
+                    SkippedFile(str(path), f"another copy of clip {clip}; {chosen.name} is used", clip)
+                )
+    return found, skipped
+
+
+def _clip_id(stem: str, pattern: re.Pattern) -> tuple[str | None, int]:
+    """(clip id, copy number: 0 for the plain name) of a file stem, or (None, 0)."""
+    if pattern.match(stem):
+        return stem, 0
+    m = _COPY_MARK.match(stem)
+    if m and pattern.match(m.group(1)):
+        return m.group(1), int(m.group(2) or m.group(3))
+    return None, 0
+
+
+def found_instead(skipped: Sequence[SkippedFile]) -> str:
+    """For a 'nothing matches' error: what the root held instead (a few names)."""
+    others = [Path(s.path).name for s in skipped]
+    if not others:
+        return "no video files were found"
+    return f"found {len(others)} other video file(s), e.g. {', '.join(others[:SHOWN])}"
 
 
 def sibling_audio(root: Path) -> dict[str, Path]:
@@ -88,13 +128,13 @@ class ScanResult(list):
 SHOWN = 5  # skipped files named in a summary line or an error message
 
 
-def report_skipped(dataset: str, skipped: Sequence[SkippedFile], what: str) -> None:
-    """One summary line on stderr: how many files were passed over and the first few names."""
+def report_skipped(dataset: str, skipped: Sequence[SkippedFile], noun: str = "file") -> None:
+    """One summary line on stderr: how many were passed over, the first few names and why."""
     if not skipped:
         return
-    names = ", ".join(Path(s.path).name for s in skipped[:SHOWN])
-    more = f" (+{len(skipped) - SHOWN} more)" if len(skipped) > SHOWN else ""
-    print(f"{dataset}: skipped {len(skipped)} {what}: {names}{more}", file=sys.stderr)
+    shown = "; ".join(f"{Path(s.path).name} ({s.reason})" for s in skipped[:SHOWN])
+    more = f"; +{len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
+    print(f"{dataset}: skipped {len(skipped)} {noun}(s): {shown}{more}", file=sys.stderr)
 
 
 def write_skipped(skipped: Iterable[SkippedFile], path: Path) -> Path:

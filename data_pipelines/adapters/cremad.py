@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_pipelines.adapters.common import ClipName, class_label, find_videos, require_root, sibling_audio
+from data_pipelines.adapters.common import (
+    ClipName,
+    ScanResult,
+    class_label,
+    find_videos,
+    found_instead,
+    report_skipped,
+    require_root,
+    sibling_audio,
+)
 from data_pipelines.manifests import DATASETS, ManifestError, ManifestRow
 
 CREMAD_STEM = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")  # ActorID_Sentence_Emotion_Level
@@ -25,11 +34,12 @@ def scan_cremad(root: Path) -> list[ManifestRow]:
     when present (the 16 kHz originals; otherwise the video's own track is used)."""
     root = require_root(root, "CREMA-D")
     info = DATASETS["crema-d"]
-    videos = find_videos(root, CREMAD_STEM)
+    videos, skipped = find_videos(root, CREMAD_STEM, "ActorID_Sentence_Emotion_Level (1001_DFA_ANG_XX)")
     if not videos:
         raise ManifestError(
             f"no files matching ActorID_Sentence_Emotion_Level.flv under {root}; CREMA-D expects e.g. "
-            "VideoFlash/1001_DFA_ANG_XX.flv (or .mp4), actors 1001-1091, emotions ANG DIS FEA HAP NEU SAD"
+            "VideoFlash/1001_DFA_ANG_XX.flv (or .mp4), actors 1001-1091, emotions ANG DIS FEA HAP NEU SAD; "
+            + found_instead(skipped)
         )
     wavs = sibling_audio(root)
     blocks = [(1001, 1018), (1019, 1036), (1037, 1054), (1055, 1072), (1073, 1091)]
@@ -44,4 +54,5 @@ def scan_cremad(root: Path) -> list[ManifestRow]:
         label, label_name = class_label(info.classes, name.label_name)
         audio = str(wavs[stem]) if stem in wavs else ""
         rows.append(ManifestRow(name.key, str(path), audio, label, label_name, name.speaker, fold))
-    return rows
+    report_skipped("CREMA-D", skipped)
+    return ScanResult(rows, skipped)

@@ -65,7 +65,7 @@ def scan_hicmae(root: Path, rewrite_root: Sequence[str] = ()) -> list[ManifestRo
             continue
         rows.append(_row(clip, named, multi_fold))
     _check_videos_exist(rows, root)
-    report_skipped("hicmae", skipped, "clip(s) of HiCMAE's CREMA-D broken-sample list")
+    report_skipped("hicmae", skipped, "clip")
     return ScanResult(unique_keys(rows), skipped)
 
 

@@ -7,7 +7,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data_pipelines.adapters.common import ClipName, class_label, find_videos, require_root, sibling_audio
+from data_pipelines.adapters.common import (
+    ClipName,
+    ScanResult,
+    class_label,
+    find_videos,
+    found_instead,
+    report_skipped,
+    require_root,
+    sibling_audio,
+)
 from data_pipelines.manifests import DATASETS, ManifestError, ManifestRow, sanitize_key
 
 # MSP-IMPROV-<clip id>: S01A (session 1, target emotion A), F01 (speaker: gender and session), P
@@ -39,9 +48,11 @@ def scan_msp_improv(root: Path) -> list[ManifestRow]:
         m = re.match(r"^(?:UTD|MSP)-IMPROV-([A-Z0-9-]+)\.avi;\s*([A-Z])\s*;", line)
         if m:
             consensus[m.group(1)] = m.group(2)
-    videos = find_videos(root, MSP_IMPROV_STEM, (".mp4", ".avi"))
+    videos, skipped = find_videos(root, MSP_IMPROV_STEM, "MSP-IMPROV-S01A-F01-P-FM01", (".mp4", ".avi"))
     if not videos:
-        raise ManifestError(f"MSP-IMPROV: no files named MSP-IMPROV-S01A-F01-P-FM01.avi under {root}")
+        raise ManifestError(
+            f"MSP-IMPROV: no files named MSP-IMPROV-S01A-F01-P-FM01.avi under {root}; {found_instead(skipped)}"
+        )
     wavs = sibling_audio(root)
     rows, dropped = [], Counter()
     for stem, path in sorted(videos.items()):
@@ -61,4 +72,5 @@ def scan_msp_improv(root: Path) -> list[ManifestRow]:
             f"MSP-IMPROV: left out {sum(dropped.values())} clips without a 4-class consensus: {dict(dropped)}",
             file=sys.stderr,
         )
-    return rows
+    report_skipped("MSP-IMPROV", skipped)
+    return ScanResult(rows, skipped)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_pipelines.adapters.common import ClipName, class_label, find_videos, require_root
+from data_pipelines.adapters.common import (
+    ClipName,
+    ScanResult,
+    class_label,
+    find_videos,
+    found_instead,
+    report_skipped,
+    require_root,
+)
 from data_pipelines.manifests import DATASETS, ManifestError, ManifestRow
 
 # Modality-Channel-Emotion-Intensity-Statement-Repetition-Actor
@@ -33,7 +41,7 @@ def scan_ravdess(root: Path) -> list[ManifestRow]:
     (modality 01) speech (channel 01) files; label = emotion code - 1; fold = (actor - 1) // 4."""
     root = require_root(root, "RAVDESS")
     info = DATASETS["ravdess"]
-    found = find_videos(root, RAVDESS_STEM, (".mp4",))
+    found, skipped = find_videos(root, RAVDESS_STEM, "MM-CC-EE-II-SS-RR-AA (01-01-03-02-01-01-12)", (".mp4",))
     rows = []
     for stem, path in sorted(found.items()):
         modality, channel = (int(g) for g in RAVDESS_STEM.match(stem).groups()[:2])
@@ -50,6 +58,11 @@ def scan_ravdess(root: Path) -> list[ManifestRow]:
         raise ManifestError(
             f"no full-AV speech files (01-01-EE-II-SS-RR-AA.mp4) under {root}; RAVDESS expects "
             "Actor_XX/01-01-03-02-01-01-12.mp4 from the Video_Speech_Actor_XX.zip archives"
-            + (f" ({len(found)} other RAVDESS files were skipped)" if found else "")
+            + (
+                f" ({len(found)} other RAVDESS files were skipped)"
+                if found
+                else f"; {found_instead(skipped)}"
+            )
         )
-    return rows
+    report_skipped("RAVDESS", skipped)
+    return ScanResult(rows, skipped)
