@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.manifests import ManifestError, scan_cremad, scan_msp_improv, scan_ravdess
+from data_pipelines.manifests import ManifestError, scan_cremad, scan_msp_improv, scan_ravdess, scan_voxceleb2
 
 
 def touch(root: Path, *rels: str) -> None:
@@ -116,3 +116,19 @@ def test_msp_improv_counts_files_off_the_naming_scheme(tmp_path):
     rows = scan_msp_improv(tmp_path)
     assert [r.key for r in rows] == [f"MSP-IMPROV-{clip}"]
     assert skipped_names(rows) == ["MSP-IMPROV-S01A-F1-P-FM01.avi"]
+
+
+def test_voxceleb2_counts_mp4_files_outside_the_speaker_video_clip_layout(tmp_path, capsys):
+    touch(
+        tmp_path,
+        "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4",
+        "dev/mp4/notes/a/b.mp4",
+        "dev/mp4/id00012/loose.mp4",
+    )
+    rows = scan_voxceleb2(tmp_path)
+    assert [r.key for r in rows] == ["id00012_21Uxsk56VDQ_00001"]
+    assert sorted(skipped_names(rows)) == ["b.mp4", "loose.mp4"]
+    assert "VoxCeleb2: skipped 2 file(s)" in capsys.readouterr().err
+    (tmp_path / "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4").unlink()
+    with pytest.raises(ManifestError, match="found 2 other video file"):
+        scan_voxceleb2(tmp_path)
