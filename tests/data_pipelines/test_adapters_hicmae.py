@@ -132,3 +132,12 @@ def test_a_list_label_that_contradicts_the_clip_name_is_an_error(layout, tmp_pat
     (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match=r"test\.csv:1: .*ANG.* label"):
         scan_hicmae(tmp_path / "test.csv", rewrite_root=[f"{hl.AUTHORS_ROOT}={layout.root}"])
+
+
+def test_a_clip_held_out_by_two_split_folders_is_an_error(layout, tmp_path):
+    for k in (1, 2):
+        folder = tmp_path / f"split0{k}"
+        folder.mkdir()
+        (folder / "test.csv").write_text((layout.lists / "crema-d" / "split01" / "test.csv").read_text())
+    with pytest.raises(ManifestError, match=r"1001_DFA_ANG_XX is held out by the lists of split01, split02"):
+        scan_hicmae(tmp_path, rewrite_root=[f"{hl.AUTHORS_ROOT}={layout.root}"])
