@@ -7,8 +7,30 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data_pipelines.adapters.common import class_label, find_videos, require_root, sibling_audio
+from data_pipelines.adapters.common import (
+    ClipName,
+    ScanResult,
+    class_label,
+    find_videos,
+    found_instead,
+    report_skipped,
+    require_root,
+    sibling_audio,
+)
 from data_pipelines.manifests import DATASETS, ManifestError, ManifestRow, sanitize_key
+
+# MSP-IMPROV-<clip id>: S01A (session 1, target emotion A), F01 (speaker: gender and session), P
+# (scenario), FM01 (dialogue pair and number).
+MSP_IMPROV_STEM = re.compile(r"^MSP-IMPROV-(S\d\d[A-Z]-([MF])(\d\d)-[A-Z]-[MF]{2}\d\d)$")
+
+
+def msp_improv_name(stem: str) -> ClipName | None:
+    """Key and speaker (`F01`) of an MSP-IMPROV file name; the class is not in the name."""
+    m = MSP_IMPROV_STEM.match(stem)
+    if m is None:
+        return None
+    _, gender, session = m.groups()
+    return ClipName(sanitize_key(stem), f"{gender}{session}")
 
 
 def scan_msp_improv(root: Path) -> list[ManifestRow]:
@@ -26,28 +48,29 @@ def scan_msp_improv(root: Path) -> list[ManifestRow]:
         m = re.match(r"^(?:UTD|MSP)-IMPROV-([A-Z0-9-]+)\.avi;\s*([A-Z])\s*;", line)
         if m:
             consensus[m.group(1)] = m.group(2)
-    pat = re.compile(r"^MSP-IMPROV-(S\d\d[A-Z]-([MF])(\d\d)-[A-Z]-[MF]{2}\d\d)\.\w+$")
-    videos = find_videos(root, pat, (".mp4", ".avi"))
+    videos, skipped = find_videos(root, MSP_IMPROV_STEM, "MSP-IMPROV-S01A-F01-P-FM01", (".mp4", ".avi"))
     if not videos:
-        raise ManifestError(f"MSP-IMPROV: no files named MSP-IMPROV-S01A-F01-P-FM01.avi under {root}")
+        raise ManifestError(
+            f"MSP-IMPROV: no files named MSP-IMPROV-S01A-F01-P-FM01.avi under {root}; {found_instead(skipped)}"
+        )
     wavs = sibling_audio(root)
     rows, dropped = [], Counter()
     for stem, path in sorted(videos.items()):
-        clip_id, gender, session = pat.match(path.name).groups()
+        clip_id = MSP_IMPROV_STEM.match(stem).group(1)
         label_code = consensus.get(clip_id)
         if label_code not in code:
             dropped[label_code or "no label"] += 1
             continue
         label, name = class_label(info.classes, code[label_code])
         audio = str(wavs[stem]) if stem in wavs else ""
+        clip = msp_improv_name(stem)
         rows.append(
-            ManifestRow(
-                sanitize_key(stem), str(path), audio, label, name, f"{gender}{session}", int(session) - 1
-            )
+            ManifestRow(clip.key, str(path), audio, label, name, clip.speaker, int(clip.speaker[1:]) - 1)
         )
     if dropped:
         print(
             f"MSP-IMPROV: left out {sum(dropped.values())} clips without a 4-class consensus: {dict(dropped)}",
             file=sys.stderr,
         )
-    return rows
+    report_skipped("MSP-IMPROV", skipped)
+    return ScanResult(rows, skipped)
