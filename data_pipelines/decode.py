@@ -249,10 +249,19 @@ def probe_container(path: Path) -> ContainerInfo:
     try:
         with av.open(str(path)) as box:
             has_audio = any(s.type == "audio" for s in box.streams)
-            declared = box.duration / 1e6 if box.duration else None
+            declared = _declared_video_seconds(box)
     except Exception:
         return ContainerInfo(None, True)
     return ContainerInfo(declared, has_audio)
+
+
+def _declared_video_seconds(box) -> float | None:
+    """The video stream's declared duration when the container keeps one (mp4, flv), else the whole
+    container's (Matroska): an audio track running past the last frame is not a missing frame."""
+    video = next((s for s in box.streams if s.type == "video"), None)
+    if video is not None and video.duration and video.time_base:
+        return float(video.duration * video.time_base)
+    return box.duration / 1e6 if box.duration else None
 
 
 class _FrameDir:

@@ -169,3 +169,14 @@ def test_a_frame_folder_without_audio_or_fps_is_skipped_with_a_message_to_add_fp
     assert err["key"] == "clip8" and err["kind"] == "frame_rate"
     assert "clip8 has no paired audio and no frame rate: add an `fps` column" in err["reason"]
     assert index["totals"]["skipped"] == {"frame_rate": 1}
+
+
+def test_a_frame_folder_with_fps_but_no_audio_needs_allow_missing_audio(tmp_path):
+    write_numbered_frames(tmp_path / "clip9", 25)
+    cfg = SamplingConfig(num_frames=4, frame_stride=4, img_size=16)
+    with pytest.raises(DecodeError, match=r"clip9: no audio \(the frame directory has no `audio` file\); pass --allow"):
+        decode_clip(tmp_path / "clip9", cfg, fps=25)
+    clip = decode_clip(tmp_path / "clip9", cfg, fps=25, allow_missing_audio=True)
+    (w,) = clip.windows
+    assert clip.audio_missing and clip.duration == 1.0
+    assert w.audio.shape == (cfg.audio_samples,) and not w.audio.any() and w.audio_padded == cfg.audio_samples
