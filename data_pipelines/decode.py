@@ -344,22 +344,64 @@ def rms_dbfs(audio: np.ndarray) -> float:
 
 
 def _load_track(
-    video: Path, audio: Path | None, sample_rate: int, allow_missing_audio: bool
-) -> tuple[np.ndarray | None, ContainerInfo | None]:
-    """-> (the clip's audio track or None when it has none and that is allowed, the container probe
-    of a video file)."""
-    info = None if video.is_dir() else probe_container(video)
+    video: Path, audio: Path | None, has_audio_stream: bool, sample_rate: int, allow_missing_audio: bool
+) -> np.ndarray | None:
+    """The clip's audio: the `audio` file, else the video's own track; None when there is neither
+    and that is allowed."""
     if audio is not None:
-        return load_audio(audio, sample_rate), info
-    if info is not None and info.has_audio:
-        return load_audio(video, sample_rate), info
+        return load_audio(audio, sample_rate)
+    if has_audio_stream:
+        return load_audio(video, sample_rate)
     if allow_missing_audio:
-        return None, info
+        return None
     where = "the frame directory has no `audio` file" if video.is_dir() else "the video has no audio stream"
     raise DecodeError(
         f"{video}: no audio ({where}); pass --allow-missing-audio to keep video-only clips with zero audio",
         kind="missing_audio",
     )
+
+
+@dataclass
+class _Source:
+    """An opened clip: frames to read, their start times, and its audio."""
+
+    reader: object  # has get_batch(indices)
+    frame_starts: np.ndarray  # (N,) seconds
+    fps: float
+    fps_source: str
+    duration: float  # seconds that decode
+    declared: float | None  # seconds the container declares
+    track: np.ndarray | None  # (L,) float32 at the sample rate; None: no audio
+
+
+def _open_frame_folder(
+    folder: Path, audio: Path | None, fps: float | None, sample_rate: int, allow_missing_audio: bool
+) -> _Source:
+    if audio is None and fps is None:
+        frame_folder_rate(folder, 0, None, None)  # raises: the folder's rate cannot be known
+    track = _load_track(folder, audio, False, sample_rate, allow_missing_audio)
+    files = frame_files(folder)
+    audio_seconds = len(track) / sample_rate if track is not None else None
+    rate, fps_source = frame_folder_rate(folder, len(files), fps, audio_seconds)
+    return _Source(_FrameDir(files), np.arange(len(files)) / rate, rate, fps_source, len(files) / rate, None, track)
+
+
+def _open_video_file(video: Path, audio: Path | None, sample_rate: int, allow_missing_audio: bool) -> _Source:
+    # The video first: for a broken file its error is the one that says what is wrong.
+    reader, frame_starts, rate, duration = _open_video(video)
+    info = probe_container(video)
+    track = _load_track(video, audio, info.has_audio, sample_rate, allow_missing_audio)
+    return _Source(reader, frame_starts, rate, "container", duration, info.declared_duration, track)
+
+
+def _require_one_window(video: Path, src: _Source, span: float) -> None:
+    """A cut-short file is used only when at least one whole window decodes (docs/data.md)."""
+    if is_cut_short(src.duration, src.declared) and src.duration < span - 1e-6:
+        raise DecodeError(
+            f"{video} is truncated: {src.duration:.2f} s of the declared {src.declared:.2f} s decode, less "
+            f"than one window ({span:g} s)",
+            kind="truncated",
+        )
 
 
 def decode_clip(
@@ -377,48 +419,34 @@ def decode_clip(
     timestamps say when each frame is shown. allow_missing_audio: a clip without audio gets windows
     of zero audio (`audio_missing`) instead of a DecodeError."""
     video = Path(video)
+    audio = Path(audio) if audio else None
     if not video.exists():
         raise DecodeError(f"video file not found: {video}")
     if video.is_dir():
-        if audio is None and fps is None:
-            frame_folder_rate(video, 0, None, None)  # raises: the folder's rate cannot be known
-        track, _ = _load_track(video, Path(audio) if audio else None, cfg.sample_rate, allow_missing_audio)
-        files = frame_files(video)
-        audio_seconds = len(track) / cfg.sample_rate if track is not None else None
-        rate, fps_source = frame_folder_rate(video, len(files), fps, audio_seconds)
-        reader, frame_starts = _FrameDir(files), np.arange(len(files)) / rate
-        duration, declared = len(files) / rate, None
+        src = _open_frame_folder(video, audio, fps, cfg.sample_rate, allow_missing_audio)
     else:
-        # The video first: for a broken file its error is the one that says what is wrong.
-        reader, frame_starts, rate, duration = _open_video(video)
-        track, info = _load_track(video, Path(audio) if audio else None, cfg.sample_rate, allow_missing_audio)
-        fps_source, declared = "container", info.declared_duration
-    if is_cut_short(duration, declared) and duration < cfg.span - 1e-6:
-        raise DecodeError(
-            f"{video} is truncated: {duration:.2f} s of the declared {declared:.2f} s decode, less than one "
-            f"window ({cfg.span:g} s)",
-            kind="truncated",
-        )
+        src = _open_video_file(video, audio, cfg.sample_rate, allow_missing_audio)
+    _require_one_window(video, src, cfg.span)
 
     clip = DecodedClip(
-        source_fps=rate,
-        duration=duration,
-        num_source_frames=len(frame_starts),
-        fps_source=fps_source,
-        declared_duration=declared,
-        audio_missing=track is None,
-        audio_rms_dbfs=rms_dbfs(track) if track is not None else None,
+        source_fps=src.fps,
+        duration=src.duration,
+        num_source_frames=len(src.frame_starts),
+        fps_source=src.fps_source,
+        declared_duration=src.declared,
+        audio_missing=src.track is None,
+        audio_rms_dbfs=rms_dbfs(src.track) if src.track is not None else None,
     )
     plans = []
-    for w, start in enumerate(window_starts(duration, cfg.span, cfg.max_windows)):
-        idx, padded = sample_frame_indices(frame_starts, duration, start, cfg.num_frames, cfg.frame_stride)
+    for w, start in enumerate(window_starts(src.duration, cfg.span, cfg.max_windows)):
+        idx, padded = sample_frame_indices(src.frame_starts, src.duration, start, cfg.num_frames, cfg.frame_stride)
         plans.append((w, start, idx, padded))
     wanted = sorted({i for _, _, idx, _ in plans for i in idx})
-    batch = _read_frames(reader, wanted, video)
+    batch = _read_frames(src.reader, wanted, video)
     frames = {i: crop_resize(batch[k], cfg.img_size, bbox, cfg.crop_box) for k, i in enumerate(wanted)}
 
     for w, start, idx, padded in plans:
-        seg, audio_padded = window_audio(track, start, cfg)
+        seg, audio_padded = window_audio(src.track, start, cfg)
         clip.windows.append(
             Window(
                 index=w,
@@ -455,7 +483,6 @@ _DECODER_MESSAGES = (
     ("error reading", "the container cannot be parsed: truncated before its index, corrupt, or not a media file"),
     ("end of file", "the file ends early: it is truncated"),
     ("invalid data found", "the container cannot be parsed: truncated, corrupt, or not a media file"),
-    ("no audio stream", "no audio stream"),
     ("can not find audio stream", "no audio stream"),
 )
 
@@ -470,7 +497,7 @@ def explain(err: BaseException, path: Path | None = None) -> str:
     low = reason.lower()
     for needle, words in _DECODER_MESSAGES:
         if needle in low:
-            return f"{words} (decoder: {reason})" if words != reason else words
+            return f"{words} (decoder: {reason})"
     return reason
 
 

@@ -224,8 +224,11 @@ def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None)
     return window_samples(row, decode_row(row, cfg), cfg, caption)
 
 
-def clip_report(row: ManifestRow, clip: DecodedClip) -> dict:
-    """What the run summary counts about a written clip (kept in progress.jsonl with its shard)."""
+def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
+    """What the run summary counts about a written clip (kept in progress.jsonl with its shard); None
+    for a plain video file with its audio, so a million-clip run keeps a small journal."""
+    if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial):
+        return None
     report = {"key": row.key, "path": row.video, "fps": round(clip.source_fps, 4), "fps_source": clip.fps_source,
               "audio_silent": clip.audio_silent, "audio_missing": clip.audio_missing, "partial": clip.partial}
     if clip.partial:
@@ -263,7 +266,9 @@ def _write_shard(task: dict) -> dict:
                 errors.append({"path": row.video, "key": row.key, "reason": f"{type(err).__name__}: {err}",
                                "kind": "broken"})
                 continue
-            media.append(clip_report(row, clip))
+            report = clip_report(row, clip)
+            if report is not None:
+                media.append(report)
             for s in items:
                 sink.write(s)
             samples += len(items)
