@@ -463,10 +463,11 @@ def decode_clip(
 
 def window_audio(track: np.ndarray | None, start: float, cfg: SamplingConfig) -> tuple[np.ndarray, int]:
     """-> (exactly `cfg.audio_samples` samples from `start`, how many are zero padding). No track
-    (a video-only clip): all zeros, all padding."""
+    (a video-only clip): all zeros and no padding: the zeros stand in for the whole track (the json's
+    `audio_missing` says so), and loaders that cut padding off before the fbank get the normal shape."""
     n_audio = cfg.audio_samples
     if track is None:
-        return np.zeros(n_audio, np.float32), n_audio
+        return np.zeros(n_audio, np.float32), 0
     s0 = round(start * cfg.sample_rate)
     seg = track[s0 : s0 + n_audio]
     audio_padded = n_audio - len(seg)

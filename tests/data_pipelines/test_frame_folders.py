@@ -179,4 +179,4 @@ def test_a_frame_folder_with_fps_but_no_audio_needs_allow_missing_audio(tmp_path
     clip = decode_clip(tmp_path / "clip9", cfg, fps=25, allow_missing_audio=True)
     (w,) = clip.windows
     assert clip.audio_missing and clip.duration == 1.0
-    assert w.audio.shape == (cfg.audio_samples,) and not w.audio.any() and w.audio_padded == cfg.audio_samples
+    assert w.audio.shape == (cfg.audio_samples,) and not w.audio.any() and w.audio_padded == 0

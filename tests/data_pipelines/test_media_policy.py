@@ -18,7 +18,9 @@ import soundfile as sf
 
 from data_pipelines.decode import SILENCE_DBFS, explain, rms_dbfs
 from data_pipelines.manifests import ManifestRow, write_manifest
+from data_pipelines.samples import SampleDecoder
 from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
+from data_pipelines.stream import StreamConfig
 
 CLIP = "voxceleb2_pcavs/00015.mp4"  # 7.02 s, 25 fps, H.264 + AAC at 16 kHz, index (moov) at the end
 CFG = ShardConfig(num_frames=8, frame_stride=4, img_size=32, samples_per_shard=64, group_by="none")
@@ -225,12 +227,19 @@ def test_allow_missing_audio_writes_zero_audio_of_the_normal_length_flagged_audi
     for s in mute.values():
         meta = json.loads(s["json"])
         assert meta["audio_missing"] is True and meta["audio_silent"] is False
-        assert meta["audio_samples"] == meta["audio_padded"] == AUDIO_SAMPLES
+        assert meta["audio_samples"] == AUDIO_SAMPLES and meta["audio_padded"] == 0  # zeros, not padding
         audio, sr = sf.read(io.BytesIO(s["wav"]), dtype="int16")
         assert sr == 16000 and audio.shape == (AUDIO_SAMPLES,) and not audio.any()
         assert np.load(io.BytesIO(s["fbank.npy"])).shape == (126, 128)  # the normal fbank of 1.28 s
     for s in speech.values():
         assert json.loads(s["json"])["audio_missing"] is False
+    # Today's loader reads both kinds to the same fbank shape, from the wav and from fbank.npy.
+    loader = SampleDecoder(StreamConfig(img_size=32), train=False)
+    (mute_sample, *_), (speech_sample, *_) = mute.values(), speech.values()
+    shapes = {tuple(loader.audio_features(raw, json.loads(s["json"])).shape)
+              for s in (mute_sample, speech_sample)
+              for raw in (s, {k: v for k, v in s.items() if k != "fbank.npy"})}
+    assert len(shapes) == 1, shapes
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["totals"]["missing_audio"] == 1 and index["totals"]["errors"] == 0
     assert index["config"]["allow_missing_audio"] is True
