@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-COLUMNS = ("key", "video", "audio", "label", "label_name", "speaker", "fold", "split", "bbox")
+COLUMNS = ("key", "video", "audio", "label", "label_name", "speaker", "fold", "split", "bbox", "fps")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".flv", ".webm", ".mpg", ".mpeg", ".m4v")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -38,6 +38,7 @@ class ManifestRow:
     fold: int | None = None
     split: str = ""
     bbox: str = ""  # "x0 y0 x1 y1" in source pixels
+    fps: float | None = None  # a frame folder's rate; None: frames / paired audio duration
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def write_manifest(rows: Sequence[ManifestRow], path: Path) -> Path:
         for row in rows:
             d = asdict(row)
             d["fold"] = "" if row.fold is None else row.fold
+            d["fps"] = "" if row.fps is None else f"{row.fps:g}"
             for col in ("video", "audio"):
                 if d[col] and Path(d[col]).is_absolute() and Path(d[col]).is_relative_to(base):
                     d[col] = str(Path(d[col]).relative_to(base))
@@ -185,16 +187,30 @@ def read_manifest(path: Path) -> list[ManifestRow]:
                 raise ManifestError(
                     f"{path}:{n}: fold must be an integer or empty, got {rec['fold']!r}"
                 ) from None
+            fps = _parse_fps(rec["fps"], f"{path}:{n}", rec["key"])
             if not rec["video"]:
                 raise ManifestError(f"{path}:{n}: empty video path for key {rec['key']!r}")
             for col in ("video", "audio"):
                 if rec[col] and not Path(rec[col]).is_absolute():
                     rec[col] = str((path.parent / rec[col]).resolve())
-            rows.append(ManifestRow(**{**rec, "fold": fold}))
+            rows.append(ManifestRow(**{**rec, "fold": fold, "fps": fps}))
     if not rows:
         raise ManifestError(f"{path}: no rows")
     _check_keys([r.key for r in rows], path)
     return rows
+
+
+def _parse_fps(text: str, where: str, key: str) -> float | None:
+    """The optional `fps` column: empty, or a positive number of frames per second."""
+    if not text:
+        return None
+    try:
+        fps = float(text)
+    except ValueError:
+        fps = float("nan")
+    if not fps > 0 or fps == float("inf"):
+        raise ManifestError(f"{where}: fps of {key!r} must be a positive number of frames per second or empty, got {text!r}")
+    return fps
 
 
 def _check_keys(keys: list[str], where: Path) -> None:

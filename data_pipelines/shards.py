@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.decode import DecodeError, SamplingConfig, decode_clip
+from data_pipelines.decode import SILENCE_DBFS, DecodedClip, DecodeError, SamplingConfig, Window, decode_clip
 from data_pipelines.features import fbank_params
 from data_pipelines.manifests import ManifestError, ManifestRow, read_manifest
 from data_pipelines.shard_index import PROGRESS, finalize_index, provenance, read_progress, shard_urls
@@ -53,8 +53,14 @@ class ShardConfig:
     # they use it when its parameters match theirs and compute it from the audio otherwise.
     precompute_fbank: bool = True
     fbank_mel_bins: int = 128
+    # A track below decode.SILENCE_DBFS: keep it (flagged `audio_silent` in the json) or skip the clip.
+    silent_audio: str = "keep"  # keep | skip
+    # Clips without any audio: write them with zero audio (`audio_missing`) instead of skipping them.
+    allow_missing_audio: bool = False
 
     def __post_init__(self) -> None:
+        if self.silent_audio not in ("keep", "skip"):
+            raise ValueError(f"ShardConfig.silent_audio must be 'keep' or 'skip', got {self.silent_audio!r}")
         if self.audio_format not in ("wav", "flac"):
             raise ValueError(f"ShardConfig.audio_format must be 'wav' or 'flac', got {self.audio_format!r}")
         if self.group_by not in ("fold", "split", "none"):
@@ -132,42 +138,76 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
-    """Decode one manifest row into WebDataset samples (one per window). Raises DecodeError."""
-    bbox = None
-    if row.bbox:
-        try:
-            bbox = tuple(float(v) for v in row.bbox.split())
-            assert len(bbox) == 4
-        except (ValueError, AssertionError):
-            raise DecodeError(f"bbox of {row.key} must be 'x0 y0 x1 y1', got {row.bbox!r}") from None
-    clip = decode_clip(Path(row.video), cfg.sampling(), Path(row.audio) if row.audio else None, bbox)
+def parse_bbox(row: ManifestRow) -> tuple[float, float, float, float] | None:
+    if not row.bbox:
+        return None
+    try:
+        bbox = tuple(float(v) for v in row.bbox.split())
+    except ValueError:
+        bbox = ()
+    if len(bbox) != 4:
+        raise DecodeError(f"bbox of {row.key} must be 'x0 y0 x1 y1', got {row.bbox!r}")
+    return bbox
+
+
+def decode_row(row: ManifestRow, cfg: ShardConfig) -> DecodedClip:
+    """Decode one manifest row; a clip the config says to skip raises DecodeError (with its kind)."""
+    clip = decode_clip(
+        Path(row.video),
+        cfg.sampling(),
+        Path(row.audio) if row.audio else None,
+        parse_bbox(row),
+        fps=row.fps,
+        allow_missing_audio=cfg.allow_missing_audio,
+    )
+    if clip.audio_silent and cfg.silent_audio == "skip":
+        raise DecodeError(
+            f"{row.video}: silent audio ({clip.audio_rms_dbfs:.0f} dBFS < {SILENCE_DBFS:g} dBFS) and "
+            "silent_audio=skip (use --silent-audio keep to keep it)",
+            kind="silent_audio",
+        )
+    return clip
+
+
+def clip_meta(row: ManifestRow, clip: DecodedClip, w: Window, cfg: ShardConfig) -> dict:
+    """The `json` member of one window's sample."""
+    meta = {
+        "key": f"{row.key}_w{w.index:03d}",
+        "clip_key": row.key,
+        "window": w.index,
+        "label": _label_value(row.label),
+        "label_name": row.label_name,
+        "speaker": row.speaker,
+        "fold": row.fold,
+        "split": row.split,
+        "path": row.video,
+        "source_fps": round(clip.source_fps, 4),
+        "fps_source": clip.fps_source,
+        "duration": round(clip.duration, 4),
+        "num_frames": cfg.num_frames,
+        "frame_indices": w.frame_indices,
+        "sample_rate": cfg.sample_rate,
+        "audio_samples": len(w.audio),
+        "start": w.start,
+        "frames_padded": w.frames_padded,
+        "audio_padded": w.audio_padded,
+        "audio_missing": clip.audio_missing,
+        "audio_silent": clip.audio_silent,
+        "partial": clip.partial,
+    }
+    if clip.partial:
+        meta["declared_duration"] = round(clip.declared_duration, 4)
+    if cfg.precompute_fbank:
+        meta["fbank"] = fbank_params(cfg.sample_rate, cfg.fbank_mel_bins)
+    return meta
+
+
+def window_samples(row: ManifestRow, clip: DecodedClip, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
+    """The WebDataset samples (one per window) of a decoded clip."""
     out = []
     for w in clip.windows:
-        key = f"{row.key}_w{w.index:03d}"
-        meta = {
-            "key": key,
-            "clip_key": row.key,
-            "window": w.index,
-            "label": _label_value(row.label),
-            "label_name": row.label_name,
-            "speaker": row.speaker,
-            "fold": row.fold,
-            "split": row.split,
-            "path": row.video,
-            "source_fps": round(clip.source_fps, 4),
-            "duration": round(clip.duration, 4),
-            "num_frames": cfg.num_frames,
-            "frame_indices": w.frame_indices,
-            "sample_rate": cfg.sample_rate,
-            "audio_samples": len(w.audio),
-            "start": w.start,
-            "frames_padded": w.frames_padded,
-            "audio_padded": w.audio_padded,
-        }
-        if cfg.precompute_fbank:
-            meta["fbank"] = fbank_params(cfg.sample_rate, cfg.fbank_mel_bins)
-        sample = {"__key__": key, "json": json.dumps(meta).encode()}
+        meta = clip_meta(row, clip, w, cfg)
+        sample = {"__key__": meta["key"], "json": json.dumps(meta).encode()}
         for t, frame in enumerate(w.frames):
             sample[f"f{t:02d}.jpg"] = encode_jpeg(frame, cfg.jpeg_quality)
         sample[cfg.audio_format] = encode_audio(w.audio, cfg.sample_rate, cfg.audio_format)
@@ -177,6 +217,24 @@ def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None)
             sample["txt"] = caption.encode()
         out.append(sample)
     return out
+
+
+def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
+    """Decode one manifest row into WebDataset samples (one per window). Raises DecodeError."""
+    return window_samples(row, decode_row(row, cfg), cfg, caption)
+
+
+def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
+    """What the run summary counts about a written clip (kept in progress.jsonl with its shard); None
+    for a plain video file with its audio, so a million-clip run keeps a small journal."""
+    if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial):
+        return None
+    report = {"key": row.key, "path": row.video, "fps": round(clip.source_fps, 4), "fps_source": clip.fps_source,
+              "audio_silent": clip.audio_silent, "audio_missing": clip.audio_missing, "partial": clip.partial}
+    if clip.partial:
+        report["kept_s"] = round(clip.duration, 3)
+        report["declared_s"] = round(clip.declared_duration, 3)
+    return report
 
 
 # ---------------------------------------------------------------- one shard (a pool task)
@@ -191,7 +249,7 @@ def _write_shard(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["name"]
     tmp = out_dir / f".{task['name']}.{os.getpid()}.tmp"
-    errors, samples, clips, captions = [], 0, 0, 0
+    errors, media, samples, clips, captions = [], [], 0, 0, 0
     # A whole-second mtime keeps headers plain ustar: float mtimes add a pax header to every member,
     # which doubles the headers a loader parses.
     with one_torch_thread(), wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:
@@ -199,13 +257,18 @@ def _write_shard(task: dict) -> dict:
             row = ManifestRow(**rec)
             caption = task["captions"].get(row.key)
             try:
-                items = clip_samples(row, cfg, caption)
+                clip = decode_row(row, cfg)
+                items = window_samples(row, clip, cfg, caption)
             except DecodeError as err:
-                errors.append({"path": row.video, "key": row.key, "reason": str(err)})
+                errors.append({"path": row.video, "key": row.key, "reason": str(err), "kind": err.kind})
                 continue
             except Exception as err:  # an odd file must not kill a day-long run; it is listed, not hidden
-                errors.append({"path": row.video, "key": row.key, "reason": f"{type(err).__name__}: {err}"})
+                errors.append({"path": row.video, "key": row.key, "reason": f"{type(err).__name__}: {err}",
+                               "kind": "broken"})
                 continue
+            report = clip_report(row, clip)
+            if report is not None:
+                media.append(report)
             for s in items:
                 sink.write(s)
             samples += len(items)
@@ -220,6 +283,7 @@ def _write_shard(task: dict) -> dict:
         "clips": clips,
         "captions": captions,
         "errors": errors,
+        "media": media,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -342,7 +406,75 @@ def write_shards(
                 finish(_write_shard(task))
     bar.close()
     written = {t["name"] for t in todo}
-    return finalize_index(out_dir, tasks, records, cfg, manifest, written, time.perf_counter() - t0, argv)
+    index = finalize_index(out_dir, tasks, records, cfg, manifest, written, time.perf_counter() - t0, argv)
+    return add_media_report(out_dir, index, [records[t["name"]] for t in tasks], cfg)
+
+
+# ---------------------------------------------------------------- media report (partial, silent, missing audio)
+
+MEDIA_POLICY = {
+    "partial": "a container whose frames end more than 0.1 s before its declared duration is truncated: it is "
+    "used for the part that decodes when that holds one whole window (counted in partial_clips, kept vs declared "
+    "seconds), otherwise skipped (kind truncated); a file decord cannot open or decode is skipped (kind broken)",
+    "silent_audio": f"whole-track RMS below {SILENCE_DBFS:g} dBFS; flagged audio_silent, kept or skipped per "
+    "ShardConfig.silent_audio",
+    "missing_audio": "no audio stream and no audio file: skipped (kind missing_audio) unless allow_missing_audio, "
+    "then every window's audio is zeros of the normal length and audio_missing is true",
+    "frame_folder_rate": "the manifest's fps, else frame count / duration of the paired audio; 5-120 fps",
+}
+
+
+def media_summary(records: list[dict], cfg: ShardConfig) -> dict:
+    """Counts over every shard's clips: partial, silent and missing audio, skipped clips by kind, and
+    each frame folder's rate. Records of shards written before these counters count as zero."""
+    reports = [m for rec in records for m in rec.get("media", [])]
+    partial = [m for m in reports if m["partial"]]
+    skipped: dict[str, int] = defaultdict(int)
+    for rec in records:
+        for err in rec["errors"]:
+            skipped[err.get("kind", "broken")] += 1
+    return {
+        "partial_clips": len(partial),
+        "partial_seconds_kept": round(sum(m["kept_s"] for m in partial), 3),
+        "partial_seconds_declared": round(sum(m["declared_s"] for m in partial), 3),
+        "silent_audio": sum(m["audio_silent"] for m in reports) + skipped.get("silent_audio", 0),
+        "silent_audio_policy": cfg.silent_audio,
+        "missing_audio": sum(m["audio_missing"] for m in reports) + skipped.get("missing_audio", 0),
+        "skipped": dict(sorted(skipped.items())),
+        "partial": [{k: m[k] for k in ("key", "path", "kept_s", "declared_s")} for m in partial],
+        "frame_rates": {
+            m["key"]: {"fps": m["fps"], "source": m["fps_source"]} for m in reports if m["fps_source"] != "container"
+        },
+    }
+
+
+def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: ShardConfig) -> dict:
+    """Adds the media counters to index.json's totals, provenance.json and errors.jsonl (partial clips,
+    `"skipped": false`), and prints them under the summary line."""
+    from data_pipelines.atomic import write_json
+
+    media = media_summary(records, cfg)
+    counters = ("partial_clips", "silent_audio", "missing_audio", "skipped")
+    index["totals"].update({k: media[k] for k in counters})
+    write_json(out_dir / "index.json", index)
+    prov_path = out_dir / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["media"] = {"policy": MEDIA_POLICY, **media}
+    write_json(prov_path, prov)
+    with (out_dir / "errors.jsonl").open("a") as f:
+        for m in media["partial"]:
+            reason = f"truncated: kept the {m['kept_s']:g} s that decode of the declared {m['declared_s']:g} s"
+            f.write(json.dumps({"path": m["path"], "key": m["key"], "reason": reason, "kind": "partial",
+                                "skipped": False}) + "\n")
+    silent_verb = "skipped" if cfg.silent_audio == "skip" else "kept, flagged audio_silent"
+    missing_verb = "kept with zero audio" if cfg.allow_missing_audio else "skipped; --allow-missing-audio keeps them"
+    print(
+        f"media: {media['partial_clips']} partial clips (kept {media['partial_seconds_kept']:g} s of "
+        f"{media['partial_seconds_declared']:g} s declared); {media['silent_audio']} silent audio tracks "
+        f"({silent_verb}); {media['missing_audio']} clips without audio ({missing_verb}); skipped by kind: "
+        f"{media['skipped'] or 'none'}"
+    )
+    return index
 
 
 # ---------------------------------------------------------------- CLI
@@ -357,14 +489,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--captions", type=Path, default=None, help="CSV key,caption or JSONL {key, caption|text}")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--silent-audio", choices=("keep", "skip"), default=None,
+        help=f"clips whose audio is below {SILENCE_DBFS:g} dBFS: keep (default, flagged audio_silent) or skip",
+    )
+    p.add_argument(
+        "--allow-missing-audio", action="store_true",
+        help="write clips without audio with zero audio (json audio_missing: true) instead of skipping them",
+    )
     p.add_argument("overrides", nargs="*", help="ShardConfig key=value, e.g. img_size=160 max_windows=2")
     args = p.parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.silent_audio:
+        overrides.append(f"silent_audio={args.silent_audio}")
+    if args.allow_missing_audio:
+        overrides.append("allow_missing_audio=true")
     from omegaconf import OmegaConf
 
     from pretrain.config import ConfigError, load_config
 
     try:
-        cfg = ShardConfig(**OmegaConf.to_container(load_config(ShardConfig, None, args.overrides)))
+        cfg = ShardConfig(**OmegaConf.to_container(load_config(ShardConfig, None, overrides)))
         write_shards(
             args.manifest,
             args.out_dir,

@@ -139,9 +139,9 @@ def test_short_clip_pads_frames_with_the_last_and_audio_with_zeros(tmp_path):
     assert np.all(np.diff(levels[:7]) > 0) and levels[7] == pytest.approx(levels[6], abs=1)
 
 
-def test_video_without_audio_track_is_an_error_naming_the_file(tmp_path):
+def test_video_without_audio_track_is_an_error_naming_the_file_and_the_flag(tmp_path):
     path = write_clip(tmp_path / "mute.mp4", seconds=0.5, fps=25)
-    with pytest.raises(DecodeError, match=r"audio of .*mute\.mp4.*audio stream"):
+    with pytest.raises(DecodeError, match=r"mute\.mp4: no audio .*no audio stream.*--allow-missing-audio"):
         decode_clip(path, SamplingConfig(num_frames=4, frame_stride=1, img_size=16))
 
 
@@ -163,17 +163,19 @@ def test_separate_wav_is_resampled_to_16k_mono(tmp_path):
     assert np.argmax(spectrum) * SR / len(w.audio) == pytest.approx(300, abs=5)
 
 
-def test_frame_directory_is_read_at_25fps_with_its_wav(tmp_path):
+def test_frame_directory_spanning_its_wav_is_read_at_frames_per_audio_second(tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(20):
         Image.fromarray(np.full((40, 30, 3), 10 * i, np.uint8)).save(frames / f"frame_det_00_{i + 1:06d}.bmp")
     wav = tmp_path / "a.wav"
-    sf.write(wav, np.zeros(16000, np.float32), SR)
-    (w,) = decode_clip(frames, SamplingConfig(num_frames=4, frame_stride=4, img_size=16), audio=wav).windows
+    sf.write(wav, np.zeros(12800, np.float32), SR)  # 0.8 s: 20 frames at 25 fps
+    clip = decode_clip(frames, SamplingConfig(num_frames=4, frame_stride=4, img_size=16), audio=wav)
+    assert (clip.source_fps, clip.fps_source, clip.duration) == (25.0, "audio", 0.8)
+    (w,) = clip.windows
     assert w.frame_indices == [0, 4, 8, 12]
     assert [int(f.mean()) for f in w.frames] == [0, 40, 80, 120]
-    with pytest.raises(DecodeError, match="audio file"):
+    with pytest.raises(DecodeError, match=r"frames has no paired audio and no frame rate: add an `fps` column"):
         decode_clip(frames, SamplingConfig(num_frames=4, frame_stride=4, img_size=16))
 
 

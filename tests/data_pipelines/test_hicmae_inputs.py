@@ -163,7 +163,9 @@ def test_loader_audio_of_a_shard_sample_equals_hicmae_fbank(tmp_path, real_audio
     sf.write(tmp_path / "audio.wav", pcm, SR, subtype="PCM_16")
     reference_wave = torch.from_numpy(pcm.astype(np.float32) / 32768)  # what torchaudio.load gives HiCMAE
 
-    samples = clip_samples(ManifestRow(key="clip", video=str(frames), audio=str(tmp_path / "audio.wav")),
+    # fps: the folder is 25 fps by construction; the real track may be shorter than 6 s, and a folder's
+    # rate would otherwise follow its audio's duration.
+    samples = clip_samples(ManifestRow(key="clip", video=str(frames), audio=str(tmp_path / "audio.wav"), fps=25),
                            ShardConfig(img_size=16))
     assert len(samples) == max(1, num_source_frames // (NUM_FRAMES * STRIDE))
     decoder = SampleDecoder(StreamConfig(img_size=16), train=False)

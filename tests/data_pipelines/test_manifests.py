@@ -26,6 +26,7 @@ from data_pipelines.manifests import (
     scan_ravdess,
     scan_voxceleb2,
     speaker_folds,
+    write_manifest,
 )
 
 
@@ -284,6 +285,7 @@ def test_cli_writes_a_manifest_that_reads_back_with_speaker_folds(tmp_path, caps
         "fold",
         "split",
         "bbox",
+        "fps",
     ]
     assert not Path(raw[0]["video"]).is_absolute()  # relative to the manifest's folder
     rows = read_manifest(out)
@@ -330,3 +332,20 @@ def test_adapters_import_on_their_own_without_a_circular_import():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr
+
+
+def test_fps_column_round_trips_and_may_be_absent_or_empty(tmp_path):
+    rows = [ManifestRow("a", "frames/a", "a.wav", fps=29.97), ManifestRow("b", "b.mp4")]
+    out = write_manifest(rows, tmp_path / "m.csv")
+    assert [r.fps for r in read_manifest(out)] == [29.97, None]
+    old = tmp_path / "old.csv"  # a manifest written before the column existed
+    old.write_text("key,video,audio\nc,c.mp4,\n")
+    assert read_manifest(old)[0].fps is None
+
+
+@pytest.mark.parametrize("bad", ["fast", "0", "-25", "inf"])
+def test_a_bad_fps_is_an_error_naming_the_line_and_key(tmp_path, bad):
+    path = tmp_path / "m.csv"
+    path.write_text(f"key,video,audio,fps\nclip1,frames/clip1,a.wav,{bad}\n")
+    with pytest.raises(ManifestError, match=rf"m\.csv:2: fps of 'clip1' must be a positive number .*got '{bad}'"):
+        read_manifest(path)

@@ -67,6 +67,9 @@ def test_every_real_clip_becomes_a_sample_with_the_configured_frames_and_audio(r
             assert meta["audio_samples"] == AUDIO_SAMPLES and meta["sample_rate"] == 16000
             assert meta["label"] is None and meta["fold"] is None
             assert meta["source_fps"] > 20 and meta["duration"] > 2.9
+            # None of the real clips is cut short, silent or without audio (no false alarms).
+            assert (meta["partial"], meta["audio_silent"], meta["audio_missing"]) == (False, False, False)
+            assert meta["fps_source"] == "container"
     assert len(seen) == 35 == index["totals"]["samples"] == index["totals"]["clips"]
     assert {json.loads(s["json"])["clip_key"] for s in seen.values()} == set(rows) - {"corrupt"}
 
@@ -84,6 +87,8 @@ def test_corrupt_file_is_listed_in_errors_and_counted_while_the_rest_is_written(
     assert [(e["key"], Path(e["path"]).name) for e in errors] == [("corrupt", "corrupt.mp4")]
     assert "cannot read video" in errors[0]["reason"]
     assert index["totals"]["errors"] == 1
+    assert errors[0]["kind"] == "broken" and index["totals"]["skipped"] == {"broken": 1}
+    assert (index["totals"]["partial_clips"], index["totals"]["silent_audio"], index["totals"]["missing_audio"]) == (0, 0, 0)
 
 
 def test_index_and_provenance_describe_the_shards(real_shards):
