@@ -94,7 +94,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("msp-improv", ("anger", "happiness", "neutral", "sadness"), 6, "one session per fold"),
         DatasetInfo("voxceleb2", (), None, "none (unlabelled pretraining data)", task="none"),
         DatasetInfo("folder", (), None, "none, or speaker_folds with --folds", task="none"),
-        DatasetInfo("hicmae", (), None, "from split0K/test lists, else speaker_folds with --folds"),
+        DatasetInfo("hicmae", (), None, "from split0K/test (or val) lists, else speaker_folds with --folds"),
     ]
 }
 
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 r.fold = assign[r.speaker]
         write_manifest(rows, args.out)
+        skipped_log = _log_skipped(rows, args.out.parent / "errors.jsonl")
     except ManifestError as err:
         print(f"emomae manifest: {err}", file=sys.stderr)
         return 2
@@ -263,8 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {len(rows)} clips to {args.out}"
         + (f"; clips per fold {dict(sorted(folds.items()))}" if folds else "")
+        + (f"; skipped files listed in {skipped_log}" if skipped_log else "")
     )
     return 0
+
+
+def _log_skipped(rows, path: Path) -> Path | None:
+    """The files an adapter skipped (`rows.skipped`) as `errors.jsonl` beside the manifest; a stale
+    list from an earlier scan is removed when nothing was skipped."""
+    from data_pipelines.adapters.common import write_skipped
+
+    skipped = getattr(rows, "skipped", [])
+    if skipped:
+        return write_skipped(skipped, path)
+    path.unlink(missing_ok=True)
+    return None
 
 
 # Names of data_pipelines.adapters also importable from here.

@@ -132,3 +132,17 @@ def test_voxceleb2_counts_mp4_files_outside_the_speaker_video_clip_layout(tmp_pa
     (tmp_path / "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4").unlink()
     with pytest.raises(ManifestError, match="found 2 other video file"):
         scan_voxceleb2(tmp_path)
+
+
+def test_emomae_manifest_writes_the_skipped_files_beside_the_manifest(tmp_path, capsys):
+    from data_pipelines.manifests import main
+
+    touch(tmp_path / "data", "VideoFlash/1001_DFA_ANG_XX.flv", "VideoFlash/1003_DFA_SAD_X.flv")
+    out = tmp_path / "out" / "manifest.csv"
+    assert main(["crema_d", str(tmp_path / "data"), "--out", str(out)]) == 0
+    records = [json.loads(x) for x in (out.parent / "errors.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in records] == ["1003_DFA_SAD_X.flv"]
+    assert "skipped files listed in" in capsys.readouterr().out
+    (tmp_path / "data" / "VideoFlash" / "1003_DFA_SAD_X.flv").unlink()  # a clean rescan leaves no stale list
+    assert main(["crema_d", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert not (out.parent / "errors.jsonl").exists()
