@@ -50,7 +50,8 @@ class CorruptSampleError(ValueError):
 
 
 class SampleDecoder:
-    """Raw member bytes -> `{video, fbank (F,M) float32, label, target, key, clip_key, caption}`.
+    """Raw member bytes -> `{video, fbank (F,M) float32, audio_present, label, target, key, clip_key,
+    caption}`; a sample whose json says `"audio_missing": true` has `audio_present` False and a zero fbank.
 
     `video` is (T, 3, S, S) uint8, or the list of T decoded (3, S, S) frames when they need no
     resize (eval at the shard's size): `BatchBuilder` copies either into the batch.
@@ -78,12 +79,19 @@ class SampleDecoder:
             video = frames
         else:
             video = eval_video_transform(stack_frames(frames), self.cfg.img_size)
-        fbank = self.audio_features(raw, meta, gain_db, seed)
+        audio_present = has_audio(meta)
+        fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        return {"video": video, "fbank": fbank, "label": label, "target": target, "key": raw["__key__"],
-                "clip_key": str(meta.get("clip_key", raw["__key__"])), "caption": caption,
+        return {"video": video, "fbank": fbank, "audio_present": audio_present, "label": label, "target": target,
+                "key": raw["__key__"], "clip_key": str(meta.get("clip_key", raw["__key__"])), "caption": caption,
                 "__pos__": raw.get("__pos__", 0)}
+
+    def blank_fbank(self) -> Tensor:
+        """The fbank of a clip without audio: zeros of the normalised input, the blank that
+        missing-modality evaluation feeds (finetune/module.py `drop_modality`), not the log-mel
+        floor that the zero waveform in the shard would give."""
+        return torch.zeros(self.cfg.fbank.fbank_frames, self.cfg.fbank.mel_bins)
 
     def decode_frames(self, raw: dict) -> list[Tensor]:
         """All `num_frames` JPEG members, decoded in one call -> T x (3, H, W) uint8.
@@ -165,6 +173,12 @@ class SampleDecoder:
         if rate != self.cfg.fbank.sample_rate:
             waveform = torchaudio.functional.resample(waveform, rate, self.cfg.fbank.sample_rate)
         return waveform
+
+
+def has_audio(meta: dict) -> bool:
+    """False for a window of a clip without audio (`emomae shards --allow-missing-audio` writes
+    `"audio_missing": true` and a zero waveform); samples without the key have audio."""
+    return not bool(meta.get("audio_missing", False))
 
 
 def real_samples(meta: dict) -> int | None:
@@ -275,6 +289,7 @@ class BatchBuilder:
             "clip_key": [s["clip_key"] for s in rows],
             "caption": [s["caption"] for s in rows],
             "has_caption": torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool),
+            "audio_present": torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool),
             "__last_pos__": rows[-1]["__pos__"],
         }
         targets = [s["target"] for s in rows]

@@ -5,6 +5,10 @@ export's frame count/stride/size, Kaldi fbank with the export's normalisation). 
 window is the hierarchical feature vector `[mean of video layers, mean of audio layers, fused video,
 fused audio]` (token-means, uniform layer weights) = `(4 D,)`; the clip embedding is the mean over
 its windows.
+
+A window without audio (`audio_present` False, the flag of shard samples written with
+`--allow-missing-audio`) is embedded with its audio input blanked: zeros in place of the normalised
+fbank, as missing-modality evaluation does (`finetune.module.drop_modality`), decided per window.
 """
 
 from __future__ import annotations
@@ -38,13 +42,35 @@ def clip_inputs(video: Path, spec: dict, max_windows: int | None = None) -> tupl
     return frames, fbank
 
 
+def blank_missing_audio(fbank: torch.Tensor, audio_present: torch.Tensor | None) -> torch.Tensor:
+    """Normalised fbank `(W, F, M)` with the rows whose `audio_present` is False replaced by zeros
+    (the blank of `drop_modality(..., "video")`); unchanged when `audio_present` is None."""
+    if audio_present is None:
+        return fbank
+    return torch.where(audio_present.to(fbank.device).bool()[:, None, None], fbank, torch.zeros_like(fbank))
+
+
 @torch.inference_mode()
-def embed_clip(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor) -> np.ndarray:
-    """uint8 video `(W, T, 3, S, S)`, fbank `(W, F, M)` -> clip embedding `(4 D,)` float32."""
-    pooled = pool_tokens(encoder.forward_features(normalize_video(video), fbank.float()))
-    per_window = torch.cat([pooled["video_layers"].mean(1), pooled["audio_layers"].mean(1),
-                            pooled["fused_video"], pooled["fused_audio"]], dim=-1)
-    return per_window.mean(0).numpy().astype(np.float32)
+def window_embeddings(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor,
+                      audio_present: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 video `(W, T, 3, S, S)`, normalised fbank `(W, F, M)`, `audio_present` `(W,)` bool or
+    None (all have audio) -> one embedding `(W, 4 D)` per window."""
+    fbank = blank_missing_audio(fbank.float(), audio_present)
+    pooled = pool_tokens(encoder.forward_features(normalize_video(video), fbank))
+    return torch.cat([pooled["video_layers"].mean(1), pooled["audio_layers"].mean(1),
+                      pooled["fused_video"], pooled["fused_audio"]], dim=-1)
+
+
+def embed_clip(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor,
+               audio_present: torch.Tensor | None = None) -> np.ndarray:
+    """The clip embedding `(4 D,)` float32: the mean of its `window_embeddings`."""
+    return window_embeddings(encoder, video, fbank, audio_present).mean(0).numpy().astype(np.float32)
+
+
+def embed_batch(encoder: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """A loader batch (docs/architecture.md: `video`, `fbank`, `audio_present`) -> `(B, 4 D)`, one
+    embedding per sample, the samples without audio with their audio blanked."""
+    return window_embeddings(encoder, batch["video"], batch["fbank"], batch.get("audio_present"))
 
 
 def main(argv: list[str]) -> int:

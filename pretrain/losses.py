@@ -8,6 +8,13 @@ losses equals the single-process loss on the concatenated batch, and the gradien
 rank's features is W times the single-process gradient (each rank's loss also pulls on the others'
 features); DDP/DeepSpeed average gradients over ranks, which divides the W back out, so the final
 parameter gradient equals the single-process one.
+
+Clips without audio (`audio_present` False, docs/architecture.md) take no part in the audio terms:
+the audio reconstruction is the mean over the samples with audio, and in the contrastive loss such a
+sample is neither an anchor (its rows) nor a negative (its columns, on every rank). Both weigh the
+kept rows by `n / kept` (`sample_weights`), which is exactly 1.0 when every sample has audio, so the
+loss is then bit for bit the one without the flags; with none kept the weights are 0, and the loss
+is 0 with zero (not NaN) gradients.
 """
 
 from __future__ import annotations
@@ -79,10 +86,23 @@ def audio_target(patches: Tensor, norm_pix: bool = True) -> Tensor:
     return normalize_patches(patches.unsqueeze(-1)).squeeze(-1) if norm_pix else patches
 
 
-def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over the masked tokens: both (B, N_masked, D)."""
+def sample_weights(kept: Tensor, among: Tensor | None = None) -> Tensor:
+    """(B,) bool rows to keep -> (B,) float weights `kept * n / count(among)`, `among` (default
+    `kept`) being the n samples the mean is meant to run over. A mean of weighted per-sample terms is
+    then the mean over the kept samples alone; the weights are exactly 1.0 when every sample is kept
+    and 0 when none is (count clamped at 1, so no 0 / 0)."""
+    among = kept if among is None else among
+    return kept.float() * (among.numel() / among.sum().clamp(min=1).float())
+
+
+def masked_mse(pred: Tensor, target: Tensor, present: Tensor | None = None) -> Tensor:
+    """Mean squared error over the masked tokens: both (B, N_masked, D). `present` (B,) bool: the
+    mean over those samples only (0 when there are none)."""
     note_fp32("reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target)
-    return F.mse_loss(pred.float(), target.float())
+    if present is None:
+        return F.mse_loss(pred.float(), target.float())
+    errors = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return (errors * sample_weights(present.to(errors.device))[:, None, None]).mean()
 
 
 # ---------------------------------------------------------------- gathered contrastive loss
@@ -105,6 +125,16 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_flags(flags: Tensor) -> Tensor:
+    """(B,) bool local flags -> (W * B,) all ranks' flags in rank order (no gradient); identity
+    without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flags
+    parts = [torch.empty_like(flags, dtype=torch.uint8) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, flags.to(torch.uint8).contiguous())  # uint8: gloo and NCCL both reduce it
+    return torch.cat(parts).bool()
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
@@ -136,10 +166,16 @@ class GatheredInfoNCE(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.logit_scale.detach().exp())
 
-    def logits(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
+    def logits(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """a, b: (B, L, D) paired features -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B),
         column of the local batch's first row). Row i's positive is column offset + i; with
-        `gather_negatives=False` (HiCMAE) the columns are the local batch only and offset is 0."""
+        `gather_negatives=False` (HiCMAE) the columns are the local batch only and offset is 0.
+        `present` (B,) bool: the columns of absent pairs (on any rank) are -inf, no candidate."""
+        a_to_b, b_to_a, offset, _ = self.scored(a, b, present)
+        return a_to_b, b_to_a, offset
+
+    def scored(self, a: Tensor, b: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor, int, Tensor | None]:
+        """`logits` and the (W*B,) presence of their columns (None without `present`)."""
         note_fp32("contrastive logits (outside autocast)", "1 / temperature (14 at 0.07) scales the cosine "
                   "similarities, and bf16's 8-bit mantissa would blur the logits", a, b)
         pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
@@ -151,18 +187,32 @@ class GatheredInfoNCE(nn.Module):
             scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
             a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
             b_to_a = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 1], everyone[:, :, 0])
-        return a_to_b, b_to_a, offset
+        if present is None:
+            return a_to_b, b_to_a, offset, None
+        present = present.to(a.device)
+        columns = gather_flags(present) if self.gather_negatives else present
+        absent = ~columns
+        return a_to_b.masked_fill(absent, -math.inf), b_to_a.masked_fill(absent, -math.inf), offset, columns
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def forward(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> Tensor:
+        """`present` (B,) bool: pairs that take part (see the module docstring); None: all of them."""
         single = a.ndim == 2
         if single:
             a, b = a.unsqueeze(1), b.unsqueeze(1)
-        a_to_b, b_to_a, offset = self.logits(a, b)
+        a_to_b, b_to_a, offset, columns = self.scored(a, b, present)
         levels, rows = a_to_b.shape[:2]
         labels = (torch.arange(rows, device=a.device) + offset).repeat(levels)
+        if columns is not None:
+            kept = present.to(a.device)
+            weights = sample_weights(kept, among=columns).repeat(levels)
+            # an absent row's own positive is -inf: blank the row so its (unused) term stays finite
+            a_to_b, b_to_a = (torch.where(kept[:, None], x, 0.0) for x in (a_to_b, b_to_a))
 
         def one_way(logits: Tensor) -> Tensor:  # (L, B, W*B) -> (L,)
-            return F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(levels, rows).mean(1)
+            terms = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
+            if columns is not None:
+                terms = terms * weights
+            return terms.view(levels, rows).mean(1)
 
         loss = (one_way(a_to_b) + one_way(b_to_a)) / 2
         return loss[0] if single else loss
@@ -187,12 +237,17 @@ class HierarchicalContrastiveLoss(nn.Module):
         audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
         return video, audio
 
-    def forward(self, levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
-        """levels: name -> (video tokens (B, Nv, D), audio tokens (B, Na, D)) -> (sum, per-level losses)."""
-        losses = self.info_nce(*self.pool(levels))
+    def forward(
+        self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """levels: name -> (video tokens (B, Nv, D), audio tokens (B, Na, D)) -> (sum, per-level losses).
+        audio_present: (B,) bool; clips without audio are left out of every level."""
+        losses = self.info_nce(*self.pool(levels), audio_present)
         return losses.sum(), dict(zip(levels, losses.unbind(0)))
 
-    def logits(self, levels: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    def logits(
+        self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """levels as in `forward` -> name -> (logits per video (B, W*B), logits per audio (B, W*B))."""
-        per_video, per_audio, _ = self.info_nce.logits(*self.pool(levels))
+        per_video, per_audio, _ = self.info_nce.logits(*self.pool(levels), audio_present)
         return {name: (per_video[i], per_audio[i]) for i, name in enumerate(levels)}

@@ -218,12 +218,14 @@ class MaskedAVAutoencoder(nn.Module):
         audio_pred: Tensor,
         video_mask: Mask,
         audio_mask: Mask,
+        audio_present: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """MSE between predictions and targets over the masked tokens, per modality."""
+        """MSE between predictions and targets over the masked tokens, per modality; the audio
+        term over the samples with audio only (`audio_present` (B,) bool, None: all)."""
         video_tgt, audio_tgt = self.targets(video_uint8, fbank)
         return {
             "recon_video": masked_mse(video_pred, gather_tokens(video_tgt, video_mask.ids_masked)),
-            "recon_audio": masked_mse(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked)),
+            "recon_audio": masked_mse(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present),
         }
 
     def contrastive_pairs(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
@@ -236,14 +238,18 @@ class MaskedAVAutoencoder(nn.Module):
                 levels[f"contrastive_l{level}"] = (enc.video_layers[level - 1], enc.audio_layers[level - 1])
         return levels
 
-    def forward_contrastive(self, enc: EncoderOutput) -> dict[str, Tensor]:
-        """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum."""
-        total, per_level = self.contrastive(self.contrastive_pairs(enc))
+    def forward_contrastive(self, enc: EncoderOutput, audio_present: Tensor | None = None) -> dict[str, Tensor]:
+        """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum; clips without
+        audio (`audio_present` False) are neither anchors nor negatives."""
+        total, per_level = self.contrastive(self.contrastive_pairs(enc), audio_present)
         return {"contrastive": total, **per_level}
 
-    def contrastive_logits(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per level: (logits per video (B, W*B), logits per audio (B, W*B)), temperature applied."""
-        return self.contrastive.logits(self.contrastive_pairs(enc))
+    def contrastive_logits(
+        self, enc: EncoderOutput, audio_present: Tensor | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per level: (logits per video (B, W*B), logits per audio (B, W*B)), temperature applied;
+        the columns of clips without audio are -inf."""
+        return self.contrastive.logits(self.contrastive_pairs(enc), audio_present)
 
     def forward(
         self,
@@ -251,20 +257,24 @@ class MaskedAVAutoencoder(nn.Module):
         fbank: Tensor,
         generator: torch.Generator | None = None,
         masks: tuple[Mask, Mask] | None = None,
+        audio_present: Tensor | None = None,
     ) -> MAEOutput:
         """video_uint8: (B, T, 3, H, W) uint8; fbank: (B, F, M) normalised -> MAEOutput.
 
         masks: (video mask, audio mask) to apply instead of drawing new ones, e.g.
-        `Mask.from_bool(bool_masked_pos)` to reproduce a given masked reconstruction."""
+        `Mask.from_bool(bool_masked_pos)` to reproduce a given masked reconstruction.
+        audio_present: (B,) bool, the batch's flag; clips without audio are left out of the audio
+        reconstruction and the contrastive loss (pretrain/losses.py). None, or all True, gives the
+        loss of a batch without the flag, bit for bit."""
         if masks is None:
             masks = self.random_masking(video_uint8.shape[0], video_uint8.device, generator)
         video_mask, audio_mask = masks
         enc = self.forward_encoder(normalize_video(video_uint8), fbank, video_mask, audio_mask)
         video_pred, audio_pred = self.forward_decoder(enc, video_mask, audio_mask)
-        terms = self.forward_loss(video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask)
+        terms = self.forward_loss(video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask, audio_present)
         loss = terms["recon_video"] + terms["recon_audio"]
         if self.contrastive_levels:
-            terms |= self.forward_contrastive(enc)
+            terms |= self.forward_contrastive(enc, audio_present)
             loss = loss + self.objective.contrastive_weight * terms["contrastive"]
         terms = {name: value.detach() for name, value in terms.items()}
         return MAEOutput(loss, terms, video_pred, audio_pred, video_mask, audio_mask, enc)

@@ -30,7 +30,9 @@ class PretrainModule(pl.LightningModule):
     """Masked AV autoencoder training.
 
     Logged every `log_every_n_steps`: `loss/total`, each loss term (`loss/recon_video`,
-    `loss/recon_audio`, `loss/contrastive`, `loss/contrastive_l<k>`), `train/lr`.
+    `loss/recon_audio`, `loss/contrastive`, `loss/contrastive_l<k>`), `train/lr`, and
+    `train/audio_samples`: how many clips of the micro-batch had audio, the samples the audio and
+    contrastive terms were computed over.
     Checkpoints carry `checkpoint["emomae"] = {"model": ModelConfig dict, "config": run config dict}`.
     """
 
@@ -64,8 +66,9 @@ class PretrainModule(pl.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def forward(self, video: Tensor, fbank: Tensor, generator: torch.Generator | None = None) -> MAEOutput:
-        return self.model(video, fbank, generator=generator)
+    def forward(self, video: Tensor, fbank: Tensor, generator: torch.Generator | None = None,
+                audio_present: Tensor | None = None) -> MAEOutput:
+        return self.model(video, fbank, generator=generator, audio_present=audio_present)
 
     def mask_generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.device)
@@ -73,20 +76,23 @@ class PretrainModule(pl.LightningModule):
         return gen
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """batch: `video` (B, T, 3, H, W) uint8, `fbank` (B, F, M) float32 (docs/architecture.md)."""
-        video, fbank = batch["video"], batch["fbank"]
+        """batch: `video` (B, T, 3, H, W) uint8, `fbank` (B, F, M) float32, `audio_present` (B,) bool
+        (docs/architecture.md)."""
+        video, fbank, audio_present = batch["video"], batch["fbank"], batch.get("audio_present")
         generator = self.mask_generator()
         self._micro_batches += 1
         if self.flops_per_batch is None and self._count_flops:
             # counted once, on the real first step; backward costs about twice the forward
             with FlopCounterMode(display=False) as counter:
-                out = self(video, fbank, generator)
+                out = self(video, fbank, generator, audio_present)
             self.flops_per_batch = 3.0 * counter.get_total_flops()
         else:
-            out = self(video, fbank, generator)
+            out = self(video, fbank, generator, audio_present)
         batch_size = video.shape[0]
         self.log("loss/total", out.loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"loss/{k}": v for k, v in out.terms.items()}, batch_size=batch_size)
+        if audio_present is not None:  # a tensor: logged without waiting for the device
+            self.log("train/audio_samples", audio_present.sum().float(), batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return out.loss
 

@@ -39,11 +39,23 @@ def make_sample(key: str, num_frames: int = 4, size: int = 32, seconds: float = 
     return sample
 
 
+def without_audio(sample: dict) -> dict:
+    """The sample as `emomae shards --allow-missing-audio` writes a clip that has no audio: a zero
+    waveform of the same length and `"audio_missing": true` in the json."""
+    audio, rate = sf.read(io.BytesIO(sample["wav"]), dtype="int16")
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros_like(audio), rate, format="WAV", subtype="PCM_16")
+    meta = json.loads(sample["json"]) | {"audio_missing": True}
+    return sample | {"wav": buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
 def write_shard_dir(out: Path, sizes: list[int], group: str = "all", num_frames: int = 4, size: int = 32,
-                    seconds: float = 0.64, labelled: bool = True, first_index: int = 0) -> list[str]:
+                    seconds: float = 0.64, labelled: bool = True, first_index: int = 0,
+                    no_audio: frozenset[int] = frozenset()) -> list[str]:
     """Shards `<group>-%06d.tar` holding `sizes[i]` samples each plus index.json; returns their paths.
 
-    Keys are `c{global index:04d}_w000`; label = index % 6 when `labelled`.
+    Keys are `c{global index:04d}_w000`; label = index % 6 when `labelled`; the samples whose global
+    index is in `no_audio` are written `without_audio`.
     """
     out.mkdir(parents=True, exist_ok=True)
     urls, entries, k = [], [], first_index
@@ -51,8 +63,9 @@ def write_shard_dir(out: Path, sizes: list[int], group: str = "all", num_frames:
         name = f"{group}-{i:06d}.tar"
         with wds.TarWriter(str(out / name)) as sink:
             for _ in range(n):
-                sink.write(make_sample(f"c{k:04d}_w000", num_frames, size, seconds,
-                                       label=(k % 6) if labelled else None, seed=k))
+                sample = make_sample(f"c{k:04d}_w000", num_frames, size, seconds,
+                                     label=(k % 6) if labelled else None, seed=k)
+                sink.write(without_audio(sample) if k in no_audio else sample)
                 k += 1
         urls.append(str(out / name))
         entries.append({"name": name, "group": group, "samples": n})

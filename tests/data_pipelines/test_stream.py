@@ -329,3 +329,18 @@ def test_garbage_stored_fbank_is_a_counted_corrupt_sample_not_a_silent_fallback(
     assert keys(out) == ["c00_w000", "c03_w000"] and out[-1]["stream"]["corrupt"] == 2
     reasons = [e["reason"] for e in read_corrupt_logs(tmp_path / "log")]
     assert len(reasons) == 2 and all("fbank.npy" in r for r in reasons)
+
+
+def test_the_audio_present_flag_and_a_blank_fbank_reach_the_batch_for_clips_without_audio(tmp_path):
+    no_audio = frozenset({1, 4, 5})
+    urls = write_shard_dir(tmp_path, [4, 4], no_audio=no_audio)
+    for stream in (eval_pipeline(urls, CFG, rank=0, world_size=1), pretrain_pipeline(urls, CFG, rank=0, world_size=1)):
+        out = batches(stream, workers=0)
+        for batch in out:
+            present = batch["audio_present"]
+            assert present.dtype == torch.bool and present.shape == (len(batch["key"]),)
+            for key, flag, fbank in zip(batch["key"], present.tolist(), batch["fbank"]):
+                assert flag == (int(key[1:5]) not in no_audio), key
+                # no audio: the zeros of drop_modality, not the log-mel floor of the zero waveform
+                assert fbank.eq(0).all() if not flag else fbank.abs().sum() > 0, key
+        assert any(not b["audio_present"].all() for b in out) and any(b["audio_present"].any() for b in out)
