@@ -27,11 +27,13 @@ from finetune.heads import pool_tokens
 from pretrain.encoders import normalize_video
 
 
-def clip_inputs(video: Path, spec: dict, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a clip -> uint8 video `(W, T, 3, S, S)` and normalised fbank `(W, F, M)`, one row per window."""
+def clip_inputs(video: Path, spec: dict, max_windows: int | None = None,
+                allow_missing_audio: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Decode a clip -> uint8 video `(W, T, 3, S, S)`, normalised fbank `(W, F, M)` (one row per
+    window) and whether it has audio (False only for a clip without any, when allowed)."""
     sampling = SamplingConfig(num_frames=spec["num_frames"], frame_stride=spec["frame_stride"],
                               img_size=spec["img_size"], max_windows=max_windows, sample_rate=spec["sample_rate"])
-    clip = decode_clip(Path(video), sampling)
+    clip = decode_clip(Path(video), sampling, allow_missing_audio=allow_missing_audio)
     fb = spec["fbank"]
     fbank_cfg = FbankConfig(sample_rate=spec["sample_rate"], mel_bins=fb["mel_bins"], fbank_frames=fb["fbank_frames"],
                             mean=fb["mean"], std=fb["std"])
@@ -39,7 +41,7 @@ def clip_inputs(video: Path, spec: dict, max_windows: int | None = None) -> tupl
     # The fbank of the real audio only, zero-padded after (HiCMAE; `samples.real_samples` does the same).
     fbank = torch.stack([waveform_to_fbank(torch.from_numpy(w.audio[: len(w.audio) - w.audio_padded]), fbank_cfg)
                          for w in clip.windows])
-    return frames, fbank
+    return frames, fbank, not clip.audio_missing
 
 
 def blank_missing_audio(fbank: torch.Tensor, audio_present: torch.Tensor | None) -> torch.Tensor:
@@ -75,19 +77,23 @@ def embed_batch(encoder: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="emomae embed", description=__doc__.splitlines()[0])
-    parser.add_argument("video", help="video file with an audio track (mp4, mpg, flv, ...)")
+    parser.add_argument("video", help="video file (mp4, mpg, flv, ...), normally with an audio track")
     parser.add_argument("--encoder", required=True, help="export folder written by `emomae export`")
     parser.add_argument("--out", help="save the embedding as .npy instead of printing it")
     parser.add_argument("--max-windows", type=int, default=None, help="windows per clip (default: all)")
+    parser.add_argument("--allow-missing-audio", action="store_true",
+                        help="embed a video without any audio with its audio input blanked (as the shards do)")
     args = parser.parse_args(argv)
     try:
         spec = read_export_config(args.encoder)["input"]
         encoder = load_encoder(args.encoder)
-        video, fbank = clip_inputs(Path(args.video), spec, args.max_windows)
+        video, fbank, has_audio = clip_inputs(Path(args.video), spec, args.max_windows, args.allow_missing_audio)
     except (ExportError, DecodeError) as err:
         print(f"emomae embed: {err}", file=sys.stderr)
         return 1
-    emb = embed_clip(encoder, video, fbank)
+    if not has_audio:
+        print(f"emomae embed: {args.video} has no audio; its audio input is blanked", file=sys.stderr)
+    emb = embed_clip(encoder, video, fbank, torch.full((video.shape[0],), has_audio))
     if args.out:
         np.save(args.out, emb)
         print(f"saved a ({emb.shape[0]},) embedding of {video.shape[0]} window(s) to {args.out}")

@@ -171,7 +171,8 @@ class InjectModule(PretrainModule):
         has_caption = batch["has_caption"].to(video.device).bool()
         generator = self.mask_generator()
         self._micro_batches += 1
-        out = self.model(video, fbank, generator)  # the stage-1 objectives, unchanged
+        # the stage-1 objectives, unchanged; clips without audio stay out of its audio and contrastive terms
+        out = self.model(video, fbank, generator, audio_present=batch.get("audio_present"))
         stage1_loss, terms, enc = out.loss, dict(out.terms), out.encoded
 
         cfg = self.inject_cfg

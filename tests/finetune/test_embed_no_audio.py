@@ -65,3 +65,37 @@ def test_embed_blanks_the_audio_of_each_flagged_window_whatever_fbank_it_carries
     torch.testing.assert_close(torch.from_numpy(clip), per_window.mean(0))
     # the blanking changes the embedding: without the flags the audio would have counted
     assert not torch.allclose(torch.from_numpy(embed_clip(encoder, video, fbank)), per_window.mean(0))
+
+
+def test_emomae_embed_on_a_video_without_audio_blanks_its_audio_when_allowed(encoder, realdata_dir, tmp_path,
+                                                                            capsys):
+    import av
+    import numpy as np
+
+    from finetune.embed import clip_inputs
+    from finetune.embed import main as embed_main
+    from finetune.export import input_spec, save_export
+
+    source = realdata_dir / "voxceleb2_pcavs" / "00015.mp4"
+    mute = tmp_path / "mute.mp4"  # the same video stream, no audio stream (copied, not re-encoded)
+    with av.open(str(source)) as inp, av.open(str(mute), "w") as out:
+        (video_in,) = inp.streams.video
+        video_out = out.add_stream_from_template(video_in)
+        for packet in inp.demux(video_in):
+            if packet.dts is not None:
+                packet.stream = video_out
+                out.mux(packet)
+    export = save_export(encoder, encoder.cfg.to_dict(), input_spec({}, encoder.cfg.to_dict()), tmp_path / "export",
+                         "test")
+    spec = input_spec({}, encoder.cfg.to_dict())
+
+    assert embed_main([str(mute), "--encoder", str(export)]) == 1
+    assert "--allow-missing-audio" in capsys.readouterr().err
+    assert embed_main([str(mute), "--encoder", str(export), "--allow-missing-audio", "--out", str(tmp_path / "e.npy"),
+                       "--max-windows", "2"]) == 0
+    assert "has no audio; its audio input is blanked" in capsys.readouterr().err
+    video, fbank, has_audio = clip_inputs(source, spec, max_windows=2)  # the clip with its audio, same frames
+    assert has_audio
+    expected = missing_modality_embedding(encoder, video, fbank, "video").mean(0)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected.numpy(), window_embeddings(encoder, video, fbank).mean(0).numpy(), atol=1e-4)
