@@ -17,6 +17,7 @@ order) and builds the fbank as before. The batch carries, instead of `video`, a 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -129,32 +130,41 @@ class JpegBatchBuilder(BatchBuilder):
         self.rows.append(sample)
 
     def build(self) -> dict:
-        rows = len(self.rows)
         self.video = torch.empty(0, 0, 0, 0, 0, dtype=torch.uint8)  # the base class slices it; dropped below
         batch = super().build()
         del batch["video"]
-        batch["jpeg"] = {**self.frame_bytes(), **self.aug_tensors(rows), "frame_hw": torch.tensor(self.frame_hw),
-                         "num_frames": self.num_frames, "img_size": self.img_size, "train": self.train}
+        batch["jpeg"] = {**self.jpeg_tensors(), "num_frames": self.num_frames, "img_size": self.img_size,
+                         "train": self.train}
         return batch
 
-    def frame_bytes(self) -> dict[str, Tensor]:
-        """All frames' bytes in one (shared-memory) uint8 tensor, and where each frame starts."""
-        lengths = torch.tensor([0] + [len(f) for f in self.frames], dtype=torch.int64)
-        offsets = lengths.cumsum(0)
-        data = batch_tensor((int(offsets[-1]),), torch.uint8)
-        data.numpy()[:] = np.frombuffer(b"".join(self.frames), dtype=np.uint8)  # ~10 kB per frame
-        return {"data": data, "offsets": offsets}
+    def jpeg_tensors(self) -> dict[str, Tensor]:
+        """The frames' bytes, their offsets and every clip's drawn augmentation, all in one buffer."""
+        rows, lengths = len(self.rows), [len(f) for f in self.frames]
+        out = tensors_in_one_buffer({
+            "data": ((sum(lengths),), torch.uint8), "offsets": ((len(lengths) + 1,), torch.int64),
+            "frame_hw": ((rows, 2), torch.int64), "crop": ((rows, 4), torch.int64), "flip": ((rows,), torch.bool),
+            "jitter": ((rows, 3), torch.float32), "jitter_order": ((rows, 3), torch.int64)})
+        out["data"].numpy()[:] = np.frombuffer(b"".join(self.frames), dtype=np.uint8)  # ~10 kB per frame
+        out["offsets"].copy_(torch.tensor([0, *lengths]).cumsum(0))
+        out["frame_hw"].copy_(torch.tensor(self.frame_hw))
+        no_jitter = ((float("nan"),) * 3, (0, 0, 0))  # NaN factors: none drawn (eval, or color_jitter=0)
+        jitters = [no_jitter if aug is None or aug.jitter is None else aug.jitter for aug in self.augs]
+        out["crop"].copy_(torch.tensor([(0, 0, 0, 0) if aug is None else aug.crop for aug in self.augs]))
+        out["flip"].copy_(torch.tensor([aug is not None and bool(aug.flip) for aug in self.augs]))
+        out["jitter"].copy_(torch.tensor([factors for factors, _ in jitters]))
+        out["jitter_order"].copy_(torch.tensor([order for _, order in jitters]))
+        return out
 
-    def aug_tensors(self, rows: int) -> dict[str, Tensor]:
-        crop = torch.zeros(rows, 4, dtype=torch.int64)
-        flip = torch.zeros(rows, dtype=torch.bool)
-        jitter = torch.full((rows, 3), float("nan"))
-        order = torch.zeros(rows, 3, dtype=torch.int64)
-        for b, aug in enumerate(self.augs):
-            if aug is None:
-                continue
-            crop[b] = torch.tensor(aug.crop)
-            flip[b] = bool(aug.flip)
-            if aug.jitter is not None:
-                jitter[b], order[b] = torch.tensor(aug.jitter[0]), torch.tensor(aug.jitter[1])
-        return {"crop": crop, "flip": flip, "jitter": jitter, "jitter_order": order}
+
+def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
+    worker, `samples.batch_tensor`): a batch then sends one segment instead of one per tensor, and
+    each segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
+    starts, end = {}, 0
+    for name, (shape, dtype) in specs.items():
+        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        starts[name] = end
+        end += math.prod(shape) * dtype.itemsize
+    buffer = batch_tensor((end,), torch.uint8)
+    return {name: buffer[starts[name]:starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, (shape, dtype) in specs.items()}

@@ -41,6 +41,7 @@ from data_pipelines.augment import VideoAugConfig
 from data_pipelines.corrupt import CorruptLog, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
+from data_pipelines.jpeg_bytes import JpegBatchBuilder, JpegBytesDecoder
 from data_pipelines.samples import BatchBuilder, SampleDecoder
 from data_pipelines.tar_reader import tar_samples
 
@@ -225,15 +226,11 @@ def batch_samples(samples: Iterable[dict], batch_size: int, partial: bool,
 
 def sample_decoder(cfg: StreamConfig, train: bool) -> SampleDecoder:
     """The decoding `SampleDecoder`, or with `cfg.jpeg_bytes` the one that ships JPEG bytes."""
-    from data_pipelines.jpeg_bytes import JpegBytesDecoder
-
     return JpegBytesDecoder(cfg, train) if cfg.jpeg_bytes else SampleDecoder(cfg, train)
 
 
 def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilder]:
     """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples."""
-    from data_pipelines.jpeg_bytes import JpegBatchBuilder
-
     if not cfg.jpeg_bytes:
         return BatchBuilder
     return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train)
