@@ -10,16 +10,22 @@ Then, in one process with one thread (what one DataLoader worker has), for both 
 - fbank: `torchaudio.compliance.kaldi.fbank` vs the vectorised path vs reading the stored one;
 - the random-resized-crop resize alone (part of pretrain mode's cost, not overhead);
 - the eval and pretrain loaders through a real `DataLoader(num_workers=1)`: the worker's CPU time
-  per clip, where batches are built in shared memory and sent to the main process.
+  per clip, where batches are built in shared memory and sent to the main process;
+- the JPEG-bytes loaders that feed decoding on the GPU (`data.decode_device`, StreamConfig.jpeg_bytes):
+  read tar + check JPEG headers + draw the augmentation + fbank + batch the bytes, no pixel decoded;
+- CPU cores needed per GPU for each path, at the clips/s one GPU trains: bench_pretrain.json's
+  measured CUDA rate when it has a cuda row, else its FLOPs per clip (forward + backward, `base`) at an
+  assumed MFU of a named GPU (`--gpu-tflops`, `--mfu`; default 40 % of an H100 SXM's 989 dense bf16
+  TFLOP/s). The GPU's own decode cost is not in these figures.
 
 Rates are clips per CPU-second of the process doing the work (see `timed`); each figure is the
 median of `--rounds` interleaved rounds, so a burst of load on a shared machine hits every path alike.
 Wall-clock rates are recorded too.
 
-The target (DESIGN.md section 6) is loader / raw decode >= 0.7. Prints a table and writes
-benchmarks/results/bench_loader.json.
+Targets: loader / raw decode >= 0.7 (DESIGN.md section 6); JPEG-bytes worker >= 2,000 clips/s
+(issue 15). Prints a table and writes benchmarks/results/bench_loader.json.
 
-    python benchmarks/bench_loader.py [--clips 11] [--seconds 2] [--rounds 3]
+    python benchmarks/bench_loader.py [--clips 11] [--seconds 2] [--rounds 3] [--gpu-tflops 989 --mfu 0.4]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -57,6 +64,8 @@ from data_pipelines.shards import ShardConfig, shard_urls, write_shards  # noqa:
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline  # noqa: E402
 
 REALDATA = REPO / ".." / "shared" / "realdata"
+PRETRAIN_RESULTS = REPO / "benchmarks" / "results" / "bench_pretrain.json"
+BYTES_TARGET = 2000  # clips/s per worker on the JPEG-bytes path (issue 15)
 # 224 x 224 face crops at 25 fps with 16 kHz audio: the VoxCeleb2-like clips pretraining sees.
 CLIP_FOLDER = "voxceleb2_pcavs"
 
@@ -128,18 +137,45 @@ def raw_jpeg_bytes(urls: list[str]) -> list[list[bytes]]:
     return list(clips.values())
 
 
+def gpu_demand(results_file: Path, size: str, gpu_tflops: float, mfu: float) -> dict:
+    """Clips/s one GPU trains at `size`: a measured CUDA row of bench_pretrain.json, else its FLOPs
+    per clip (forward + backward, counted by op) at `mfu` of `gpu_tflops`."""
+    if not results_file.is_file():
+        raise SystemExit(f"{results_file} not found: run benchmarks/bench_pretrain.py first")
+    rows = [r for r in json.loads(results_file.read_text())["rows"] if r["size"] == size]
+    cuda = [r for r in rows if str(r["device"]).startswith("cuda")]
+    if cuda:
+        return {"clips_per_s": cuda[0]["clips_per_s"], "source": f"measured on {cuda[0]['device']}, batch "
+                f"{cuda[0]['batch']}, {cuda[0]['dtype']} (bench_pretrain.json)"}
+    if not rows:
+        raise SystemExit(f"{results_file} has no row for size {size!r}: run bench_pretrain.py --sizes {size}")
+    gflops = rows[0]["gflops_per_clip"]
+    return {"clips_per_s": mfu * gpu_tflops * 1e3 / gflops, "gflops_per_clip_fwd_bwd": gflops,
+            "source": f"assumed: {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s (H100 SXM dense bf16 by default) / "
+                      f"{gflops:.1f} GFLOPs per clip forward + backward ({size}, bench_pretrain.json, counted on CPU)"}
+
+
+def cores_per_gpu(demand: float, worker_rates: dict[str, float]) -> dict[str, float]:
+    """Loader workers (one CPU core each) that one GPU needs on each path."""
+    return {name: round(demand / rate, 1) for name, rate in worker_rates.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=11, help="real clips to shard (all 11 VoxCeleb2-style ones)")
     p.add_argument("--seconds", type=float, default=2.0, help="minimum CPU time per measurement and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is their median")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_loader.json")
+    p.add_argument("--size", default="base", help="model size whose GPU step rate sets the demand")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="GPU peak (default: H100 SXM dense bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation on that GPU")
     args = p.parse_args(argv)
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    results: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                     "threads": 1, "rounds": args.rounds}
+    results: dict = {"command": " ".join(["python", "benchmarks/bench_loader.py", *(argv or sys.argv[1:])]),
+                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                     "threads": 1, "rounds": args.rounds, "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         writing, urls = {}, {}
         for name, precompute in (("fbank_npy", True), ("wav_only", False)):
@@ -165,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             # Ten passes over the shards per epoch, so per-epoch set-up is amortised as in real evaluation.
             return lambda: sum(len(b["key"]) for b in eval_pipeline(shards * 10, cfg, rank=0, world_size=1))
 
-        def pretrain_run(shards: list[str]) -> Callable[[], int]:
-            return lambda: sum(len(b["key"]) for b in pretrain_pipeline(shards, pretrain_cfg, rank=0, world_size=1))
+        def pretrain_run(shards: list[str], stream_cfg: StreamConfig = pretrain_cfg) -> Callable[[], int]:
+            return lambda: sum(len(b["key"]) for b in pretrain_pipeline(shards, stream_cfg, rank=0, world_size=1))
+
+        bytes_cfg = dataclasses.replace(cfg, jpeg_bytes=True)
+        bytes_pretrain_cfg = dataclasses.replace(pretrain_cfg, jpeg_bytes=True)
+
+        def eval_bytes_run(shards: list[str]) -> Callable[[], int]:
+            return lambda: sum(len(b["key"]) for b in eval_pipeline(shards * 10, bytes_cfg, rank=0, world_size=1))
 
         jpegs = raw_jpeg_bytes(urls["fbank_npy"])
 
@@ -191,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             "loader_pretrain": pretrain_run(urls["fbank_npy"]),
             "loader_eval_wav_only": eval_run(urls["wav_only"]),
             "loader_pretrain_wav_only": pretrain_run(urls["wav_only"]),
+            "loader_pretrain_jpeg_bytes": pretrain_run(urls["fbank_npy"], bytes_pretrain_cfg),
+            "loader_eval_jpeg_bytes": eval_bytes_run(urls["fbank_npy"]),
             "raw_jpeg_decode": raw_run,
             "random_resized_crop": crop_resize_run,
         }
@@ -217,12 +261,27 @@ def main(argv: list[str] | None = None) -> int:
         eval_urls = urls["fbank_npy"] * 10
         for name, make in (("loader_eval", lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1)),
                            ("loader_pretrain", lambda: pretrain_pipeline(urls["fbank_npy"], pretrain_cfg, rank=0,
-                                                                         world_size=1))):
+                                                                         world_size=1)),
+                           ("loader_pretrain_jpeg_bytes", lambda: pretrain_pipeline(
+                               urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1)),
+                           # the recipe's 40 clips per GPU: per-batch costs (shared-memory segments,
+                           # pickling, the queue) spread over 5x the clips
+                           ("loader_pretrain_jpeg_bytes_batch40", lambda: pretrain_pipeline(
+                               urls["fbank_npy"], dataclasses.replace(bytes_pretrain_cfg, batch_size=40,
+                                                                      epoch_length=8), rank=0, world_size=1))):
             clips, cpu = worker_timed(make, 800)
             worker_rates[name] = round(clips / cpu, 2)
         results["dataloader_worker_clips_per_s"] = worker_rates
         results["ratio_to_raw_decode"]["eval_dataloader_worker"] = round(worker_rates["loader_eval"] / raw, 3)
         results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(worker_rates["loader_pretrain"] / raw, 3)
+
+    demand = gpu_demand(PRETRAIN_RESULTS, args.size, args.gpu_tflops, args.mfu)
+    per_worker = {"cpu_pretrain": worker_rates["loader_pretrain"], "cpu_eval": worker_rates["loader_eval"],
+                  "jpeg_bytes_pretrain": worker_rates["loader_pretrain_jpeg_bytes"],
+                  "jpeg_bytes_pretrain_batch40": worker_rates["loader_pretrain_jpeg_bytes_batch40"]}
+    results["gpu_demand"] = {"size": args.size, **demand, "clips_per_s": round(demand["clips_per_s"], 1)}
+    results["cpu_cores_per_gpu"] = cores_per_gpu(demand["clips_per_s"], per_worker)
+    results["jpeg_bytes_target_clips_per_s"] = BYTES_TARGET
 
     wave = 0.1 * torch.randn(8, 40960, generator=torch.Generator().manual_seed(0))
     stored = [encode_log_mel(kaldi_fbank(w)) for w in wave]
@@ -266,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
          f"ratio {ratio['eval_dataloader_worker']:.3f}"),
         ("DataLoader worker, pretrain, fbank.npy", f"{worker_rates['loader_pretrain']:.1f} clips/s",
          f"ratio {ratio['pretrain_dataloader_worker']:.3f}"),
+        ("loader, pretrain, JPEG bytes (GPU decodes)", f"{rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
+         f"target {BYTES_TARGET}"),
+        ("loader, eval, JPEG bytes (GPU decodes)", f"{rates['loader_eval_jpeg_bytes']:.1f} clips/s", ""),
+        ("DataLoader worker, pretrain, JPEG bytes", f"{worker_rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
+         f"target {BYTES_TARGET}"),
+        ("DataLoader worker, pretrain, JPEG bytes, batch 40",
+         f"{worker_rates['loader_pretrain_jpeg_bytes_batch40']:.1f} clips/s", f"target {BYTES_TARGET}"),
         ("random resized crop alone", f"{per_clip['random_resized_crop']} ms/clip", "part of pretrain"),
         ("fbank, torchaudio kaldi", f"{fbank_ms['torchaudio_kaldi']} ms/clip", ""),
         ("fbank, vectorised per clip", f"{fbank_ms['vectorised_per_clip']} ms/clip", "loader without fbank.npy"),
@@ -280,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: loader / raw JPEG decode >= {results['target_ratio']}")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>16}  {note}")
+    print(f"GPU demand ({args.size}): {results['gpu_demand']['clips_per_s']} clips/s, {demand['source']}")
+    for name, cores in results["cpu_cores_per_gpu"].items():
+        print(f"  CPU cores (loader workers) per GPU, {name:<28} {cores:>7}  ({per_worker[name]:.1f} clips/s per worker)")
+    print("  the JPEG-bytes figure excludes the GPU's own decode and augmentation time")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")

@@ -5,6 +5,9 @@
 #
 # One line per check, PASS or FAIL, in this order:
 #   data       `emomae synth` (5 speakers x 6 classes x 2 clips, 160 px) + `emomae shards` (16 x 160 px)
+#   gpudecode  tests/data_pipelines/test_device_decode.py with CUDA: nvjpeg decode + crop/flip/jitter and
+#              eval resize on the GPU vs the CPU loader, bad JPEGs dropped by key, the datamodule on cuda
+#              (every pretraining run below decodes on the GPU too: data.decode_device=auto)
 #   tiny       `emomae pretrain` tiny, bf16-mixed, 30 steps (+ `emomae export` of it for the probes)
 #   precision  that bf16 run logged each deliberate fp32 computation once (pretrain/losses.py: note_fp32)
 #   base       `emomae pretrain` base, bf16-mixed, 30 steps
@@ -92,6 +95,13 @@ data() {
   echo "$(ls "$OUT"/data/synth/clips/*.mp4 | wc -l) clips, $(ls "$SHARDS"/*.tar | wc -l) shards"
 }
 
+gpudecode() {  # the device-parametrised tests; their "cuda" cases run only here
+  run "$PY" -m pytest -q -p no:cacheprovider tests/data_pipelines/test_device_decode.py -rs \
+      || { echo "tests/data_pipelines/test_device_decode.py failed"; return 1; }
+  tail -n 40 "$LOG" | grep -q "GPU check: needs CUDA" && { echo "GPU checks were skipped: CUDA not seen by pytest"; return 1; }
+  echo "decode on the GPU matches the CPU loader"
+}
+
 pretrain() {  # pretrain RUN SIZE STEPS [overrides...]: runs/RUN, configs/pretrain/SIZE.yaml
   local run_dir="$OUT/runs/$1" size=$2 steps=$3; shift 3
   run "${EMOMAE[@]}" pretrain "configs/pretrain/$size.yaml" "${COMMON[@]}" run_dir="$run_dir" \
@@ -177,6 +187,7 @@ finetune() {
 say "gpu_check: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)')"
 say "log: $LOG"
 check "data: emomae synth + emomae shards" data
+check "decode on the GPU (device tests)" gpudecode
 check "pretrain tiny bf16-mixed 30 steps + export" tiny
 check "precision: fp32 notes once in the bf16 run" precision
 check "pretrain base bf16-mixed 30 steps" pretrain base base 30

@@ -77,23 +77,54 @@ class VideoAugment:
 
     def __call__(self, video: Tensor, generator: torch.Generator) -> Tensor:
         """video: (T, C, H, W) uint8 -> (T, C, img_size, img_size) uint8."""
+        return self.apply(video, self.sample_params(video.shape[-2], video.shape[-1], generator))
+
+    def sample_params(self, height: int, width: int, generator: torch.Generator) -> ClipAugParams:
+        """One clip's parameters, drawn in a fixed order (crop, flip, jitter): the JPEG-bytes loader
+        draws them from the frame size alone and gets what the decoding loader gets."""
         cfg = self.cfg
-        top, left, h, w = sample_crop(video.shape[-2], video.shape[-1], cfg.crop_scale, cfg.crop_ratio, generator)
-        video = TF.resized_crop(video, top, left, h, w, [cfg.img_size, cfg.img_size], antialias=True)
-        if cfg.hflip > 0 and torch.rand(1, generator=generator).item() < cfg.hflip:
+        crop = sample_crop(height, width, cfg.crop_scale, cfg.crop_ratio, generator)
+        flip = cfg.hflip > 0 and torch.rand(1, generator=generator).item() < cfg.hflip
+        jitter = sample_jitter(cfg.color_jitter, generator) if cfg.color_jitter > 0 else None
+        return ClipAugParams(crop, flip, jitter)
+
+    def apply(self, video: Tensor, params: ClipAugParams) -> Tensor:
+        """The pixel work for drawn parameters, on whatever device `video` is."""
+        top, left, h, w = params.crop
+        video = TF.resized_crop(video, top, left, h, w, [self.cfg.img_size, self.cfg.img_size], antialias=True)
+        if params.flip:
             video = TF.horizontal_flip(video)
-        if cfg.color_jitter > 0:
-            video = color_jitter(video, cfg.color_jitter, generator)
+        if params.jitter is not None:
+            video = apply_jitter(video, *params.jitter)
         return video
+
+
+@dataclass(frozen=True)
+class ClipAugParams:
+    """A clip's drawn augmentation: crop box `(top, left, h, w)` in source pixels, flip, and the
+    jitter's (factors, order) or None."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool = False
+    jitter: tuple[tuple[float, float, float], tuple[int, int, int]] | None = None
+
+
+def sample_jitter(strength: float, generator: torch.Generator) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Brightness, contrast and saturation factors in [1 - s, 1 + s] and the order to apply them."""
+    factors = (1 - strength + 2 * strength * torch.rand(3, generator=generator)).clamp(min=0).tolist()
+    return tuple(factors), tuple(torch.randperm(3, generator=generator).tolist())
+
+
+def apply_jitter(video: Tensor, factors: tuple[float, ...], order: tuple[int, ...]) -> Tensor:
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in order:
+        video = ops[i](video, factors[i])
+    return video
 
 
 def color_jitter(video: Tensor, strength: float, generator: torch.Generator) -> Tensor:
     """Brightness, contrast and saturation by factors in [1 - s, 1 + s], applied in a random order."""
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    factors = (1 - strength + 2 * strength * torch.rand(3, generator=generator)).clamp(min=0).tolist()
-    for i in torch.randperm(3, generator=generator).tolist():
-        video = ops[i](video, factors[i])
-    return video
+    return apply_jitter(video, *sample_jitter(strength, generator))
 
 
 def eval_video_transform(video: Tensor, img_size: int) -> Tensor:

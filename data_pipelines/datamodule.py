@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from data_pipelines.augment import VideoAugConfig
+from data_pipelines.device_decode import DeviceFrameDecoder
 from data_pipelines.features import AUDIOSET_MEAN, AUDIOSET_STD, FbankConfig
 from data_pipelines.stream import (
     AVStream,
@@ -34,6 +35,8 @@ from data_pipelines.stream import (
     pretrain_pipeline,
     resolve_rank,
 )
+
+DECODE_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -67,6 +70,13 @@ class DataConfig:
     seed: int = 0
     error_log_dir: str | None = None  # corrupt-sample JSONL logs; None: log lines and counters only
     max_consecutive_errors: int = 200
+    # Where frames are decoded: auto (cuda when the Trainer runs on a GPU, else cpu), cpu (in the
+    # loader workers) or cuda (workers ship JPEG bytes, nvjpeg decodes them; docs/loader.md).
+    decode_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.decode_device not in DECODE_DEVICES:
+            raise ValueError(f"data.decode_device must be one of {list(DECODE_DEVICES)}, got {self.decode_device!r}")
 
     @classmethod
     def from_any(cls, cfg: DataConfig | dict | Any) -> DataConfig:
@@ -164,13 +174,14 @@ class AVDataModule(pl.LightningDataModule):
         self._resume: dict | None = None
         self._progress = {"epoch": 0, "batches": 0, "positions": []}
         self.corrupt_counts: dict[str, dict[int, int]] = {"pretrain": {}, "eval": {}}
+        self.frame_decoder: DeviceFrameDecoder | None = None  # set by the loaders when frames decode on a GPU
 
     # ------------------------------------------------------------ loaders
 
     def train_dataloader(self) -> StreamLoader:
         cfg = self.cfg
         urls = self._urls(cfg.train_groups)
-        stream = pretrain_pipeline(urls, cfg.stream(train=True), sample_filter=self.filters["train"],
+        stream = pretrain_pipeline(urls, self._stream_config(train=True), sample_filter=self.filters["train"],
                                    log_dir=cfg.error_log_dir, **self._ranks())
         return StreamLoader(stream, on_iter=self._begin_train_epoch,
                             on_batch=None if self.trainer is not None else self._consumed,
@@ -185,10 +196,31 @@ class AVDataModule(pl.LightningDataModule):
     def _eval_loader(self, groups: list[str] | None, split: str) -> StreamLoader | list:
         if groups is None:
             return []
-        stream = eval_pipeline(self._urls(groups), self.cfg.stream(train=False), sample_filter=self.filters[split],
+        stream = eval_pipeline(self._urls(groups), self._stream_config(train=False), sample_filter=self.filters[split],
                                log_dir=self.cfg.error_log_dir, **self._ranks())
         return StreamLoader(stream, on_batch=None if self.trainer is not None else self._count_corrupt,
                             **self._loader_kwargs(persistent=self.cfg.num_workers > 0))
+
+    def _stream_config(self, train: bool) -> StreamConfig:
+        """`cfg.stream(train)`, shipping JPEG bytes when frames are decoded on a GPU."""
+        device = self._decode_device()
+        if device is None:
+            return self.cfg.stream(train)
+        if self.frame_decoder is None or self.frame_decoder.device != device:
+            self.frame_decoder = DeviceFrameDecoder(device)
+        return dataclasses.replace(self.cfg.stream(train), jpeg_bytes=True)
+
+    def _decode_device(self) -> torch.device | None:
+        """The GPU that decodes frames, or None when the loader workers do (data.decode_device)."""
+        choice = self.cfg.decode_device
+        root = self.trainer.strategy.root_device if self.trainer is not None else None
+        if choice == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("data.decode_device=cuda but CUDA is not available here; use auto or cpu")
+            return root if root is not None and root.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        if choice == "auto" and root is not None and root.type == "cuda":
+            return root
+        return None
 
     def _urls(self, groups: list[str] | None) -> list[str]:
         urls = resolve_shards(self.cfg.shards, groups)
@@ -235,12 +267,15 @@ class AVDataModule(pl.LightningDataModule):
         self._progress = {"epoch": epoch, "batches": start.batches, "positions": list(start.positions)}
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning calls this when a batch is about to be used (after its prefetching)."""
+        """Lightning calls this when a batch is about to be used (after its prefetching). A batch of
+        JPEG bytes is decoded here, straight onto the GPU: nvjpeg reads the bytes from host memory."""
         if isinstance(batch, dict) and "stream" in batch:
             if self.trainer is not None and self.trainer.training:
                 self._consumed(batch)
             else:
                 self._count_corrupt(batch)
+        if isinstance(batch, dict) and "jpeg" in batch:
+            batch = self.frame_decoder(batch)
         return batch
 
     def _consumed(self, batch: dict) -> None:

@@ -41,6 +41,7 @@ from data_pipelines.augment import VideoAugConfig
 from data_pipelines.corrupt import CorruptLog, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
+from data_pipelines.jpeg_bytes import JpegBatchBuilder, JpegBytesDecoder
 from data_pipelines.samples import BatchBuilder, SampleDecoder
 from data_pipelines.tar_reader import tar_samples
 
@@ -74,6 +75,9 @@ class StreamConfig:
     # A worker that meets this many corrupt samples in a row stops with an error: that is a wrong
     # config (e.g. num_frames) or a broken dataset, not an occasional bad clip.
     max_consecutive_errors: int = 200
+    # Workers ship undecoded JPEG bytes + drawn augmentation; the frames are decoded on the device
+    # (jpeg_bytes.py, device_decode.py, docs/loader.md).
+    jpeg_bytes: bool = False
 
 
 # ---------------------------------------------------------------- who am I
@@ -206,17 +210,30 @@ def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], erro
         yield sample
 
 
-def batch_samples(samples: Iterable[dict], batch_size: int, partial: bool) -> Iterator[dict]:
+def batch_samples(samples: Iterable[dict], batch_size: int, partial: bool,
+                  new_builder: Callable[[int], BatchBuilder] = BatchBuilder) -> Iterator[dict]:
     """Stage: decoded samples -> batches, each sample copied into the batch tensors on arrival
-    (`samples.BatchBuilder`); `partial` keeps a short last batch."""
-    builder = BatchBuilder(batch_size)
+    (`samples.BatchBuilder`, or `new_builder(batch_size)`); `partial` keeps a short last batch."""
+    builder = new_builder(batch_size)
     for sample in samples:
         builder.add(sample)
         if builder.full:
             yield builder.build()
-            builder = BatchBuilder(batch_size)
+            builder = new_builder(batch_size)
     if partial and len(builder):
         yield builder.build()
+
+
+def sample_decoder(cfg: StreamConfig, train: bool) -> SampleDecoder:
+    """The decoding `SampleDecoder`, or with `cfg.jpeg_bytes` the one that ships JPEG bytes."""
+    return JpegBytesDecoder(cfg, train) if cfg.jpeg_bytes else SampleDecoder(cfg, train)
+
+
+def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilder]:
+    """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples."""
+    if not cfg.jpeg_bytes:
+        return BatchBuilder
+    return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train)
 
 
 def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:
@@ -298,7 +315,7 @@ class PretrainStream(AVStream):
         batches -= self.start.consumed(ctx.worker, W)
         if batches <= 0:
             return iter(())
-        decoder = SampleDecoder(cfg, train=True)
+        decoder = sample_decoder(cfg, train=True)
         shards = wds.ResampledShards(self.urls, seed=ctx.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True)
         return wds.DataPipeline(
             shards,
@@ -308,7 +325,7 @@ class PretrainStream(AVStream):
             number_samples,
             lambda src: skip_consumed(src, self.start.position(ctx.worker)),
             lambda src: decode_samples(src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors),
-            lambda src: batch_samples(src, cfg.batch_size, partial=False),
+            lambda src: batch_samples(src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True)),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=batches)
 
@@ -330,7 +347,7 @@ class EvalStream(AVStream):
         return exact_once_split(self.urls, sizes, ctx.slot, ctx.num_slots)
 
     def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
-        decoder = SampleDecoder(self.cfg, train=False)
+        decoder = sample_decoder(self.cfg, train=False)
         pieces = self.pieces(ctx)
         return wds.DataPipeline(
             lambda: iter(pieces),
@@ -338,7 +355,8 @@ class EvalStream(AVStream):
             lambda src: keep_samples(src, self.sample_filter, errors),
             number_samples,
             lambda src: decode_samples(src, decoder, errors),
-            lambda src: batch_samples(src, self.cfg.batch_size, partial=True),
+            lambda src: batch_samples(src, self.cfg.batch_size, partial=True,
+                                      new_builder=batch_builder(self.cfg, False)),
             lambda src: tag_batches(src, ctx, errors),
         )
 

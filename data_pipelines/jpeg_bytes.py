@@ -1,0 +1,170 @@
+"""Loader-worker side of decoding on the accelerator: samples -> batches of undecoded JPEG bytes.
+
+With `StreamConfig.jpeg_bytes` a worker reads the tar members, checks each frame's JPEG header,
+draws the clip's augmentation from the same per-sample seeded generator as the decoding path (crop
+box from the frame size in the header, then flip, jitter, audio gain: the same draws in the same
+order) and builds the fbank as before. The batch carries, instead of `video`, a `jpeg` dict:
+
+- `data`: every frame's bytes concatenated, uint8 (shared memory in a worker, like `BatchBuilder`);
+- `offsets`: int64 `(B * T + 1,)`, frame `b * T + t` is `data[offsets[i]:offsets[i + 1]]`;
+- `frame_hw`: int64 `(B, 2)` source frame size; `crop`: int64 `(B, 4)` `(top, left, h, w)`;
+- `flip`: bool `(B,)`; `jitter`: float32 `(B, 3)` factors (NaN: none); `jitter_order`: int64 `(B, 3)`;
+- `num_frames`, `img_size`: ints; `train`: bool (train: random resized crop, eval: resize + centre crop).
+
+`device_decode.decode_jpeg_batch` turns it into `video` on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data_pipelines.augment import ClipAugParams
+from data_pipelines.samples import (
+    FRAME_MEMBER,
+    BatchBuilder,
+    CorruptSampleError,
+    SampleDecoder,
+    batch_tensor,
+    parse_label,
+)
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic); not DHT (C4), JPG (C8), DAC (CC).
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and RST0-7.
+STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header, without decoding it.
+
+    Raises CorruptSampleError for what a worker can see cheaply: no SOI, no SOF before the scan, a
+    header cut short, or no EOI at the end (a truncated file). Damage inside the entropy-coded data
+    shows only when decoding; `device_decode` handles that per clip.
+    """
+    if data[:2] != b"\xff\xd8":
+        raise CorruptSampleError("not a JPEG (no start-of-image marker)")
+    if data[-2:] != b"\xff\xd9":
+        raise CorruptSampleError("truncated JPEG (no end-of-image marker)")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise CorruptSampleError(f"bad JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in SOF_MARKERS:
+            if pos + 9 > len(data):
+                break
+            return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+        if marker == 0xDA:  # start of scan before any frame header
+            break
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    raise CorruptSampleError("JPEG has no readable frame header")
+
+
+class JpegBytesDecoder(SampleDecoder):
+    """Raw sample -> `{jpeg_frames, frame_hw, aug, fbank, label, ...}`: no pixel is decoded here."""
+
+    def __call__(self, raw: dict, seed: int = 0) -> dict:
+        meta = raw.get("__meta__") or json.loads(raw["json"])
+        frames = self.frame_bytes(raw)
+        height, width = self.frame_size(frames)
+        aug, gain_db = None, 0.0
+        if self.train:
+            generator = torch.Generator().manual_seed(seed)
+            aug = self.augment.sample_params(height, width, generator)
+            if self.cfg.audio_gain_db > 0:  # drawn after the video's parameters, as the decoding path does
+                gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
+        fbank = self.audio_features(raw, meta, gain_db, seed)
+        label, target = parse_label(meta.get("label"))
+        caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
+        return {"jpeg_frames": frames, "frame_hw": (height, width), "aug": aug, "fbank": fbank, "label": label,
+                "target": target, "key": raw["__key__"], "clip_key": str(meta.get("clip_key", raw["__key__"])),
+                "caption": caption, "__pos__": raw.get("__pos__", 0)}
+
+    def frame_bytes(self, raw: dict) -> list[bytes]:
+        """The `num_frames` JPEG members in order; a missing or extra frame is corrupt, as when decoding."""
+        frames = [raw.get(name) for name in self.frame_names]
+        present = sorted(k for k in raw if FRAME_MEMBER.match(k))
+        if any(f is None for f in frames) or len(present) != len(frames):
+            missing = sorted(set(self.frame_names) - set(present))
+            raise CorruptSampleError(
+                f"wrong frame count: has {len(present)} frame members, expected {self.cfg.num_frames}"
+                + (f" (missing {missing[:3]})" if missing else ""))
+        return frames
+
+    @staticmethod
+    def frame_size(frames: list[bytes]) -> tuple[int, int]:
+        sizes = {jpeg_frame_size(f) for f in frames}
+        if len(sizes) != 1:
+            raise CorruptSampleError(f"frames differ in size: {sorted(sizes)}")
+        return sizes.pop()
+
+
+class JpegBatchBuilder(BatchBuilder):
+    """`BatchBuilder` for `JpegBytesDecoder` samples: the batch's `jpeg` dict instead of `video`."""
+
+    def __init__(self, batch_size: int, num_frames: int, img_size: int, train: bool) -> None:
+        super().__init__(batch_size)
+        self.num_frames, self.img_size, self.train = num_frames, img_size, train
+        self.frames: list[bytes] = []
+        self.frame_hw: list[tuple[int, int]] = []
+        self.augs: list[ClipAugParams | None] = []
+
+    def add(self, sample: dict) -> None:
+        if self.fbank is None:
+            self.fbank = batch_tensor((self.batch_size, *sample["fbank"].shape), torch.float32)
+        self.fbank[len(self.rows)].copy_(sample.pop("fbank"))
+        self.frames += sample.pop("jpeg_frames")
+        self.frame_hw.append(sample.pop("frame_hw"))
+        self.augs.append(sample.pop("aug"))
+        self.rows.append(sample)
+
+    def build(self) -> dict:
+        self.video = torch.empty(0, 0, 0, 0, 0, dtype=torch.uint8)  # the base class slices it; dropped below
+        batch = super().build()
+        del batch["video"]
+        batch["jpeg"] = {**self.jpeg_tensors(), "num_frames": self.num_frames, "img_size": self.img_size,
+                         "train": self.train}
+        return batch
+
+    def jpeg_tensors(self) -> dict[str, Tensor]:
+        """The frames' bytes, their offsets and every clip's drawn augmentation, all in one buffer."""
+        rows, lengths = len(self.rows), [len(f) for f in self.frames]
+        out = tensors_in_one_buffer({
+            "data": ((sum(lengths),), torch.uint8), "offsets": ((len(lengths) + 1,), torch.int64),
+            "frame_hw": ((rows, 2), torch.int64), "crop": ((rows, 4), torch.int64), "flip": ((rows,), torch.bool),
+            "jitter": ((rows, 3), torch.float32), "jitter_order": ((rows, 3), torch.int64)})
+        out["data"].numpy()[:] = np.frombuffer(b"".join(self.frames), dtype=np.uint8)  # ~10 kB per frame
+        out["offsets"].copy_(torch.tensor([0, *lengths]).cumsum(0))
+        out["frame_hw"].copy_(torch.tensor(self.frame_hw))
+        no_jitter = ((float("nan"),) * 3, (0, 0, 0))  # NaN factors: none drawn (eval, or color_jitter=0)
+        jitters = [no_jitter if aug is None or aug.jitter is None else aug.jitter for aug in self.augs]
+        out["crop"].copy_(torch.tensor([(0, 0, 0, 0) if aug is None else aug.crop for aug in self.augs]))
+        out["flip"].copy_(torch.tensor([aug is not None and bool(aug.flip) for aug in self.augs]))
+        out["jitter"].copy_(torch.tensor([factors for factors, _ in jitters]))
+        out["jitter_order"].copy_(torch.tensor([order for _, order in jitters]))
+        return out
+
+
+def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
+    worker, `samples.batch_tensor`): a batch then sends one segment instead of one per tensor, and
+    each segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
+    starts, end = {}, 0
+    for name, (shape, dtype) in specs.items():
+        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        starts[name] = end
+        end += math.prod(shape) * dtype.itemsize
+    buffer = batch_tensor((end,), torch.uint8)
+    return {name: buffer[starts[name]:starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, (shape, dtype) in specs.items()}
