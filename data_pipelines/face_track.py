@@ -17,7 +17,9 @@ Rules, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -106,3 +108,25 @@ def face_track(frames: np.ndarray, detector, cfg: FaceConfig) -> FaceTrack:
     height, width = frames.shape[1:3]
     crops = np.array([square_in_frame(x, y, s * cfg.scale, width, height) for x, y, s in zip(cx, cy, side)])
     return FaceTrack(crops, detected, counts)
+
+
+def face_spec(shard_dir: Path) -> dict:
+    """The face step the shards in `shard_dir` were cut with, as an export's input spec records it
+    (`{"mode": "none"}` when they had none or their index.json cannot be read)."""
+    index = Path(shard_dir) / "index.json"
+    known = Path(shard_dir).name and index.is_file()  # Path("") is no shard folder (the run named none)
+    config = json.loads(index.read_text()).get("config", {}) if known else {}
+    if config.get("face", "none") != "auto":
+        return {"mode": "none"}
+    from data_pipelines.faces import detector_info
+
+    settings = FaceConfig(config.get("face_min_share", 0.5), config.get("face_scale", 1.3), config.get("face_smooth", 5))
+    detector = detector_info()
+    return {"mode": "auto", **asdict(settings), "detector": detector["model"], "sha256": detector["sha256"]}
+
+
+def face_config_of_spec(spec: dict | None) -> FaceConfig | None:
+    """The FaceConfig an export's `input.face` asks for; None for `mode: none` or an export without it."""
+    if not spec or spec.get("mode") != "auto":
+        return None
+    return FaceConfig(**{k: spec[k] for k in ("min_share", "scale", "smooth") if k in spec})
