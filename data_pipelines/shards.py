@@ -343,6 +343,12 @@ def _init_worker() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+    try:
+        import cv2  # face=auto: OpenCV's own thread pool would fight the other workers too
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
 
 
 def plan_shards(rows: list[ManifestRow], cfg: ShardConfig, captions: dict[str, str]) -> list[dict]:
