@@ -478,13 +478,15 @@ def track_or_skip(video: Path, frames: np.ndarray, face: FaceConfig) -> FaceTrac
     """The face track of a clip's sampled frames; DecodeError(kind="no_face") when the face is on
     fewer than `face.min_share` of them."""
     from data_pipelines.face_track import face_track
-    from data_pipelines.faces import FaceModelError, default_detector
+    from data_pipelines.faces import FULL_RANGE, SHORT_RANGE, FaceModelError, default_detector
 
     try:
-        detector = default_detector()
+        track = face_track(frames, default_detector(SHORT_RANGE), face)
+        if track.share < face.min_share:  # faces too far away for short range: a sixth of the frame or less
+            far = face_track(frames, default_detector(FULL_RANGE), face)
+            track = far if far.share > track.share else track
     except FaceModelError as err:
         raise DecodeError(f"{video}: {err}", kind="face_model") from err
-    track = face_track(frames, detector, face)
     if track.share < face.min_share or not track.detected.any():
         raise DecodeError(
             f"{video}: a face on {track.detected.sum()} of {len(track.detected)} sampled frames "

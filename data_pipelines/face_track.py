@@ -2,6 +2,9 @@
 and turn each frame's box into the square that the crop takes (docs/data.md, "Face crops").
 
 Rules, and why:
+- BlazeFace short range first; a clip where it finds a face on fewer than `min_share` of the frames
+  is detected again with the full-range model (faces under about a sixth of the frame's long side),
+  and the track with more face frames is kept.
 - Detection runs on the frames the windows use anyway (every `frame_stride` grid step, 6.25 per
   second by default): no extra decoding, and every written frame has its own box.
 - Two or more faces: the largest is kept (in talking-head data the speaker is nearest the camera);
@@ -50,6 +53,7 @@ class FaceTrack:
     crops: np.ndarray  # (K, 4) float x0 y0 x1 y1 of the square crop, source pixels
     detected: np.ndarray  # (K,) bool: the detector found a face on the frame
     faces_per_frame: np.ndarray  # (K,) int
+    detector: str = ""  # the model that made it
 
     @property
     def share(self) -> float:
@@ -99,15 +103,16 @@ def face_track(frames: np.ndarray, detector, cfg: FaceConfig) -> FaceTrack:
     are NaN (the caller skips the clip by its share)."""
     boxes, counts = largest_boxes(frames, detector)
     detected = ~np.isnan(boxes[:, 0])
+    name = detector.model.name if hasattr(detector, "model") else type(detector).__name__
     if not detected.any():
-        return FaceTrack(boxes, detected, counts)
+        return FaceTrack(boxes, detected, counts, name)
     boxes = fill_gaps(boxes)
     geometry = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
                          np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])], axis=1)
     cx, cy, side = running_median(geometry, cfg.smooth).T
     height, width = frames.shape[1:3]
     crops = np.array([square_in_frame(x, y, s * cfg.scale, width, height) for x, y, s in zip(cx, cy, side)])
-    return FaceTrack(crops, detected, counts)
+    return FaceTrack(crops, detected, counts, name)
 
 
 def face_spec(shard_dir: Path) -> dict:

