@@ -254,7 +254,7 @@ def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None)
 def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
     """What the run summary counts about a written clip (kept in progress.jsonl with its shard); None
     for a plain video file with its audio, so a million-clip run keeps a small journal."""
-    face = clip.face_track
+    face = clip.face_track if is_notable_face_track(clip.face_track) else None
     if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial
                                              or face is not None):
         return None
@@ -270,6 +270,12 @@ def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
     return report
 
 
+def is_notable_face_track(track) -> bool:
+    """A track the summary lists by clip: a face on fewer than all frames, two faces, or found only by
+    the full-range model (each sample's json has every clip's track; the journal stays small)."""
+    return track is not None and (track.share < 1.0 or track.multi_face or "full-range" in track.detector)
+
+
 # ---------------------------------------------------------------- one shard (a pool task)
 
 
@@ -282,7 +288,7 @@ def _write_shard(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["name"]
     tmp = out_dir / f".{task['name']}.{os.getpid()}.tmp"
-    errors, media, samples, clips, captions = [], [], 0, 0, 0
+    errors, media, samples, clips, captions, face_clips = [], [], 0, 0, 0, 0
     # A whole-second mtime keeps headers plain ustar: float mtimes add a pax header to every member,
     # which doubles the headers a loader parses.
     with one_torch_thread(), wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:
@@ -306,6 +312,7 @@ def _write_shard(task: dict) -> dict:
                 sink.write(s)
             samples += len(items)
             clips += 1
+            face_clips += clip.face_track is not None
             captions += len(items) if caption else 0
     os.replace(tmp, final)
     return {
@@ -315,6 +322,7 @@ def _write_shard(task: dict) -> dict:
         "samples": samples,
         "clips": clips,
         "captions": captions,
+        "face_clips": face_clips,
         "errors": errors,
         "media": media,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -480,7 +488,8 @@ FACE_POLICY = (
 
 
 def face_summary(records: list[dict], cfg: ShardConfig) -> dict:
-    """provenance.json's `face`: the detector, the settings, and per written clip its face share."""
+    """provenance.json's `face`: the detectors, the settings, the clips cropped to their face, and those
+    with a face on fewer than all sampled frames (share), two faces, or found by the full-range model."""
     if cfg.face == "none":
         return {"mode": "none"}
     from data_pipelines.faces import detector_info
@@ -488,8 +497,9 @@ def face_summary(records: list[dict], cfg: ShardConfig) -> dict:
     reports = [m for rec in records for m in rec.get("media", []) if "face_share" in m]
     skipped = sum(err.get("kind") == "no_face" for rec in records for err in rec["errors"])
     return {"mode": "auto", "detector": detector_info(), "settings": asdict(cfg.face_config()), "policy": FACE_POLICY,
-            "clips": len(reports), "multi_face": sorted(m["key"] for m in reports if m["multi_face"]),
-            "no_face_skipped": skipped, "share": {m["key"]: m["face_share"] for m in reports},
+            "clips": sum(rec.get("face_clips", 0) for rec in records),
+            "multi_face": sorted(m["key"] for m in reports if m["multi_face"]), "no_face_skipped": skipped,
+            "share_below_1": {m["key"]: m["face_share"] for m in reports if m["face_share"] < 1.0},
             "full_range": sorted(m["key"] for m in reports if "full-range" in m.get("face_detector", ""))}
 
 

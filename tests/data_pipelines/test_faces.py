@@ -232,7 +232,8 @@ def test_provenance_names_the_detector_its_sha256_and_the_settings(face_shards):
     assert face["detector"]["sha256"] == hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest()
     assert "BlazeFace" in face["detector"]["model"] and "OpenCV" in face["detector"]["runtime"]
     assert face["settings"] == {"min_share": 0.5, "scale": 1.3, "smooth": 5}
-    assert face["share"]["twofaces"] == 1.0 and len(face["share"]) == 6 and "boxed" not in face["share"]  # bbox: no step
+    assert face["clips"] == 6  # every written clip but the one with a manifest bbox
+    assert face["share_below_1"] == {}  # the face is on every sampled frame of each
     shas = {m["file"]: m["sha256"] for m in face["detector"]["models"]}
     assert shas["face_detection_full_range.tflite"] == hashlib.sha256(FULL_RANGE.path.read_bytes()).hexdigest()
     assert face["full_range"] == ["farface"]
@@ -243,8 +244,8 @@ def test_the_built_in_synthetic_faces_shard_with_face_auto(synth_manifest, tmp_p
     manifest = write_manifest(rows, tmp_path / "manifest.csv")
     index = write_shards(manifest, tmp_path / "shards", CFG, workers=1, progress=False)
     assert index["totals"]["clips"] == 6 and index["totals"]["skipped"] == {}
-    shares = json.loads((tmp_path / "shards" / "provenance.json").read_text())["face"]["share"]
-    assert min(shares.values()) >= 0.9
+    face = json.loads((tmp_path / "shards" / "provenance.json").read_text())["face"]
+    assert face["clips"] == 6 and min(face["share_below_1"].values(), default=1.0) >= 0.9
 
 
 def test_preview_writes_a_contact_sheet_of_n_clips_and_no_shards(face_shards, tmp_path, capsys):
