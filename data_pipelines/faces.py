@@ -3,7 +3,7 @@ importer (no torch, no tensorflow; the optional `emomae[face]` extra).
 
 Two models ship in `face_models/` (see its README): short range (128 x 128 input, 896 SSD anchors;
 faces from about a sixth of the frame's long side up) and full range (192 x 192, 2304 anchors; faces
-down to about 1/30 of it, ~3x slower). Each takes an RGB image in [-1, 1] and scores fixed anchors;
+down to about 1/18 of it, ~3x slower). Each takes an RGB image in [-1, 1] and scores fixed anchors;
 each anchor regresses a box and six keypoints in input pixels. The frame is letterboxed into the
 square (as MediaPipe does, so a wide frame keeps its aspect ratio), boxes are decoded against the
 anchors, thresholded, and overlapping boxes are merged by weighted NMS (MediaPipe's face-detection
