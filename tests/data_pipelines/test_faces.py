@@ -5,6 +5,7 @@ provenance.json, errors.jsonl, the preview sheet and `emomae embed` carry the fa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_face_auto_crops_the_face_and_records_each_frames_box_in_the_json(face_s
     assert x1 - x0 == pytest.approx(y1 - y0) and 100 < x1 - x0 < 250  # a face square, not the 288 px frame
     source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[meta["frame_indices"][0]].asnumpy()
     expected = crop_resize(source, 48, tuple(meta["face"]["boxes"][0]))
-    stored = np.asarray(Image.open(__import__("io").BytesIO(grid["f00.jpg"])))
+    stored = np.asarray(Image.open(io.BytesIO(grid["f00.jpg"])))
     centre_crop = crop_resize(source, 48)
     assert np.abs(stored.astype(int) - expected).mean() < 8  # JPEG noise only (48 px, saturated blue)
     assert np.abs(stored.astype(int) - centre_crop).mean() > 20  # not what face=none writes
@@ -240,7 +241,7 @@ def test_a_manifest_bbox_overrides_face_auto(face_shards, realdata_dir):
     meta = json.loads(boxed["json"])
     assert "face" not in meta
     source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[meta["frame_indices"][0]].asnumpy()
-    stored = np.asarray(Image.open(__import__("io").BytesIO(boxed["f00.jpg"])))
+    stored = np.asarray(Image.open(io.BytesIO(boxed["f00.jpg"])))
     assert np.abs(stored.astype(int) - crop_resize(source, 48, (0, 0, 120, 120))).mean() < 8
 
 
