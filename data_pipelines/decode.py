@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipelines.face_track import FaceConfig, FaceTrack
+
 # The reference samples frames at this rate; windows are defined on its time grid.
 GRID_FPS = 25.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -41,7 +43,7 @@ PARTIAL_TOLERANCE_S = 0.1
 class DecodeError(RuntimeError):
     """A clip that cannot be decoded; the message says why (it goes to errors.jsonl). `kind` names the
     counter it goes to: broken (unreadable or corrupt media), truncated (less than one window decodes),
-    missing_audio, silent_audio, frame_rate."""
+    missing_audio, silent_audio, frame_rate, no_face."""
 
     def __init__(self, message: str, kind: str = "broken"):
         super().__init__(message)
@@ -80,6 +82,7 @@ class Window:
     audio: np.ndarray
     frames_padded: int = 0
     audio_padded: int = 0
+    face_boxes: list[list[float]] | None = None  # face=auto: each frame's crop square (source pixels)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class DecodedClip:
     declared_duration: float | None = None  # what the container says, when it says it
     audio_missing: bool = False  # no audio at all: every window's audio is zeros
     audio_rms_dbfs: float | None = None  # of the whole track; None when missing
+    face_track: FaceTrack | None = None  # face=auto: the track over the clip's sampled frames
 
     @property
     def audio_silent(self) -> bool:
@@ -411,13 +415,16 @@ def decode_clip(
     bbox: tuple[float, float, float, float] | None = None,
     fps: float | None = None,
     allow_missing_audio: bool = False,
+    face: FaceConfig | None = None,
 ) -> DecodedClip:
     """Decode `video` (a file or a folder of frames) and its audio (inside the video, or the
     separate file `audio`) into windows of `cfg.num_frames` frames of `cfg.img_size`^2 pixels.
 
     fps: a frame folder's rate (else frames / audio duration); ignored for video files, whose
     timestamps say when each frame is shown. allow_missing_audio: a clip without audio gets windows
-    of zero audio (`audio_missing`) instead of a DecodeError."""
+    of zero audio (`audio_missing`) instead of a DecodeError. face: detect, track and crop the face
+    (data_pipelines.face_track) unless a `bbox` is given; a clip with too few face frames raises
+    DecodeError(kind="no_face")."""
     video = Path(video)
     audio = Path(audio) if audio else None
     if not video.exists():
@@ -443,7 +450,12 @@ def decode_clip(
         plans.append((w, start, idx, padded))
     wanted = sorted({i for _, _, idx, _ in plans for i in idx})
     batch = _read_frames(src.reader, wanted, video)
-    frames = {i: crop_resize(batch[k], cfg.img_size, bbox, cfg.crop_box) for k, i in enumerate(wanted)}
+    boxes = [bbox] * len(wanted)
+    if face is not None and bbox is None:
+        clip.face_track = track_or_skip(video, batch, face)
+        boxes = [tuple(b) for b in clip.face_track.crops.round(1).tolist()]
+    frames = {i: crop_resize(batch[k], cfg.img_size, boxes[k], cfg.crop_box) for k, i in enumerate(wanted)}
+    box_of = dict(zip(wanted, boxes))
 
     for w, start, idx, padded in plans:
         seg, audio_padded = window_audio(src.track, start, cfg)
@@ -456,9 +468,32 @@ def decode_clip(
                 audio=seg,
                 frames_padded=padded,
                 audio_padded=audio_padded,
+                face_boxes=[list(box_of[i]) for i in idx] if clip.face_track is not None else None,
             )
         )
     return clip
+
+
+def track_or_skip(video: Path, frames: np.ndarray, face: FaceConfig) -> FaceTrack:
+    """The face track of a clip's sampled frames; DecodeError(kind="no_face") when the face is on
+    fewer than `face.min_share` of them."""
+    from data_pipelines.face_track import face_track
+    from data_pipelines.faces import FULL_RANGE, SHORT_RANGE, FaceModelError, default_detector
+
+    try:
+        track = face_track(frames, default_detector(SHORT_RANGE), face)
+        if track.share < face.min_share:  # faces too far away for short range: a sixth of the frame or less
+            far = face_track(frames, default_detector(FULL_RANGE), face)
+            track = far if far.share > track.share else track
+    except FaceModelError as err:
+        raise DecodeError(f"{video}: {err}", kind="face_model") from err
+    if track.share < face.min_share or not track.detected.any():
+        raise DecodeError(
+            f"{video}: a face on {track.detected.sum()} of {len(track.detected)} sampled frames "
+            f"({track.share:.0%} < face_min_share {face.min_share:.0%})",
+            kind="no_face",
+        )
+    return track
 
 
 def window_audio(track: np.ndarray | None, start: float, cfg: SamplingConfig) -> tuple[np.ndarray, int]:

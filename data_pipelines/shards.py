@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.decode import SILENCE_DBFS, DecodedClip, DecodeError, SamplingConfig, Window, decode_clip
+from data_pipelines.face_track import MULTI_FACE_SHARE, FaceConfig
+from data_pipelines.faces import FaceModelError
 from data_pipelines.features import fbank_params
 from data_pipelines.manifests import ManifestError, ManifestRow, read_manifest
 from data_pipelines.shard_index import PROGRESS, finalize_index, provenance, read_progress, shard_urls
@@ -57,8 +59,18 @@ class ShardConfig:
     silent_audio: str = "keep"  # keep | skip
     # Clips without any audio: write them with zero audio (`audio_missing`) instead of skipping them.
     allow_missing_audio: bool = False
+    # Face crops (docs/data.md): auto = detect, track and crop the face of every clip without a
+    # manifest bbox; none = the bbox / centre crop as before. Clips with a face on fewer than
+    # face_min_share of their sampled frames are skipped (kind no_face).
+    face: str = "none"  # auto | none
+    face_min_share: float = 0.5
+    face_scale: float = 1.3
+    face_smooth: int = 5
 
     def __post_init__(self) -> None:
+        if self.face not in ("auto", "none"):
+            raise ValueError(f"ShardConfig.face must be 'auto' or 'none', got {self.face!r}")
+        self.face_config()  # checks the face_* settings
         if self.silent_audio not in ("keep", "skip"):
             raise ValueError(f"ShardConfig.silent_audio must be 'keep' or 'skip', got {self.silent_audio!r}")
         if self.audio_format not in ("wav", "flac"):
@@ -81,6 +93,11 @@ class ShardConfig:
             self.max_windows,
             self.sample_rate,
         )
+
+    def face_config(self) -> FaceConfig | None:
+        """The face step's settings; None with face=none."""
+        settings = FaceConfig(self.face_min_share, self.face_scale, self.face_smooth)
+        return settings if self.face == "auto" else None
 
     @property
     def clips_per_shard(self) -> int:
@@ -159,6 +176,7 @@ def decode_row(row: ManifestRow, cfg: ShardConfig) -> DecodedClip:
         parse_bbox(row),
         fps=row.fps,
         allow_missing_audio=cfg.allow_missing_audio,
+        face=cfg.face_config(),
     )
     if clip.audio_silent and cfg.silent_audio == "skip":
         raise DecodeError(
@@ -199,7 +217,16 @@ def clip_meta(row: ManifestRow, clip: DecodedClip, w: Window, cfg: ShardConfig) 
         meta["declared_duration"] = round(clip.declared_duration, 4)
     if cfg.precompute_fbank:
         meta["fbank"] = fbank_params(cfg.sample_rate, cfg.fbank_mel_bins)
+    if clip.face_track is not None:
+        meta["face"] = face_meta(clip, w)
     return meta
+
+
+def face_meta(clip: DecodedClip, w: Window) -> dict:
+    """The json's `face` entry: this window's crop square per frame, and the clip's face share."""
+    track = clip.face_track
+    return {"boxes": w.face_boxes, "clip_share": round(track.share, 4), "clip_frames": len(track.detected),
+            "multi_face": track.multi_face, "detector": track.detector}
 
 
 def window_samples(row: ManifestRow, clip: DecodedClip, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
@@ -227,14 +254,26 @@ def clip_samples(row: ManifestRow, cfg: ShardConfig, caption: str | None = None)
 def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
     """What the run summary counts about a written clip (kept in progress.jsonl with its shard); None
     for a plain video file with its audio, so a million-clip run keeps a small journal."""
-    if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial):
+    face = clip.face_track if is_notable_face_track(clip.face_track) else None
+    if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial
+                                             or face is not None):
         return None
     report = {"key": row.key, "path": row.video, "fps": round(clip.source_fps, 4), "fps_source": clip.fps_source,
               "audio_silent": clip.audio_silent, "audio_missing": clip.audio_missing, "partial": clip.partial}
+    if face is not None:
+        report["face_share"] = round(face.share, 4)
+        report["multi_face"] = face.multi_face
+        report["face_detector"] = face.detector
     if clip.partial:
         report["kept_s"] = round(clip.duration, 3)
         report["declared_s"] = round(clip.declared_duration, 3)
     return report
+
+
+def is_notable_face_track(track) -> bool:
+    """A track the summary lists by clip: a face on fewer than all frames, two faces, or found only by
+    the full-range model (each sample's json has every clip's track; the journal stays small)."""
+    return track is not None and (track.share < 1.0 or track.multi_face or "full-range" in track.detector)
 
 
 # ---------------------------------------------------------------- one shard (a pool task)
@@ -249,7 +288,7 @@ def _write_shard(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["name"]
     tmp = out_dir / f".{task['name']}.{os.getpid()}.tmp"
-    errors, media, samples, clips, captions = [], [], 0, 0, 0
+    errors, media, samples, clips, captions, face_clips = [], [], 0, 0, 0, 0
     # A whole-second mtime keeps headers plain ustar: float mtimes add a pax header to every member,
     # which doubles the headers a loader parses.
     with one_torch_thread(), wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:
@@ -273,6 +312,7 @@ def _write_shard(task: dict) -> dict:
                 sink.write(s)
             samples += len(items)
             clips += 1
+            face_clips += clip.face_track is not None
             captions += len(items) if caption else 0
     os.replace(tmp, final)
     return {
@@ -282,6 +322,7 @@ def _write_shard(task: dict) -> dict:
         "samples": samples,
         "clips": clips,
         "captions": captions,
+        "face_clips": face_clips,
         "errors": errors,
         "media": media,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -311,6 +352,12 @@ def _init_worker() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+    try:
+        import cv2  # face=auto: OpenCV's own thread pool would fight the other workers too
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
 
 
 def plan_shards(rows: list[ManifestRow], cfg: ShardConfig, captions: dict[str, str]) -> list[dict]:
@@ -320,6 +367,8 @@ def plan_shards(rows: list[ManifestRow], cfg: ShardConfig, captions: dict[str, s
         groups[group_of(row, cfg.group_by)].append(row)
     cfg_dict = asdict(cfg)
     content_cfg = {k: v for k, v in cfg_dict.items() if k not in ("samples_per_shard", "group_by")}
+    if cfg.face == "none":  # shards written before the face step keep their hash
+        content_cfg = {k: v for k, v in content_cfg.items() if not k.startswith("face")}
     tasks = []
     for group in sorted(groups):
         members = groups[group]
@@ -377,6 +426,10 @@ def write_shards(
             file=sys.stderr,
         )
 
+    if cfg.face == "auto":
+        from data_pipelines.faces import default_detector
+
+        default_detector()  # FaceModelError (no OpenCV, no model) before any shard is written
     tasks = plan_shards(rows, cfg, caps)
     done = read_progress(out_dir)
     todo, records = [], {}
@@ -423,6 +476,32 @@ MEDIA_POLICY = {
     "frame_folder_rate": "the manifest's fps, else frame count / duration of the paired audio; 5-120 fps",
 }
 
+FACE_POLICY = (
+    "face=auto: BlazeFace short range on every frame sampled for a window (full range for a clip where short range "
+    "finds a face on fewer than face_min_share of them; the track with more face frames is kept); the largest "
+    "face per frame; frames without a "
+    "face take the nearest detected box; centre and size smoothed by a running median over face_smooth sampled "
+    "frames; square crop of face_scale x the box side, moved inside the frame; a manifest bbox overrides it; "
+    "clips with a face on fewer than face_min_share of their sampled frames are skipped (kind no_face); a clip "
+    f"with two or more faces on {MULTI_FACE_SHARE:.0%} of its frames is counted as multi_face"
+)
+
+
+def face_summary(records: list[dict], cfg: ShardConfig) -> dict:
+    """provenance.json's `face`: the detectors, the settings, the clips cropped to their face, and those
+    with a face on fewer than all sampled frames (share), two faces, or found by the full-range model."""
+    if cfg.face == "none":
+        return {"mode": "none"}
+    from data_pipelines.faces import detector_info
+
+    reports = [m for rec in records for m in rec.get("media", []) if "face_share" in m]
+    skipped = sum(err.get("kind") == "no_face" for rec in records for err in rec["errors"])
+    return {"mode": "auto", "detector": detector_info(), "settings": asdict(cfg.face_config()), "policy": FACE_POLICY,
+            "clips": sum(rec.get("face_clips", 0) for rec in records),
+            "multi_face": sorted(m["key"] for m in reports if m["multi_face"]), "no_face_skipped": skipped,
+            "share_below_1": {m["key"]: m["face_share"] for m in reports if m["face_share"] < 1.0},
+            "full_range": sorted(m["key"] for m in reports if "full-range" in m.get("face_detector", ""))}
+
 
 def media_summary(records: list[dict], cfg: ShardConfig) -> dict:
     """Counts over every shard's clips: partial, silent and missing audio, skipped clips by kind, and
@@ -456,10 +535,14 @@ def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: Shard
     media = media_summary(records, cfg)
     counters = ("partial_clips", "silent_audio", "missing_audio", "skipped")
     index["totals"].update({k: media[k] for k in counters})
+    face = face_summary(records, cfg)
+    if cfg.face == "auto":
+        index["totals"]["multi_face"] = len(face["multi_face"])
     write_json(out_dir / "index.json", index)
     prov_path = out_dir / "provenance.json"
     prov = json.loads(prov_path.read_text())
     prov["media"] = {"policy": MEDIA_POLICY, **media}
+    prov["face"] = face
     write_json(prov_path, prov)
     with (out_dir / "errors.jsonl").open("a") as f:
         for m in media["partial"]:
@@ -474,6 +557,10 @@ def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: Shard
         f"({silent_verb}); {media['missing_audio']} clips without audio ({missing_verb}); skipped by kind: "
         f"{media['skipped'] or 'none'}"
     )
+    if cfg.face == "auto":
+        print(f"faces: {face['clips']} clips cropped to their face, {len(face['multi_face'])} of them multi-face "
+              f"(largest kept); {face['no_face_skipped']} skipped without a face on {cfg.face_min_share:.0%} of "
+              "their frames")
     return index
 
 
@@ -497,6 +584,14 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-missing-audio", action="store_true",
         help="write clips without audio with zero audio (json audio_missing: true) instead of skipping them",
     )
+    p.add_argument(
+        "--face", choices=("auto", "none"), default=None,
+        help="auto: detect, track and crop the face of each clip without a manifest bbox; none (default): as before",
+    )
+    p.add_argument(
+        "--preview", type=int, default=None, metavar="N",
+        help="write out_dir/preview.png (source frame with the crop box, and the crop) of the first N clips; no shards",
+    )
     p.add_argument("overrides", nargs="*", help="ShardConfig key=value, e.g. img_size=160 max_windows=2")
     args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -504,12 +599,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"silent_audio={args.silent_audio}")
     if args.allow_missing_audio:
         overrides.append("allow_missing_audio=true")
+    if args.face:
+        overrides.append(f"face={args.face}")
     from omegaconf import OmegaConf
 
     from pretrain.config import ConfigError, load_config
 
     try:
         cfg = ShardConfig(**OmegaConf.to_container(load_config(ShardConfig, None, overrides)))
+        if args.preview is not None:
+            from data_pipelines.face_preview import write_preview
+
+            print(f"wrote {write_preview(args.manifest, args.out_dir / 'preview.png', cfg, args.preview)}")
+            return 0
         write_shards(
             args.manifest,
             args.out_dir,
@@ -519,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_progress,
             argv=["emomae", "shards", *(argv if argv is not None else sys.argv[1:])],
         )
-    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ManifestError, ValueError, FileNotFoundError, FaceModelError) as err:
         print(f"emomae shards: {err}", file=sys.stderr)
         return 2
     return 0

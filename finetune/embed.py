@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from data_pipelines.decode import DecodeError, SamplingConfig, decode_clip
+from data_pipelines.face_track import face_config_of_spec
+from data_pipelines.faces import FaceModelError
 from data_pipelines.features import FbankConfig, waveform_to_fbank
 from finetune.export import ExportError, load_encoder, read_export_config
 from finetune.heads import pool_tokens
@@ -28,12 +30,14 @@ from pretrain.encoders import normalize_video
 
 
 def clip_inputs(video: Path, spec: dict, max_windows: int | None = None,
-                allow_missing_audio: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                allow_missing_audio: bool = False, face: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Decode a clip -> uint8 video `(W, T, 3, S, S)`, normalised fbank `(W, F, M)` (one row per
-    window) and whether it has audio (False only for a clip without any, when allowed)."""
+    window) and whether it has audio (False only for a clip without any, when allowed). The face step
+    is the one the export's `input.face` records (the training shards'); `face="auto"|"none"` overrides it."""
     sampling = SamplingConfig(num_frames=spec["num_frames"], frame_stride=spec["frame_stride"],
                               img_size=spec["img_size"], max_windows=max_windows, sample_rate=spec["sample_rate"])
-    clip = decode_clip(Path(video), sampling, allow_missing_audio=allow_missing_audio)
+    face_step = face_config_of_spec(spec.get("face") if face is None else {**(spec.get("face") or {}), "mode": face})
+    clip = decode_clip(Path(video), sampling, allow_missing_audio=allow_missing_audio, face=face_step)
     fb = spec["fbank"]
     fbank_cfg = FbankConfig(sample_rate=spec["sample_rate"], mel_bins=fb["mel_bins"], fbank_frames=fb["fbank_frames"],
                             mean=fb["mean"], std=fb["std"])
@@ -83,12 +87,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-windows", type=int, default=None, help="windows per clip (default: all)")
     parser.add_argument("--allow-missing-audio", action="store_true",
                         help="embed a video without any audio with its audio input blanked (as the shards do)")
+    parser.add_argument("--face", choices=("auto", "none"), default=None,
+                        help="crop the face (auto) or not (none); default: what the export's input.face records")
     args = parser.parse_args(argv)
     try:
         spec = read_export_config(args.encoder)["input"]
         encoder = load_encoder(args.encoder)
-        video, fbank, has_audio = clip_inputs(Path(args.video), spec, args.max_windows, args.allow_missing_audio)
-    except (ExportError, DecodeError) as err:
+        video, fbank, has_audio = clip_inputs(Path(args.video), spec, args.max_windows, args.allow_missing_audio,
+                                              args.face)
+    except (ExportError, DecodeError, FaceModelError) as err:
         print(f"emomae embed: {err}", file=sys.stderr)
         return 1
     if not has_audio:

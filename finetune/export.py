@@ -203,7 +203,9 @@ def load_weights(encoder: torch.nn.Module, state: dict[str, torch.Tensor], where
 def input_spec(run_config: dict | None, model_cfg: dict) -> dict:
     """What a clip must look like before it enters the encoder: geometry from the architecture,
     fbank settings and normalisation from the pretraining run's `data` section (DataConfig), the
-    frame stride from the index.json of the shards it was trained on (default 4, the reference)."""
+    frame stride and the face step (`face`) from the index.json of the shards it was trained on
+    (default 4, the reference; no face step)."""
+    from data_pipelines.face_track import face_spec
     from data_pipelines.features import KALDI_FBANK_ARGS, FbankConfig
 
     data = dict((run_config or {}).get("data") or {})
@@ -226,6 +228,7 @@ def input_spec(run_config: dict | None, model_cfg: dict) -> dict:
         },
         "video_mean": list(IMAGENET_MEAN),
         "video_std": list(IMAGENET_STD),
+        "face": face_spec(shards),  # the shards' face step (face=auto), which `emomae embed` repeats
     }
 
 
