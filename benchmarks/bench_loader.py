@@ -22,7 +22,7 @@ Rates are clips per CPU-second of the process doing the work (see `timed`); each
 median of `--rounds` interleaved rounds, so a burst of load on a shared machine hits every path alike.
 Wall-clock rates are recorded too.
 
-Targets: loader / raw decode >= 0.7 (DESIGN.md section 6); JPEG-bytes worker >= 2,000 clips/s
+Targets: loader / raw decode >= 0.7 (docs/loader.md); JPEG-bytes worker >= 2,000 clips/s
 (issue 15). Prints a table and writes benchmarks/results/bench_loader.json.
 
     python benchmarks/bench_loader.py [--clips 11] [--seconds 2] [--rounds 3] [--gpu-tflops 989 --mfu 0.4]

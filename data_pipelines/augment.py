@@ -6,7 +6,7 @@ explicit `torch.Generator`, so a clip's augmentation is a function of its seed o
 it per sample, which keeps resumed runs identical). The pixel work is `torchvision.transforms.v2`
 functional ops, which treat the leading T dimension as a batch of images.
 
-Pretraining (DESIGN.md section 2) uses the multi-scale crop only; fine-tuning adds flip and jitter.
+Pretraining (docs/loader.md) uses the multi-scale crop only; fine-tuning adds flip and jitter.
 """
 
 from __future__ import annotations

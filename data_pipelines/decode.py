@@ -1,4 +1,4 @@
-"""Decode one clip into fixed-length audio-visual windows (DESIGN §1).
+"""Decode one clip into fixed-length audio-visual windows (docs/data.md).
 
 Frames are sampled by *time*, on a 25 fps grid: window `w` starts at `w * span` seconds with
 `span = num_frames * frame_stride / 25`, and frame `i` of a window is the source frame shown at

@@ -1,6 +1,6 @@
 """Audio features: Kaldi-compatible log-mel filterbanks, AudioSet normalisation and SpecAugment.
 
-The settings follow DESIGN.md section 1 (the AST/HiCMAE recipe): the waveform mean is removed, 25 ms
+The settings follow docs/data.md (the AST/HiCMAE recipe): the waveform mean is removed, 25 ms
 Hanning windows every 10 ms, 128 mel bins, htk_compat, no energy, no dither. The fbank is zero-padded
 or cut to `fbank_frames` *before* normalisation, as the reference does, so padded frames read
 `-mean / (2 std)` after it.

@@ -2,7 +2,7 @@
 attentive probe, and the training-time pieces that belong to them (AV mixup/cutmix, CCC loss,
 layer-wise lr decay groups).
 
-Hierarchical feature fusion (DESIGN section 3): per modality a softmax-weighted sum (learnable,
+Hierarchical feature fusion (docs/finetune.md): per modality a softmax-weighted sum (learnable,
 uniform at start) of the token-means of all encoder layers, plus the token-means of the two fusion
 encoder outputs; the four `(B, D)` vectors are concatenated to `(B, 4 D)`, LayerNormed and mapped
 by one linear layer. The linear probe is the same head on frozen, cached features: the layer weights
@@ -229,7 +229,7 @@ _BLOCK = re.compile(r"(?:^|[._])blocks\.(\d+)\.")
 
 
 def encoder_layer_id(name: str, depth: int, fusion_depth: int) -> int:
-    """Rank of an encoder parameter in the layer-wise lr decay (DESIGN section 3): patch and position
+    """Rank of an encoder parameter in the layer-wise lr decay (docs/finetune.md): patch and position
     embeddings 0, encoder block k (0-based, video and audio alike) k + 1, fusion layer j depth + 1 + j,
     everything after (final norms) depth + fusion_depth + 1 = the top, lr x 1.0."""
     top = depth + fusion_depth + 1

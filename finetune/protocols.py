@@ -22,7 +22,7 @@ MODALITIES = ("av", "audio", "video")
 
 @dataclass
 class RecipeConfig:
-    """Optimisation of one head. `blr` is scaled by batch / 256 (DESIGN section 3)."""
+    """Optimisation of one head. `blr` is scaled by batch / 256 (docs/finetune.md)."""
 
     epochs: int = 50
     batch_size: int = 32

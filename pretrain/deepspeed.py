@@ -67,7 +67,7 @@ def build_deepspeed_config(
     if "zero_optimization" not in body or "stage" not in body["zero_optimization"]:
         raise DeepSpeedConfigError("DeepSpeed config needs zero_optimization.stage (2 or 3)")
     if precision not in ("bf16-mixed", "bf16-true", "32", "32-true"):
-        # fp16 needs loss scaling, which the bf16 default exists to avoid (DESIGN.md section 2)
+        # fp16 needs loss scaling, which the bf16 default exists to avoid (docs/pretrain.md)
         raise DeepSpeedConfigError(f"trainer.precision {precision!r} is not supported with DeepSpeed; use bf16-mixed or 32")
     config = {
         **body,

@@ -1,4 +1,4 @@
-"""Audio-visual encoders (DESIGN §2): a video ViT over 2x16x16 tubelets, an audio ViT over 16x16
+"""Audio-visual encoders (docs/model.md): a video ViT over 2x16x16 tubelets, an audio ViT over 16x16
 fbank patches, and a cross-modal fusion encoder, as two separate stacks (HiCMAE) or one shared stack
 (VAEmo's unified encoder). Imports only torch, timm and einops so exports and fine-tuning never need
 training code.

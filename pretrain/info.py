@@ -55,7 +55,7 @@ def _part(name: str) -> str:
 
 
 def finetune_head(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The DESIGN §3 head, for counting: per-modality softmax layer weights, 4 x width LayerNorm, linear."""
+    """The fine-tuning head (docs/finetune.md), for counting: per-modality softmax layer weights, 4 x width LayerNorm, linear."""
     head = nn.Module()
     head.layer_weights = nn.Parameter(torch.zeros(2, cfg.depth))
     head.norm = nn.LayerNorm(4 * cfg.width)

@@ -1,4 +1,4 @@
-"""Stage 2 of VAEmo-style pretraining: knowledge injection from captions (DESIGN §5).
+"""Stage 2 of VAEmo-style pretraining: knowledge injection from captions (docs/vaemo.md).
 
 A stage-1 masked AV autoencoder is loaded (weights only) and keeps training on its own objectives
 (reconstruction + hierarchical AV contrastive, weighted by `stage1_weight`) on every clip, while the

@@ -1,4 +1,4 @@
-"""Generic transformer layers shared by the encoders and the MAE decoders (DESIGN §2): SDPA attention
+"""Generic transformer layers shared by the encoders and the MAE decoders (docs/model.md): SDPA attention
 with q/v biases only, pre-norm self-attention blocks, "cross then self" blocks, fixed sinusoidal
 position tables and the reference initialisation. Imports only torch, timm and einops.
 """
@@ -108,7 +108,7 @@ class CrossSelfBlock(nn.Module):
 
 
 def init_weights(m: nn.Module) -> None:
-    """DESIGN §2 init: xavier-uniform linears with zero bias, LayerNorm (1, 0)."""
+    """The reference's init (docs/model.md): xavier-uniform linears with zero bias, LayerNorm (1, 0)."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:

@@ -1,4 +1,4 @@
-"""Pretraining objectives (DESIGN §2): reconstruction targets and the hierarchical cross-modal
+"""Pretraining objectives (docs/model.md): reconstruction targets and the hierarchical cross-modal
 contrastive loss, which gathers negatives across ranks itself (open_clip's shape) so the training loop
 never sees all_gather.
 

@@ -1,4 +1,4 @@
-"""The masked audio-visual autoencoder of HiCMAE (DESIGN §2), read top to bottom like the section:
+"""The masked audio-visual autoencoder of HiCMAE (docs/model.md), read top to bottom like the section:
 mask (video tubes, audio patches) -> encode the visible tokens -> fuse -> decode each modality with
 hierarchical skip connections from the encoder's intermediate layers -> reconstruction loss on the
 masked tokens + hierarchical cross-modal contrastive loss."""

@@ -1,4 +1,4 @@
-"""Token masking for the masked autoencoder (DESIGN §2): tube masking for video, unstructured random
+"""Token masking for the masked autoencoder (docs/model.md): tube masking for video, unstructured random
 masking for audio. Batched argsort of uniform noise, as in MAE: no Python loop over samples, and every
 sample keeps the same number of tokens so batches stay rectangular."""
 

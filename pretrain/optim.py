@@ -1,6 +1,6 @@
 """Optimisation for pretraining: AdamW parameter groups, the learning rate rule and the schedule.
 
-The recipe (DESIGN.md section 2): AdamW (0.9, 0.95), weight decay 0.05 on matrices only, peak lr
+The recipe (docs/pretrain.md): AdamW (0.9, 0.95), weight decay 0.05 on matrices only, peak lr
 `blr x effective_batch / 256`, linear warm-up from 0, cosine to `min_lr`, all counted in optimizer steps.
 """
 

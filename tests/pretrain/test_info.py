@@ -8,7 +8,7 @@ from pretrain.cli import main as emomae
 from pretrain.config import ConfigError
 from pretrain.info import gflops_per_clip, parameter_counts, resolve_model_config
 
-# DESIGN §2, measured on the reference code (millions)
+# docs/model.md, measured on the reference code (millions)
 BASE_PARTS = {
     "video encoder": 32.31,
     "audio encoder": 31.65,

@@ -19,13 +19,13 @@ def _check_consistent(mask, batch: int, num_tokens: int, masked: int) -> None:
 
 def test_random_mask_hides_floor_ratio_tokens_in_every_sample():
     mask = random_mask(6, 128, 0.8, torch.Generator().manual_seed(0))
-    _check_consistent(mask, 6, 128, 102)  # DESIGN: 102 of 128 audio patches hidden
+    _check_consistent(mask, 6, 128, 102)  # docs/model.md: 102 of 128 audio patches hidden
     assert len({tuple(row.tolist()) for row in mask.mask}) == 6  # samples get different masks
 
 
 def test_tube_mask_repeats_one_spatial_mask_over_all_time_slices():
     mask = tube_mask(4, 8, 100, 0.9, torch.Generator().manual_seed(1))
-    _check_consistent(mask, 4, 800, 720)  # DESIGN: 80 visible video tokens
+    _check_consistent(mask, 4, 800, 720)  # docs/model.md: 80 visible video tokens
     per_slice = mask.mask.view(4, 8, 100)
     assert (per_slice == per_slice[:, :1]).all()
     assert (per_slice[:, 0].sum(1) == 90).all()

@@ -61,7 +61,7 @@ def test_extra_no_weight_decay_patterns_are_honoured():
 def test_lr_is_blr_times_global_batch_over_256_unless_absolute():
     cfg = OptimConfig(blr=3e-4, min_blr=1e-5)
     peak, final = scaled_lr(cfg, 160)
-    assert peak == pytest.approx(1.875e-4)  # the reference's batch 160 (DESIGN.md)
+    assert peak == pytest.approx(1.875e-4)  # the reference's batch 160 (docs/pretrain.md)
     assert final == pytest.approx(1e-5 * 160 / 256)
     assert scaled_lr(OptimConfig(lr=1e-3, min_lr=0.0), 4096) == (1e-3, 0.0)
     with pytest.raises(ValueError, match="min_lr"):

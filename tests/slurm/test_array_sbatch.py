@@ -87,7 +87,7 @@ def test_finetune_fold_plan_enumerates_protocols_times_folds_and_the_array_range
                            "head=linear"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = [line.split() for line in proc.stdout.splitlines()[1:] if line and line[0].isdigit()]
-    # CREMA-D: 5 actor folds, RAVDESS: 6 (DESIGN.md section 4)
+    # CREMA-D: 5 actor folds, RAVDESS: 6 (docs/finetune.md, section 3)
     assert [(int(t), Path(c).name, int(k)) for t, c, _, k in table] == (
         [(i, "crema_d.yaml", i) for i in range(5)] + [(5 + i, "ravdess.yaml", i) for i in range(6)])
     assert "--array=0-10 " in proc.stdout
