@@ -30,6 +30,7 @@ from data_pipelines.samples import (
     CorruptSampleError,
     SampleDecoder,
     batch_tensor,
+    has_audio,
     parse_label,
 )
 
@@ -84,10 +85,12 @@ class JpegBytesDecoder(SampleDecoder):
             aug = self.augment.sample_params(height, width, generator)
             if self.cfg.audio_gain_db > 0:  # drawn after the video's parameters, as the decoding path does
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
-        fbank = self.audio_features(raw, meta, gain_db, seed)
+        audio_present = has_audio(meta)
+        fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        return {"jpeg_frames": frames, "frame_hw": (height, width), "aug": aug, "fbank": fbank, "label": label,
+        return {"jpeg_frames": frames, "frame_hw": (height, width), "aug": aug, "fbank": fbank,
+                "audio_present": audio_present, "label": label,
                 "target": target, "key": raw["__key__"], "clip_key": str(meta.get("clip_key", raw["__key__"])),
                 "caption": caption, "__pos__": raw.get("__pos__", 0)}
 

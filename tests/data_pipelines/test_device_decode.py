@@ -14,7 +14,7 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
-from shard_factory import make_sample
+from shard_factory import make_sample, write_shard_dir
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 
@@ -53,7 +53,7 @@ def assert_same_video(decoded: torch.Tensor, expected: torch.Tensor, device: str
 def assert_same_rows(bytes_batch: dict, classic: dict) -> None:
     for name in ("key", "clip_key", "caption"):
         assert bytes_batch[name] == classic[name]
-    for name in ("fbank", "label", "has_caption"):
+    for name in ("fbank", "label", "has_caption", "audio_present"):
         assert torch.equal(bytes_batch[name], classic[name])
 
 
@@ -182,3 +182,13 @@ def test_gpu_check_datamodule_decodes_train_and_val_batches_on_cuda(synth_shards
         assert "jpeg" in batch and "video" not in batch
         batch = dm.on_before_batch_transfer(batch, 0)
         assert batch["video"].is_cuda and batch["video"].shape[1:] == (8, 3, 48, 48)
+
+
+def test_the_bytes_path_carries_the_missing_audio_flag_and_blank_fbank(tmp_path):
+    urls = write_shard_dir(tmp_path, [5], no_audio=frozenset({1, 3}))
+    cfg = StreamConfig(batch_size=5, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32))
+    (classic,) = list(eval_pipeline(urls, cfg, rank=0, world_size=1))
+    (shipped,) = list(eval_pipeline(urls, bytes_mode(cfg), rank=0, world_size=1))
+    assert shipped["audio_present"].tolist() == [True, False, True, False, True]
+    assert_same_rows(shipped, classic)
+    assert not shipped["fbank"][1].any() and shipped["fbank"][0].any()
