@@ -67,6 +67,7 @@ class DataConfig:
     seed: int = 0
     error_log_dir: str | None = None  # corrupt-sample JSONL logs; None: log lines and counters only
     max_consecutive_errors: int = 200
+    allow_pipe_urls: bool = False  # `pipe:<command>` shard URLs run a shell command each: opt in explicitly
 
     @classmethod
     def from_any(cls, cfg: DataConfig | dict | Any) -> DataConfig:
