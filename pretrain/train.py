@@ -93,14 +93,30 @@ class PretrainSummary:
     last_checkpoint: str | None
     losses: dict[str, float]
     interrupted_by: str | None = None
+    # skipped input, from the run's corrupt-sample logs: {"samples", "shards", "samples_lost", "log_dir"}
+    corrupt: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         losses = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.losses.items()))
         stop = f" (stopped by {self.interrupted_by})" if self.interrupted_by else ""
-        return (
+        text = (
             f"pretrain: {self.steps} steps in {self.seconds:.1f} s{stop}\n"
             f"  losses: {losses}\n  checkpoint: {self.last_checkpoint}\n  run dir: {self.run_dir}"
         )
+        if self.corrupt.get("samples") or self.corrupt.get("shards"):
+            c = self.corrupt
+            text += (f"\n  skipped: {c['samples']} corrupt samples, {c['shards']} shard read errors "
+                     f"({c['samples_lost']} samples missing from shards that ended early); see {c['log_dir']}")
+        return text
+
+
+def corrupt_summary(log_dir: str | Path) -> dict[str, Any]:
+    """Counts of the corrupt-sample events every rank and worker of a run logged (data_pipelines/corrupt.py)."""
+    from data_pipelines.stream import read_corrupt_logs
+
+    events = read_corrupt_logs(log_dir) if Path(log_dir).is_dir() else []
+    return {"samples": sum(e["kind"] == "sample" for e in events), "shards": sum(e["kind"] == "shard" for e in events),
+            "samples_lost": sum(int(e.get("lost") or 0) for e in events), "log_dir": str(log_dir)}
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -386,6 +402,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resume_path(cfg)
     cfg.shard_sampling = shards_for_run(cfg)  # before the run folder: a misfit leaves nothing behind
+    if cfg.data.error_log_dir is None:  # every skipped sample and short shard lands in the run's own log
+        cfg.data.error_log_dir = str(run_dir / "corrupt")
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(t)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -443,6 +461,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         run_dir=str(run_dir), steps=trainer.global_step, seconds=time.perf_counter() - start,
         last_checkpoint=str(last) if last.exists() else None, interrupted_by=interrupted,
         losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")},
+        corrupt=corrupt_summary(cfg.data.error_log_dir),
     )
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))

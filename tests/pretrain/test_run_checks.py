@@ -81,3 +81,21 @@ def test_allowed_pipe_urls_print_the_commands_they_run(tmp_path, capsys):
     tar = tmp_path / "shards" / "all-000000.tar"
     assert emomae(["pretrain", DEMO, f"data.shards=pipe:cat {tar}", "data.allow_pipe_urls=true", "--print-config"]) == 0
     assert f"shards are read by running: cat {tar}" in capsys.readouterr().err
+
+
+def test_a_shard_that_ends_early_is_in_the_run_summary_and_its_corrupt_log(tmp_path, capsys):
+    import tarfile
+
+    folder = shards(tmp_path / "shards", num_frames=8, size=64)
+    write_shard_dir(folder, [5], group="cut", num_frames=8, size=64, first_index=10)  # index.json: 5 samples
+    cut = folder / "cut-000000.tar"
+    with tarfile.open(cut) as tf:  # keep 2 samples: a valid tar that ends before the third one
+        offset = min(m.offset for m in tf.getmembers() if m.name.startswith("c0012_w000."))
+    cut.write_bytes(cut.read_bytes()[:offset])
+    run_dir = tmp_path / "run"
+    overrides = [f"data.shards={folder}", "data.train_groups=[cut]", f"run_dir={run_dir}", *SHORT]
+    assert emomae(["pretrain", DEMO, *overrides]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())["corrupt"]
+    assert summary["shards"] >= 1 and summary["samples_lost"] == 3 * summary["shards"]
+    assert summary["log_dir"] == str(run_dir / "corrupt") and any((run_dir / "corrupt").glob("corrupt-*.jsonl"))
+    assert "samples missing from shards that ended early" in capsys.readouterr().out
