@@ -85,11 +85,13 @@ def test_an_installed_wheel_resolves_names_from_any_directory(installed_wheel, t
     probe = ("from pretrain.config import resolve_config_path; from pretrain.train import load_pretrain_config; "
              "from pretrain.info import resolve_model_config; "
              "print(resolve_config_path('demo', 'pretrain')); "
-             "print(load_pretrain_config('base', ['data.shards=x']).model.width, resolve_model_config('micro').width)")
+             "print(load_pretrain_config('base', ['data.shards=x']).model.width, resolve_model_config('micro').width); "
+             "from pretrain.deepspeed import CONFIG_DIR; print(CONFIG_DIR)")
     env = {**os.environ, "PYTHONPATH": str(installed_wheel)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    path, sizes = out.stdout.strip().splitlines()
+    path, sizes, deepspeed = out.stdout.strip().splitlines()
     assert Path(path) == installed_wheel / "emomae_configs" / "pretrain" / "demo.yaml"
     assert sizes == "512 128"
+    assert (Path(deepspeed) / "zero2.yaml").is_file() and Path(deepspeed).is_relative_to(installed_wheel)
