@@ -49,8 +49,8 @@ from data_pipelines.tar_reader import tar_samples
 
 # Re-exported: these lived here before the split and are imported from here.
 __all__ = ["AVStream", "CorruptLog", "EvalStream", "PipeUrlError", "PretrainStream", "SampleFilter", "StreamConfig",
-           "StreamStart", "WorkerContext", "check_pipe_urls", "eval_pipeline", "exact_once_split", "pretrain_pipeline", "read_corrupt_logs",
-           "resolve_rank", "shard_sizes"]
+           "StreamStart", "WorkerContext", "check_pipe_urls", "eval_pipeline", "exact_once_split", "pretrain_pipeline",
+           "read_corrupt_logs", "resolve_rank", "shard_sizes"]
 
 log = logging.getLogger("emomae.data")
 
