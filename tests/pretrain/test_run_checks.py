@@ -46,18 +46,23 @@ def test_micro_on_default_size_shards_exits_2_with_the_shard_options_it_needs(tm
     assert not run_dir.exists()
 
 
-def test_shards_the_model_can_train_on_are_recorded_for_the_export(tmp_path, capsys):
-    fitting = shards(tmp_path / "shards", num_frames=8, size=64)
-    run_dir = tmp_path / "run"
-    overrides = [f"data.shards={fitting}", f"run_dir={run_dir}", *SHORT]
-    assert emomae(["pretrain", DEMO, *overrides]) == 0
+def test_how_the_shards_were_cut_is_recorded_and_exported_after_they_are_gone(tmp_path, capsys):
+    import shutil
+
     import torch
     import yaml
 
+    fitting = shards(tmp_path / "shards", num_frames=8, size=64, frame_stride=2)  # 0.64 s windows: a note only
+    run_dir = tmp_path / "run"
+    assert emomae(["pretrain", DEMO, f"data.shards={fitting}/all-*.tar", f"run_dir={run_dir}", *SHORT]) == 0
+    assert "a window's audio is 62 fbank frames, cut or padded to the model's 128" in capsys.readouterr().err
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["shard_sampling"]
-    assert recorded["frame_stride"] == 4 and recorded["num_frames"] == 8 and recorded["sample_rate"] == 16000
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert ckpt["emomae"]["config"]["shard_sampling"] == recorded
+    assert recorded["frame_stride"] == 2 and recorded["num_frames"] == 8 and recorded["sample_rate"] == 16000
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True, map_location="cpu")["emomae"]["config"]["shard_sampling"] == recorded
+    shutil.rmtree(fitting)  # exported elsewhere: the shards are out of reach
+    assert emomae(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["input"]["frame_stride"] == 2
 
 
 def test_a_data_section_that_does_not_follow_the_model_is_named(tmp_path, capsys):
