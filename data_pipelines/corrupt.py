@@ -31,11 +31,15 @@ class CorruptLog:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(log_dir) / f"corrupt-{mode}-rank{ctx.rank}-worker{ctx.worker}.jsonl"
 
-    def record(self, url: str, key: str, reason: str, kind: str = "sample") -> None:
+    def record(self, url: str, key: str, reason: str, kind: str = "sample", lost: int | None = None) -> None:
+        """One event: a corrupt sample, or a shard that could not be read (to its end). `lost`: samples
+        a shard that ended early was missing (index.json's count minus what the tar held)."""
         self.count += 1
         self.consecutive += 1
         event = {"mode": self.mode, "epoch": self.ctx.epoch, "rank": self.ctx.rank, "worker": self.ctx.worker,
                  "url": url, "key": key, "kind": kind, "reason": reason}
+        if lost is not None:
+            event["lost"] = lost
         log.warning("skipping corrupt %s: rank %d worker %d shard %s key %r: %s",
                     kind, self.ctx.rank, self.ctx.worker, url, key, reason)
         if self.path is not None:

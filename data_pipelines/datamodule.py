@@ -73,6 +73,7 @@ class DataConfig:
     # Where frames are decoded: auto (cuda when the Trainer runs on a GPU, else cpu), cpu (in the
     # loader workers) or cuda (workers ship JPEG bytes, nvjpeg decodes them; docs/loader.md).
     decode_device: str = "auto"
+    allow_pipe_urls: bool = False  # `pipe:<command>` shard URLs run a shell command each: opt in explicitly
 
     def __post_init__(self) -> None:
         if self.decode_device not in DECODE_DEVICES:

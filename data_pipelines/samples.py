@@ -112,7 +112,10 @@ class SampleDecoder:
         if extra:
             raise CorruptSampleError(
                 f"wrong frame count: has {len(self.frame_names) + extra} frame members, expected {self.cfg.num_frames}")
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB)
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as err:  # libjpeg's complaint about these bytes (torchvision raises no narrower type)
+            raise CorruptSampleError(f"bad JPEG frame member: {str(err).splitlines()[-1]}") from None
         shape = decoded[0].shape
         if any(f.shape != shape for f in decoded):
             raise CorruptSampleError(f"frames differ in size: {sorted({tuple(f.shape) for f in decoded})}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -202,3 +203,74 @@ def shard_urls(shard_dir: Path, groups: list[str] | None = None) -> list[str]:
             raise ValueError(f"no shards of group(s) {missing} in {shard_dir}; groups there: {known}")
         shards = [s for s in shards if s["group"] in set(groups)]
     return [str(shard_dir / s["name"]) for s in shards]
+
+
+# ---------------------------------------------------------------- what readers learn from the files
+
+
+def local_shard_folder(url: str) -> Path | None:
+    """The folder of a shard URL that is a local path; None for `pipe:`, http and other remote URLs."""
+    if url.startswith("pipe:") or "://" in url:
+        return None
+    return Path(url).parent
+
+
+@functools.lru_cache(maxsize=64)
+def _index_counts(index_file: str, mtime_ns: int) -> dict[str, int]:
+    # keyed by mtime too: a rewritten index (new shards, merged captions) is read afresh
+    shards = json.loads(Path(index_file).read_text()).get("shards", [])
+    return {str(s["name"]): int(s["samples"]) for s in shards}
+
+
+def indexed_sample_count(url: str) -> int | None:
+    """Samples `index.json` beside a local shard lists for it; None when unknown (no index, not listed,
+    remote URL). Read once per index file and process, so a worker may ask for every shard it opens."""
+    folder = local_shard_folder(url)
+    index_file = folder / "index.json" if folder is not None else None
+    if index_file is None or not index_file.is_file():
+        return None
+    try:
+        counts = _index_counts(str(index_file), index_file.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or not an emomae index: no count to hold to
+        return None
+    return counts.get(Path(url).name)
+
+
+def shard_config(folder: Path) -> tuple[dict, Path] | None:
+    """(ShardConfig dict, the file it came from) of a shard folder: `index.json`'s `config`, else
+    `provenance.json`'s; None when neither is there."""
+    for name in ("index.json", "provenance.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            config = json.loads(path.read_text()).get("config")
+            if isinstance(config, dict):
+                return config, path
+    return None
+
+
+SAMPLING_KEYS = ("num_frames", "frame_stride", "img_size", "sample_rate")
+
+
+def shard_sampling(urls: list[str]) -> dict | None:
+    """How the local shards among `urls` were cut, from the files beside them: `num_frames`,
+    `frame_stride` (steps of the `grid_fps` time grid), `img_size`, `sample_rate`, `fbank_mel_bins`
+    (None when no fbank is stored) and `source` (the file read). None when no shard folder has an
+    index.json or provenance.json; a ValueError naming both files when two folders disagree."""
+    found: list[tuple[dict, Path]] = []
+    for folder in sorted({f for f in map(local_shard_folder, urls) if f is not None}):
+        config = shard_config(folder)
+        if config is not None:
+            found.append(config)
+    if not found:
+        return None
+    (first, first_file), *others = found
+    for config, path in others:
+        differ = [k for k in SAMPLING_KEYS if config.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"the shards were cut differently: {first_file} has "
+                             f"{ {k: first.get(k) for k in differ} }, {path} has { {k: config.get(k) for k in differ} }")
+    sampling = {k: first.get(k) for k in SAMPLING_KEYS}
+    sampling["grid_fps"] = GRID_FPS
+    sampling["fbank_mel_bins"] = first.get("fbank_mel_bins") if first.get("precompute_fbank") else None
+    sampling["source"] = str(first_file)
+    return sampling

@@ -27,11 +27,13 @@ import json
 import logging
 import os
 import random
+import wave
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -42,13 +44,14 @@ from data_pipelines.corrupt import CorruptLog, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
 from data_pipelines.jpeg_bytes import JpegBatchBuilder, JpegBytesDecoder
-from data_pipelines.samples import BatchBuilder, SampleDecoder
+from data_pipelines.samples import BatchBuilder, CorruptSampleError, SampleDecoder
+from data_pipelines.shard_index import indexed_sample_count
 from data_pipelines.tar_reader import tar_samples
 
 # Re-exported: these lived here before the split and are imported from here.
-__all__ = ["AVStream", "CorruptLog", "EvalStream", "PretrainStream", "SampleFilter", "StreamConfig", "StreamStart",
-           "WorkerContext", "eval_pipeline", "exact_once_split", "pretrain_pipeline", "read_corrupt_logs",
-           "resolve_rank", "shard_sizes"]
+__all__ = ["AVStream", "CorruptLog", "EvalStream", "PipeUrlError", "PretrainStream", "SampleFilter", "StreamConfig",
+           "StreamStart", "WorkerContext", "check_pipe_urls", "eval_pipeline", "exact_once_split", "pretrain_pipeline",
+           "read_corrupt_logs", "resolve_rank", "shard_sizes"]
 
 log = logging.getLogger("emomae.data")
 
@@ -57,6 +60,13 @@ SampleFilter = Callable[[dict], bool]
 # Shard read buffer: a sample's ~40 small reads then cost one syscall per 256 kB instead of per 8 kB
 # (~0.05 ms per sample, benchmarks/bench_loader.py).
 READ_BUFFER = 1 << 18
+
+# What bad bytes in a sample raise while it is decoded: `CorruptSampleError` (samples.py's own checks,
+# including undecodable JPEGs), ValueError (json, UTF-8 text, numpy buffers), soundfile's errors, and
+# the `wave` module's. Other exceptions (TypeError, AttributeError, KeyError, a torch RuntimeError, ...)
+# are bugs in the code and stop the stream instead of being counted as corrupt samples.
+DECODE_ERRORS = (CorruptSampleError, ValueError, sf.SoundFileError, wave.Error, EOFError)
+PIPE_PREFIX = "pipe:"
 
 
 @dataclass(frozen=True)
@@ -150,26 +160,64 @@ class StreamStart:
 def read_shard(url: str, errors: CorruptLog, start: int = 0, stop: int | None = None) -> Iterator[dict]:
     """Raw samples `start <= index < stop` of one tar (member bytes + __key__/__url__/__index__).
 
-    A read error (truncated or missing tar) is recorded once and ends this shard only; a sample cut
-    in half by it is yielded as it is and rejected by `decode_sample` for its missing members.
+    A read error (truncated or missing tar, a pipe command that fails, a header that is not tar) is
+    recorded once and ends this shard only; a sample cut in half by it is yielded as it is and rejected
+    by `decode_sample` for its missing members. A tar that ends cleanly but early (cut at a member
+    boundary) is recorded too, against the sample count `index.json` lists for it.
     """
+    read = 0  # samples met in the tar, before `start` included
     try:
         with gopen(url, bufsize=READ_BUFFER) as stream:
             for index, sample in enumerate(tar_samples(stream, url)):
+                read = index + 1
                 if index < start:
                     continue
                 if stop is not None and index >= stop:
                     return
                 sample["__index__"] = index
                 yield sample
-    except Exception as exn:  # any I/O or format failure of this shard; the next shard still runs
+    except OSError as exn:  # I/O and tar format failures (ShardReadError is one); the next shard still runs
         errors.record(url, "", f"unreadable shard: {type(exn).__name__}: {exn}", "shard")
+        return
+    report_early_end(url, read, start, stop, errors)
+
+
+def report_early_end(url: str, read: int, start: int, stop: int | None, errors: CorruptLog) -> None:
+    """Record the samples of `[start, stop)` a tar did not hold: without this a shard truncated at a
+    member boundary reads as a valid, shorter tar and its remaining samples vanish unnoticed."""
+    indexed = indexed_sample_count(url)
+    end = stop if stop is not None else indexed
+    if end is None or read >= end:
+        return
+    lost = end - max(read, start)
+    errors.record(url, "", f"shard ended early: the tar holds {read} samples, index.json lists {indexed}; "
+                  f"{lost} samples of this read are missing (truncated or replaced file? rewrite it with "
+                  "`emomae shards`)", "shard", lost=lost)
 
 
 def read_shards(sources: Iterable[dict], errors: CorruptLog) -> Iterator[dict]:
     """Stage: `{"url", "start"?, "stop"?}` items -> raw samples of each."""
     for src in sources:
         yield from read_shard(src["url"], errors, src.get("start", 0), src.get("stop"))
+
+
+class PipeUrlError(ValueError):
+    """`pipe:` shard URLs without the opt-in: each one runs its text through a shell."""
+
+
+def pipe_commands(urls: Iterable[str]) -> list[str]:
+    """The shell commands of the `pipe:` URLs among `urls` (what `gopen` will run, one per shard read)."""
+    return [u[len(PIPE_PREFIX):].strip() for u in urls if u.startswith(PIPE_PREFIX)]
+
+
+def check_pipe_urls(urls: Iterable[str], allowed: bool, key: str = "data.allow_pipe_urls") -> list[str]:
+    """The commands `pipe:` URLs will run; a PipeUrlError naming `key` when there are some and they are
+    not allowed. A shard URL is usually a config value, and a config value must not run a shell unasked."""
+    commands = pipe_commands(urls)
+    if commands and not allowed:
+        raise PipeUrlError(f"shard URL {PIPE_PREFIX + commands[0]!r} would run a shell command; set {key}=true "
+                           "to allow shard URLs that run commands (or point at the shard files themselves)")
+    return commands
 
 
 def keep_samples(samples: Iterable[dict], sample_filter: SampleFilter | None, errors: CorruptLog) -> Iterator[dict]:
@@ -199,11 +247,12 @@ def skip_consumed(samples: Iterable[dict], first: int) -> Iterator[dict]:
 
 
 def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], errors: CorruptLog) -> Iterator[dict]:
-    """Stage: decode each raw sample; a failure is recorded and the sample skipped (never replaced)."""
+    """Stage: decode each raw sample; a sample whose bytes do not decode is recorded and skipped (never
+    replaced)."""
     for raw in samples:
         try:
             sample = decode(raw)
-        except Exception as err:  # any decoder failure is a property of this sample's bytes
+        except DECODE_ERRORS as err:  # bad bytes in this sample; anything else is a bug and propagates
             errors.record(raw["__url__"], raw["__key__"], f"{type(err).__name__}: {err}")
             continue
         errors.ok()

@@ -40,6 +40,13 @@ def _octal(field: bytes) -> int:
         raise ShardReadError(f"bad octal field {field!r} in tar header") from None
 
 
+def _pax_size(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ShardReadError(f"bad pax size record {text!r}") from None
+
+
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
     data = stream.read(n)
     while len(data) < n:
@@ -59,14 +66,25 @@ def _check_header(header: bytes) -> None:
         raise ShardReadError("tar header checksum mismatch (not a tar file, or corrupt)")
 
 
+def _text(data: bytes, what: str) -> str:
+    """UTF-8 text of a tar header field; undecodable bytes are a format error of the shard."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ShardReadError(f"{what} is not UTF-8 ({err.reason} at byte {err.start}): not a shard tar, or corrupt") from None
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     records, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            records[_text(key, "pax record key")] = _text(value, "pax record value")
+            pos += length
+    except ValueError as err:  # no space or no length: the record is not `<length> <key>=<value>\n`
+        raise ShardReadError(f"malformed pax header record at byte {pos}: {err}") from None
     return records
 
 
@@ -93,7 +111,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             size = _octal(header[124:136])
         kind = header[156]
         if pax is not None and "size" in pax:
-            size = int(pax["size"])
+            size = _pax_size(pax["size"])
         padded = size + (-size % BLOCK)
         data = _read_exact(stream, padded) if padded else b""  # content and its padding in one read
         if padded != size:
@@ -102,7 +120,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             pax = _pax_records(data) if b" path=" in data or b" size=" in data else None
             continue
         if kind == _GNU_LONG_NAME:
-            long_name = data.rstrip(b"\0").decode("utf-8")
+            long_name = _text(data.rstrip(b"\0"), "GNU long name")
             continue
         if kind == _GLOBAL_PAX:
             continue
@@ -111,9 +129,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         elif long_name is not None:
             name = long_name
         else:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            name = _text(header[:100].split(b"\0", 1)[0], "member name")
             if header[345] and header[257:262] == b"ustar":  # ustar prefix (long paths)
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+                name = _text(header[345:500].split(b"\0", 1)[0], "ustar prefix") + "/" + name
         long_name = pax = None
         if kind in _REGULAR:
             yield name, data

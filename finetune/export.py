@@ -22,11 +22,13 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.atomic import atomic_write
 from pretrain.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 ENCODER_PREFIX = "model.encoder."
@@ -46,6 +48,10 @@ EMA_KEY = "ema_state_dict"  # pretrain.callbacks.EMA: the averaged weights, same
 
 class ExportError(ValueError):
     """A checkpoint or export that cannot be used; the message names the file and what is wrong."""
+
+
+class FrameStrideUnknown(ExportError):
+    """Nothing says how far apart the training clips' frames were: the user must (--frame-stride)."""
 
 
 # --- reading checkpoints -----------------------------------------------------------------------
@@ -200,25 +206,23 @@ def load_weights(encoder: torch.nn.Module, state: dict[str, torch.Tensor], where
     encoder.load_state_dict(state, strict=True)
 
 
-def input_spec(run_config: dict | None, model_cfg: dict) -> dict:
+def input_spec(run_config: dict | None, model_cfg: dict, frame_stride: int = 4) -> dict:
     """What a clip must look like before it enters the encoder: geometry from the architecture,
-    fbank settings and normalisation from the pretraining run's `data` section (DataConfig), the
-    frame stride and the face step (`face`) from the index.json of the shards it was trained on
-    (default 4, the reference; no face step)."""
+    fbank settings and normalisation from the pretraining run's `data` section (DataConfig), the audio
+    rate the shards were cut at when the run recorded it (`shard_sampling`), `frame_stride` (steps
+    of the 25 fps grid between frames; `export` finds the run's, see `run_frame_stride`) and the face
+    step (`face`) from the index.json of the shard folder it was trained on (none when unreadable)."""
     from data_pipelines.face_track import face_spec
     from data_pipelines.features import KALDI_FBANK_ARGS, FbankConfig
 
     data = dict((run_config or {}).get("data") or {})
+    sampling = dict((run_config or {}).get("shard_sampling") or {})
     defaults = FbankConfig()
-    frame_stride = 4
-    shards = Path(str(data.get("shards") or ""))
-    if shards.name and (shards / "index.json").is_file():
-        frame_stride = int(json.loads((shards / "index.json").read_text()).get("config", {}).get("frame_stride", 4))
     return {
         "num_frames": int(model_cfg.get("num_frames", 16)),
-        "frame_stride": frame_stride,
+        "frame_stride": int(frame_stride),
         "img_size": int(model_cfg.get("img_size", 160)),
-        "sample_rate": int(data.get("sample_rate", defaults.sample_rate)),
+        "sample_rate": int(sampling.get("sample_rate") or data.get("sample_rate", defaults.sample_rate)),
         "fbank": {
             "fbank_frames": int(model_cfg.get("fbank_frames", defaults.fbank_frames)),
             "mel_bins": int(model_cfg.get("mel_bins", defaults.mel_bins)),
@@ -228,8 +232,58 @@ def input_spec(run_config: dict | None, model_cfg: dict) -> dict:
         },
         "video_mean": list(IMAGENET_MEAN),
         "video_std": list(IMAGENET_STD),
-        "face": face_spec(shards),  # the shards' face step (face=auto), which `emomae embed` repeats
+        "face": face_spec(Path(str(data.get("shards") or ""))),  # the shards' face step (face=auto), which `emomae embed` repeats
     }
+
+
+def shard_files_of(spec: str) -> list[str]:
+    """The local shard files (or the folder) a run's `data.shards` names, where this machine can see them."""
+    import glob
+
+    import webdataset as wds
+
+    if not spec:
+        return []
+    if Path(spec).is_dir():
+        return [str(Path(spec) / "index.json")]  # any name inside the folder: its files are what is read
+    return [f for pattern in wds.shardlists.expand_urls(spec) for f in sorted(glob.glob(pattern))]
+
+
+def run_frame_stride(run_config: dict | None) -> tuple[int, str] | None:
+    """(frame stride, where it was found) of a pretraining run: its recorded `shard_sampling` (runs
+    since it was recorded), else the index.json / provenance.json beside its `data.shards` when this
+    machine can read them; None when neither says."""
+    from data_pipelines.shard_index import shard_sampling
+
+    run_config = run_config or {}
+    recorded = (run_config.get("shard_sampling") or {}).get("frame_stride")
+    if recorded is not None:
+        return int(recorded), "the run's shard_sampling"
+    spec = str((run_config.get("data") or {}).get("shards") or "")
+    try:
+        sampling = shard_sampling(shard_files_of(spec))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"data.shards={spec!r} of the run: {err}") from err
+    if sampling is None or sampling.get("frame_stride") is None:
+        return None
+    return int(sampling["frame_stride"]), sampling["source"]
+
+
+def choose_frame_stride(run_config: dict | None, given: int | None, checkpoint: str | Path) -> int:
+    """The frame stride to export: the run's own, checked against `--frame-stride` when both exist."""
+    found = run_frame_stride(run_config)
+    if found is None:
+        if given is None:
+            raise FrameStrideUnknown(
+                f"{checkpoint}: the frame stride of the shards this run trained on is not recorded in the checkpoint "
+                "and their index.json / provenance.json cannot be read from here; pass --frame-stride N (the "
+                "`frame_stride` of `emomae shards`, 4 by default: frames 4 steps apart on the 25 fps grid)")
+        return given
+    stride, where = found
+    if given is not None and given != stride:
+        raise ExportError(f"{checkpoint}: --frame-stride {given} disagrees with frame_stride={stride} of the "
+                          f"shards the run trained on ({where}); leave --frame-stride out")
+    return stride
 
 
 def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: str | Path, source: str,
@@ -245,7 +299,8 @@ def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     weights = out / WEIGHTS_FILES[layout]
-    save_file(state, str(weights), metadata={"format": "emomae-encoder", "version": str(FORMAT_VERSION)})
+    write_shared(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "emomae-encoder",
+                                                                          "version": str(FORMAT_VERSION)}))
     n_params = sum(v.numel() for v in state.values())
     config = {
         "format": "emomae-encoder",
@@ -256,14 +311,24 @@ def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: 
         "num_parameters": n_params,
         **(extra or {}),
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config_text = json.dumps(config, indent=2) + "\n"
+    write_shared(out / "config.json", lambda tmp: tmp.write_text(config_text))
     card = model_card(config, card_note=card_note, layout=layout)
     if layout == "hf":
         card = hf_front_matter(config) + card
-    (out / CARD_FILES[layout]).write_text(card)
-    for name in (weights.name, "config.json", CARD_FILES[layout]):
-        os.chmod(out / name, FILE_MODE)
+    write_shared(out / CARD_FILES[layout], lambda tmp: tmp.write_text(card))
     return out
+
+
+def write_shared(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` a temporary file beside `path`, make it FILE_MODE, then rename it into place: an
+    export folder never holds a half-written file, nor one only its owner can read (safetensors
+    creates its files 0600), even when a later file of the export fails."""
+    def write_readable(tmp: Path) -> None:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+
+    return atomic_write(path, write_readable)
 
 
 def hf_front_matter(config: dict) -> str:
@@ -391,17 +456,21 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu"):
     return encoder.to(device).eval()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", ema: bool = False) -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", ema: bool = False,
+           frame_stride: int | None = None) -> Path:
     """Checkpoint (Lightning file or DeepSpeed dir) -> export folder in `layout` ("emomae" or "hf");
     checks the weights fit. `ema`: export the EMA weights (config.json gets `"weights": "ema"`); without
-    it, a checkpoint that has them gets a one-line note on stdout."""
+    it, a checkpoint that has them gets a one-line note on stdout. `frame_stride`: the shards' frame
+    stride, needed only when the run did not record it and its shards are out of reach
+    (`FrameStrideUnknown` otherwise)."""
     state, meta, has_ema = _read_checkpoint(Path(checkpoint), ema)
     if has_ema and not ema:
         print(f"note: {checkpoint} also holds EMA weights ({EMA_KEY}); `emomae export --ema` exports those")
     model_cfg = meta["model"]
     encoder, _ = build_encoder(model_cfg, where=f"{checkpoint} (checkpoint['emomae']['model'])")
     load_weights(encoder, state, where=f"{checkpoint} ({EMA_KEY})" if ema else str(checkpoint))
-    spec = input_spec(meta.get("config"), model_cfg)
+    stride = choose_frame_stride(meta.get("config"), frame_stride, checkpoint)
+    spec = input_spec(meta.get("config"), model_cfg, frame_stride=stride)
     extra, card_note = None, None
     if ema:
         decay = ((meta.get("config") or {}).get("optim") or {}).get("ema_decay")
@@ -427,11 +496,16 @@ def main(argv: list[str]) -> int:
                         help="emomae (default) or hf: the Hugging Face hub layout, ready to upload")
     parser.add_argument("--ema", action="store_true",
                         help="export the EMA weights (checkpoint['ema_state_dict'], runs with optim.ema=true)")
+    parser.add_argument("--frame-stride", type=int, metavar="N",
+                        help="frame stride of the shards the run trained on (`emomae shards frame_stride=`), for "
+                             "checkpoints that do not record it when their shards' index.json is out of reach")
     args = parser.parse_args(argv)
+    if args.frame_stride is not None and args.frame_stride < 1:
+        parser.error(f"--frame-stride must be >= 1, got {args.frame_stride}")
     try:
-        out = export(args.checkpoint, args.out_dir, layout=args.layout, ema=args.ema)
+        out = export(args.checkpoint, args.out_dir, layout=args.layout, ema=args.ema, frame_stride=args.frame_stride)
     except ExportError as err:
         print(f"emomae export: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, FrameStrideUnknown) else 1
     print(f"exported encoder to {out}")
     return 0

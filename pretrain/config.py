@@ -1,8 +1,15 @@
 """OmegaConf configs: a dataclass schema gives defaults and types, YAML files and `key=value`
-overrides are merged on top, and an unknown or mistyped key fails with a message naming it."""
+overrides are merged on top, and an unknown or mistyped key fails with a message naming it.
+
+A config is a YAML path or the name of one that ships with emomae (`demo`, `base`, `micro`, `crema_d`):
+`resolve_config_path` looks names up in `configs/<kind>/`, from the checkout beside this code or,
+in an installed wheel, the `emomae_configs` package (pyproject.toml maps configs/ to it), so a name
+works from any working directory.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,8 +23,50 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+# schema -> the folder of configs/ its named configs live in (load_config resolves names by schema)
+CONFIG_KINDS = {"PretrainConfig": "pretrain", "ModelConfig": "model", "FinetuneConfig": "finetune"}
+KIND_WORDS = {"model": "model size", "pretrain": "pretraining config", "finetune": "fine-tuning protocol"}
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PACKAGED_CONFIGS = "emomae_configs"
+
+
+def config_root() -> Path:
+    """The shipped configs/ folder: the checkout's (also an editable install's), else the wheel's package."""
+    if (CHECKOUT_CONFIGS / "pretrain").is_dir():
+        return CHECKOUT_CONFIGS
+    spec = importlib.util.find_spec(PACKAGED_CONFIGS)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    raise ConfigError(f"the configs that ship with emomae are missing (no {CHECKOUT_CONFIGS} and no "
+                      f"{PACKAGED_CONFIGS} package): reinstall emomae, or pass a YAML file path")
+
+
+def config_names(kind: str) -> list[str]:
+    """Names of the shipped configs of one kind (`configs/<kind>/<name>.yaml`, `_*` bodies left out)."""
+    return sorted(p.stem for p in (config_root() / kind).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def resolve_config_path(spec: str | Path, kind: str | None) -> Path:
+    """A YAML file path as it is, or a shipped config's name (`demo` -> configs/pretrain/demo.yaml)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    looks_like_path = path.suffix in {".yaml", ".yml"} or len(path.parts) > 1
+    if kind is None or looks_like_path:
+        raise ConfigError(f"config file not found: {path}")
+    named = config_root() / kind / f"{path.name}.yaml"
+    if named.is_file():
+        return named
+    raise ConfigError(f"unknown {KIND_WORDS.get(kind, kind + ' config')} {str(spec)!r}: expected a YAML file "
+                      f"or one of {config_names(kind)}")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                kind: str | None = None) -> DictConfig:
     """Merge schema defaults <- YAML file (and its `defaults:` chain) <- `key=value` overrides.
+
+    `path` may be a shipped config's name; `kind` (default: the schema's, `CONFIG_KINDS`) says which
+    folder of configs/ names are looked up in.
 
     The YAML may name a parent file under `base:` (relative to itself) so size and protocol
     configs can share a common body, and any mapping may hold `_file_: other.yaml` to be filled
@@ -25,7 +74,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        for layer in _yaml_chain(Path(path)):
+        path = resolve_config_path(path, kind or CONFIG_KINDS.get(schema.__name__))
+        for layer in _yaml_chain(path):
             cfg = _merge(cfg, layer, where=str(path))
     if overrides:
         bad = [o for o in overrides if "=" not in o]

@@ -13,7 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+from pretrain.config import config_root
+
+CONFIG_DIR = config_root() / "deepspeed"  # the checkout's configs/, or the installed emomae_configs package
 # strategy name in the run config -> YAML file under configs/deepspeed
 STRATEGY_FILES = {"deepspeed_stage_2": "zero2.yaml", "deepspeed_stage_3": "zero3.yaml"}
 # keys the run config owns; a YAML that sets them would silently disagree with the Trainer

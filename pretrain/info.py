@@ -15,22 +15,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, load_config, resolve_config_path
 from pretrain.encoders import ModelConfig
 from pretrain.flops import flop_counter
 from pretrain.mae import MaskedAVAutoencoder, ObjectiveConfig
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
 
 def resolve_model_config(spec: str, overrides: list[str] | None = None) -> ModelConfig:
     """A YAML path or a size name from configs/model/ (tiny, small, base, large, micro, ...)."""
-    path = Path(spec)
-    if not (path.suffix in {".yaml", ".yml"} or path.exists()):
-        path = MODEL_CONFIGS / f"{spec}.yaml"
-        if not path.is_file():
-            sizes = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
-            raise ConfigError(f"unknown model size {spec!r}: expected a YAML file or one of {sizes}")
+    path = resolve_config_path(spec, "model")
     cfg: ModelConfig = OmegaConf.to_object(load_config(ModelConfig, path, overrides))
     try:
         cfg.validate()

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipelines.datamodule import DataConfig
+from data_pipelines.stream import PipeUrlError, check_pipe_urls, pipe_commands
 from pretrain.config import ConfigError, load_config, save_config
 from pretrain.encoders import ModelConfig
 from pretrain.inject import InjectConfig
@@ -77,6 +78,11 @@ class PretrainConfig:
     init: str | None = None
     inject: InjectConfig = field(default_factory=InjectConfig)
     resume: str = "auto"  # auto (run_dir/checkpoints/last.ckpt if present) | never | <checkpoint path>
+    # How the training shards were cut (frames, frame stride, image size, audio rate), read from their
+    # index.json / provenance.json when the run starts and kept in config.yaml and every checkpoint, so
+    # `emomae export` can write the frame rate clips must be sampled at. Set it only for shards that
+    # have neither file (e.g. `pipe:` URLs): `shard_sampling={frame_stride: 4}`.
+    shard_sampling: dict[str, Any] | None = None
 
 
 @dataclass
@@ -87,14 +93,30 @@ class PretrainSummary:
     last_checkpoint: str | None
     losses: dict[str, float]
     interrupted_by: str | None = None
+    # skipped input, from the run's corrupt-sample logs: {"samples", "shards", "samples_lost", "log_dir"}
+    corrupt: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         losses = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.losses.items()))
         stop = f" (stopped by {self.interrupted_by})" if self.interrupted_by else ""
-        return (
+        text = (
             f"pretrain: {self.steps} steps in {self.seconds:.1f} s{stop}\n"
             f"  losses: {losses}\n  checkpoint: {self.last_checkpoint}\n  run dir: {self.run_dir}"
         )
+        if self.corrupt.get("samples") or self.corrupt.get("shards"):
+            c = self.corrupt
+            text += (f"\n  skipped: {c['samples']} corrupt samples, {c['shards']} shard read errors "
+                     f"({c['samples_lost']} samples missing from shards that ended early); see {c['log_dir']}")
+        return text
+
+
+def corrupt_summary(log_dir: str | Path) -> dict[str, Any]:
+    """Counts of the corrupt-sample events every rank and worker of a run logged (data_pipelines/corrupt.py)."""
+    from data_pipelines.stream import read_corrupt_logs
+
+    events = read_corrupt_logs(log_dir) if Path(log_dir).is_dir() else []
+    return {"samples": sum(e["kind"] == "sample" for e in events), "shards": sum(e["kind"] == "shard" for e in events),
+            "samples_lost": sum(int(e.get("lost") or 0) for e in events), "log_dir": str(log_dir)}
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -117,6 +139,11 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
+    try:
+        check_pipe_urls(shard_url_specs(cfg), cfg.data.allow_pipe_urls)
+    except PipeUrlError as err:
+        raise ConfigError(str(err)) from err
+    check_data_follows_model(cfg)
     if cfg.stage not in ("mae", "inject"):
         raise ConfigError(f"stage must be 'mae' or 'inject', got stage={cfg.stage!r}")
     if cfg.stage == "inject" and not cfg.init:
@@ -155,6 +182,95 @@ def check(cfg: PretrainConfig) -> None:
             f"trainer.strategy={t.strategy} needs CUDA GPUs (DeepSpeed's Lightning strategy runs on CUDA only); "
             "on CPU use trainer.strategy=auto or ddp"
         )
+
+
+def shard_url_specs(cfg: PretrainConfig) -> list[str]:
+    """The shard URLs the config names, brace patterns expanded (a shard folder is one entry)."""
+    import webdataset as wds
+
+    specs = [cfg.data.shards, cfg.inject.caption_shards if cfg.stage == "inject" else None]
+    return [url for spec in specs if spec for url in wds.shardlists.expand_urls(spec)]
+
+
+def check_data_follows_model(cfg: PretrainConfig) -> None:
+    """The loader's clip geometry must be the model's input (the default configs interpolate it)."""
+    for key in ("num_frames", "img_size", "fbank_frames", "mel_bins"):
+        data_value, model_value = getattr(cfg.data, key), getattr(cfg.model, key)
+        if data_value != model_value:
+            raise ConfigError(f"data.{key}={data_value} but model.{key}={model_value}: the loader must produce the "
+                              f"model's input; set data.{key}={model_value} (or leave it to the config's "
+                              f"${{model.{key}}})")
+
+
+def shard_geometry_errors(cfg: PretrainConfig, sampling: dict) -> list[str]:
+    """What in the shards' cut (`shard_index.shard_sampling`) stops this run: every sample would be
+    rejected (frame count) or the loader refuses the audio (sample rate)."""
+    problems = []
+    if sampling.get("num_frames") is not None and sampling["num_frames"] != cfg.model.num_frames:
+        problems.append(f"{sampling['num_frames']} frames per clip, the model takes {cfg.model.num_frames}")
+    if sampling.get("sample_rate") is not None and sampling["sample_rate"] != cfg.data.sample_rate:
+        problems.append(f"{sampling['sample_rate']} Hz audio, data.sample_rate is {cfg.data.sample_rate}")
+    return problems
+
+
+def shard_geometry_notes(model: ModelConfig, sampling: dict) -> list[str]:
+    """What in the shards' cut a run survives but should know: upsampled frames, audio cut or padded
+    to the model's fbank length, a stored fbank the loader cannot use."""
+    from data_pipelines.features import num_fbank_frames
+
+    notes = []
+    if sampling.get("img_size") is not None and sampling["img_size"] < model.img_size:
+        notes.append(f"{sampling['img_size']} px frames are upsampled to the model's {model.img_size} px")
+    if None not in (sampling.get("num_frames"), sampling.get("frame_stride"), sampling.get("sample_rate")):
+        window = round(sampling["num_frames"] * sampling["frame_stride"] / sampling["grid_fps"] * sampling["sample_rate"])
+        audio_frames = num_fbank_frames(window, sampling["sample_rate"])
+        if abs(audio_frames - model.fbank_frames) > 0.05 * model.fbank_frames:
+            notes.append(f"a window's audio is {audio_frames} fbank frames, cut or padded to the model's {model.fbank_frames}")
+    stored_bins = sampling.get("fbank_mel_bins")
+    if stored_bins is not None and stored_bins != model.mel_bins:
+        notes.append(f"the stored fbank.npy has {stored_bins} mel bins, the model takes {model.mel_bins}, so the "
+                     "loader computes the fbank from the audio (slower)")
+    return notes
+
+
+def shard_options_for(model: ModelConfig, sampling: dict) -> str:
+    """The `emomae shards` options that cut clips this model takes (10 ms fbank frames span the window)."""
+    grid_fps = sampling.get("grid_fps", 25.0)
+    stride = max(1, round(model.fbank_frames / 100 * grid_fps / model.num_frames))
+    return f"num_frames={model.num_frames} frame_stride={stride} img_size={model.img_size} fbank_mel_bins={model.mel_bins}"
+
+
+def shards_for_run(cfg: PretrainConfig) -> dict | None:
+    """Check the training shards against the model before anything is written; returns how they were
+    cut (recorded as `shard_sampling`), or the config's own value when the shards do not say."""
+    from data_pipelines.datamodule import resolve_shards
+    from data_pipelines.shard_index import shard_sampling
+
+    try:
+        sampling = shard_sampling(resolve_shards(cfg.data.shards, cfg.data.train_groups))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {err}") from err
+    if sampling is None:
+        return cfg.shard_sampling
+    where = f"the shards in {Path(sampling['source']).parent} (per {Path(sampling['source']).name})"
+    advice = (f"shards for this model: `emomae shards <manifest.csv> <out_dir> {shard_options_for(cfg.model, sampling)}`"
+              " and data.shards=<out_dir>")
+    problems = shard_geometry_errors(cfg, sampling)
+    if problems:
+        raise ConfigError(f"{where} do not fit this run: {'; '.join(problems)}. Write {advice}, or pick a model that "
+                          "fits these shards")
+    notes = shard_geometry_notes(cfg.model, sampling)
+    if notes:
+        print(f"emomae pretrain: note: {where}: {'; '.join(notes)}; {advice}", file=sys.stderr)
+    return sampling
+
+
+def announce_pipe_commands(cfg: PretrainConfig) -> None:
+    """With data.allow_pipe_urls=true, say which shell commands the shard URLs will run."""
+    commands = pipe_commands(shard_url_specs(cfg))
+    if commands:
+        shown = "; ".join(commands[:3]) + (f"; ... ({len(commands)} commands)" if len(commands) > 3 else "")
+        print(f"emomae pretrain: data.allow_pipe_urls=true, shards are read by running: {shown}", file=sys.stderr)
 
 
 def loggers_of(logging: LoggingConfig) -> list[str]:
@@ -284,8 +400,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
 
     t = cfg.trainer
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_path(cfg)
+    cfg.shard_sampling = shards_for_run(cfg)  # before the run folder: a misfit leaves nothing behind
+    if cfg.data.error_log_dir is None:  # every skipped sample and short shard lands in the run's own log
+        cfg.data.error_log_dir = str(run_dir / "corrupt")
+    run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(t)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -342,6 +461,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         run_dir=str(run_dir), steps=trainer.global_step, seconds=time.perf_counter() - start,
         last_checkpoint=str(last) if last.exists() else None, interrupted_by=interrupted,
         losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")},
+        corrupt=corrupt_summary(cfg.data.error_log_dir),
     )
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
@@ -373,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "overridden by key=value pairs, e.g. `emomae pretrain configs/pretrain/base.yaml "
         "data.shards=/data/vox2 trainer.devices=4 optim.blr=3e-4`.",
     )
-    parser.add_argument("config", help="YAML run config (configs/pretrain/*.yaml)")
+    parser.add_argument("config", help="YAML run config, or the name of a shipped one: demo, tiny, small, base, "
+                        "large, inject_<size> (configs/pretrain/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     args = parser.parse_intermixed_args(argv)
@@ -382,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"emomae pretrain: {err}", file=sys.stderr)
         return 2
+    announce_pipe_commands(cfg)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0

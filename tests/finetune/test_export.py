@@ -30,7 +30,7 @@ from pretrain.mae import MaskedAVAutoencoder
 
 TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
             decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
-RUN_CONFIG = {"data": {"num_frames": 4, "frame_stride": 4, "img_size": 32}}
+RUN_CONFIG = {"data": {"num_frames": 4, "img_size": 32}, "shard_sampling": {"frame_stride": 4}}
 
 
 def _tiny_mae(seed: int = 0) -> MaskedAVAutoencoder:

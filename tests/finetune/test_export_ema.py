@@ -147,7 +147,8 @@ def deepspeed_worker(out: Path) -> None:
         engine.step()
         ema.update(mae, step)
         weights[step] = {k: v.detach().clone() for k, v in mae.state_dict().items()}
-    checkpoint = {"global_step": 3, "emomae": {"model": model_cfg.to_dict(), "config": {"optim": {"ema_decay": 0.5}}}}
+    checkpoint = {"global_step": 3, "emomae": {"model": model_cfg.to_dict(), "config": {"optim": {"ema_decay": 0.5},
+                                                                                 "shard_sampling": {"frame_stride": 4}}}}
     ema.on_save_checkpoint(None, None, checkpoint)
     engine.save_checkpoint(str(out / "last.ckpt"), tag="checkpoint", client_state=checkpoint)
     torch.save(weights, out / "weights.pt")

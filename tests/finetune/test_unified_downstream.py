@@ -30,7 +30,7 @@ def test_export_probe_and_finetune_work_for_both_encoder_kinds(tmp_path, kind):
     mae = MaskedAVAutoencoder(cfg).eval()
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()}, "global_step": 1,
-                "emomae": {"model": cfg.to_dict(), "config": {"data": {"frame_stride": 4}}}}, ckpt)
+                "emomae": {"model": cfg.to_dict(), "config": {"shard_sampling": {"frame_stride": 4}}}}, ckpt)
     encoder = load_encoder(export(ckpt, tmp_path / "export"))
     video, fbank = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 64, 32)
     with torch.no_grad():

@@ -28,7 +28,7 @@ def _checkpoint(path: Path, stage: str, text_dim: int = 384) -> Path:
     model = MaskedAVAutoencoder(ModelConfig.from_dict(TINY))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     config = {"stage": stage, "data": {"num_frames": 8, "img_size": 32, "fbank": {}},
-              "inject": {"text_encoder": DEFAULT_TEXT_ENCODER}}
+              "inject": {"text_encoder": DEFAULT_TEXT_ENCODER}, "shard_sampling": {"frame_stride": 4}}
     if stage == "inject":
         state |= {f"text_heads.{k}": v for k, v in TextHeads(64, text_dim).state_dict().items()}
     torch.save({"state_dict": state, "emomae": {"model": dict(TINY), "config": config}}, path)

@@ -189,7 +189,7 @@ def deepspeed_worker(argv: list[str]) -> None:
             loss = engine(video, torch.randn(2, 128, 128, generator=gen))
             engine.backward(loss)
             engine.step()
-        meta = {"emomae": {"model": model_cfg.to_dict(), "config": {"data": {"num_frames": 8, "img_size": 64}}},
+        meta = {"emomae": {"model": model_cfg.to_dict(), "config": {"data": {"num_frames": 8, "img_size": 64}, "shard_sampling": {"frame_stride": 4}}},
                 "global_step": 2}
         engine.save_checkpoint(str(out / f"zero{stage}" / "last.ckpt"), tag="checkpoint", client_state=meta)
         params = list(engine.module.parameters())
