@@ -121,10 +121,6 @@ class SampleDecoder:
             raise CorruptSampleError(f"frames differ in size: {sorted({tuple(f.shape) for f in decoded})}")
         return decoded
 
-    def decode_video(self, raw: dict) -> Tensor:
-        """All frames as one (T, 3, H, W) uint8 clip, channels-last in memory."""
-        return stack_frames(self.decode_frames(raw))
-
     def audio_features(self, raw: dict, meta: dict, gain_db: float = 0.0, seed: int = 0) -> Tensor:
         """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
         this loader's parameters, else computed from the audio member."""

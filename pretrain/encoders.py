@@ -270,9 +270,6 @@ class AVEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"{m}_embed.modality_token" for m in ("video", "audio") if self.cfg.kind == "unified"}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
     def _run(self, block: nn.Module, *xs: Tensor) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *xs, use_reentrant=False)
