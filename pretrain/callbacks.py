@@ -12,13 +12,29 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
-from pytorch_lightning.callbacks.progress.tqdm_progress import _update_n
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 
-class LastCheckpoint(Callback):
+class StepCallback(Callback):
+    """A callback that acts after optimizer steps, not after the micro-batches of gradient accumulation.
+
+    `trainer.global_step` (public) counts optimizer steps: it moves during a batch exactly when that
+    batch ends in an optimizer step, which is what Lightning's private `fit_loop._should_accumulate()`
+    tells. Subclasses that define `on_train_batch_start` call this one."""
+
+    _step_at_batch_start: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def stepped(self, trainer: pl.Trainer) -> bool:
+        """In `on_train_batch_end`: whether this batch ended with an optimizer step."""
+        return self._step_at_batch_start is not None and trainer.global_step != self._step_at_batch_start
+
+
+class LastCheckpoint(StepCallback):
     """Keep `last.ckpt` current when training ends early or late: at the end of training, and when the
     job is told to stop, after the step in flight: SIGTERM (preemption, scancel, the time limit) or
     SIGUSR1 (SLURM's `--signal=USR1@<s>` warning; under SLURM the job then requeues itself with
@@ -67,7 +83,7 @@ class LastCheckpoint(Callback):
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        if self.received is not None or trainer.fit_loop._should_accumulate():
+        if self.received is not None or not self.stepped(trainer):
             return
         signum = self._agreed_signal(trainer)  # every rank runs this collective at the same step
         if not signum:
@@ -87,6 +103,9 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt_cb = trainer.checkpoint_callback
+        # private ModelCheckpoint attribute (no public one says at which step it last saved): it spares a
+        # second save of the final step when ModelCheckpoint just wrote it; if a Lightning release drops
+        # it, getattr gives None and last.ckpt is saved once more, still correct (pyproject pins Lightning)
         if getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step:
             self._save(trainer, "end of training")
         for signum, handler in self._previous.items():
@@ -109,7 +128,7 @@ def _slurm_requeue() -> None:
         rank_zero_info(f"requeued SLURM job {job}; it resumes from last.ckpt")
 
 
-class EMA(Callback):
+class EMA(StepCallback):
     """Exponential moving average of the model's weights, updated after every optimizer step and stored
     in checkpoints as `checkpoint["ema_state_dict"]` with the same keys as `checkpoint["state_dict"]`
     (`emomae export --ema` takes it; under DeepSpeed it travels in the client state).
@@ -164,7 +183,7 @@ class EMA(Callback):
             torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        if not trainer.fit_loop._should_accumulate():
+        if self.stepped(trainer):
             self.update(pl_module.model, trainer.global_step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -191,17 +210,16 @@ class EMA(Callback):
 
 
 class MemoryMonitor(Callback):
-    """Logs peak memory every `log_every_n_steps`: CUDA allocator peak on GPU, process RSS on CPU."""
+    """Logs peak memory every `log_every_n_steps`: CUDA allocator peak on GPU, process RSS on CPU.
+    Through `pl_module.log`, so Lightning's logger connector keeps the `log_every_n_steps` cadence."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        if not trainer._logger_connector.should_update_logs:
-            return
         device = trainer.strategy.root_device
         if device.type == "cuda":
-            metrics = {"train/gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+            name, value = "train/gpu_mem_peak_gib", torch.cuda.max_memory_allocated(device) / 2**30
         else:
-            metrics = {"train/rss_peak_gib": peak_rss_bytes() / 2**30}
-        trainer._logger_connector.log_metrics(metrics)
+            name, value = "train/rss_peak_gib", peak_rss_bytes() / 2**30
+        pl_module.log(name, value, on_step=True, on_epoch=False)
 
 
 def peak_rss_bytes() -> int:
@@ -239,13 +257,16 @@ class StepProgressBar(TQDMProgressBar):
         pass  # an epoch of the resampled stream is no unit of progress: the bar runs on
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        bar = self.train_progress_bar
-        if bar is not None and self._should_update(trainer.global_step, bar.total or 0):
-            _update_n(bar, trainer.global_step)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is None or not self.is_enabled or bar.disable:
+            return
+        if step % self.refresh_rate == 0 or step == (bar.total or 0):
+            bar.n = step
+            bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
-class ReconstructionImages(Callback):
+class ReconstructionImages(StepCallback):
     """Every `every_n_steps`: original vs masked vs reconstructed frames and fbank for the first
     `num_samples` clips of the batch, as a PNG under `<out_dir>/step<N>.png`, also sent to every
     logger that takes images (W&B, TensorBoard)."""
@@ -259,7 +280,7 @@ class ReconstructionImages(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or trainer.fit_loop._should_accumulate():
+        if self.every_n_steps <= 0 or step % self.every_n_steps or not self.stepped(trainer):
             return
         sample = {k: batch[k][: self.num_samples] for k in ("video", "fbank")}
         # every rank runs the forward (ZeRO-3 needs all ranks to gather sharded weights); rank 0 draws

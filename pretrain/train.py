@@ -474,6 +474,8 @@ def _finish_wandb(trainer, failed: bool) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
     for logger in trainer.loggers:
+        # `_experiment` is private: WandbLogger has no public way to ask whether its run was started, and
+        # `logger.experiment` starts one; a run that never logged has none to finish (pyproject pins Lightning)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish(exit_code=1 if failed else 0)
 

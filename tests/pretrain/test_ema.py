@@ -45,8 +45,11 @@ class Weights(pl.Callback):
     def __init__(self) -> None:
         self.after_step: dict[int, dict[str, torch.Tensor]] = {}
 
+    def on_train_batch_start(self, trainer, *_):
+        self.step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, *_):
-        if not trainer.fit_loop._should_accumulate():
+        if trainer.global_step != self.step_before:  # an optimizer step ended this batch
             self.after_step[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
 
