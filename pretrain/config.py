@@ -63,14 +63,18 @@ def resolve_config_path(spec: str | Path, kind: str | None) -> Path:
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 kind: str | None = None) -> DictConfig:
-    """Merge schema defaults <- YAML file (and its `defaults:` chain) <- `key=value` overrides.
+    """Merge schema defaults <- YAML file (after its `base:` chain) <- `key=value` overrides, and
+    return the merged DictConfig (typed by the schema).
 
-    `path` may be a shipped config's name; `kind` (default: the schema's, `CONFIG_KINDS`) says which
-    folder of configs/ names are looked up in.
+    `path` is a YAML file or a shipped config's name; `kind` (default: the schema's, `CONFIG_KINDS`)
+    says which folder of configs/ names are looked up in (`resolve_config_path`).
 
-    The YAML may name a parent file under `base:` (relative to itself) so size and protocol
-    configs can share a common body, and any mapping may hold `_file_: other.yaml` to be filled
-    from that file (e.g. `model: {_file_: ../model/base.yaml}`), keys beside it winning.
+    The YAML may name a parent file under `base:` (relative to itself; parents may have parents,
+    e.g. configs/pretrain/large.yaml -> _defaults.yaml), merged first so size and protocol configs
+    share a common body, and any mapping may hold `_file_: other.yaml` to be filled from that file
+    (e.g. `model: {_file_: ../model/base.yaml}`), keys beside it winning; `${...}` interpolations are
+    left for OmegaConf to resolve on the whole config. A key the schema lacks, a value of the wrong
+    type, a missing or unparsable file and an override without `=` raise ConfigError naming it.
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
