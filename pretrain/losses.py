@@ -95,9 +95,10 @@ def sample_weights(kept: Tensor, among: Tensor | None = None) -> Tensor:
     return kept.float() * (among.numel() / among.sum().clamp(min=1).float())
 
 
-def masked_mse(pred: Tensor, target: Tensor, present: Tensor | None = None) -> Tensor:
-    """Mean squared error over the masked tokens: both (B, N_masked, D). `present` (B,) bool: the
-    mean over those samples only (0 when there are none)."""
+def mse_over_present(pred: Tensor, target: Tensor, present: Tensor | None = None) -> Tensor:
+    """Mean squared error of `pred` against `target`, both (B, N, D) (the masked tokens, as the
+    reconstruction passes them), averaged over every element; `present` (B,) bool: averaged over the
+    samples flagged present only (0 when there are none), None: over all samples."""
     note_fp32("reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target)
     if present is None:
         return F.mse_loss(pred.float(), target.float())
