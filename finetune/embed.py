@@ -25,8 +25,8 @@ from data_pipelines.face_track import face_config_of_spec
 from data_pipelines.faces import FaceModelError
 from data_pipelines.features import FbankConfig, waveform_to_fbank
 from finetune.export import ExportError, load_encoder, read_export_config
-from finetune.heads import pool_tokens
 from pretrain.encoders import normalize_video
+from pretrain.pooling import pool_tokens
 
 
 def clip_inputs(video: Path, spec: dict, max_windows: int | None = None,

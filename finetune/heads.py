@@ -22,22 +22,12 @@ from torch import nn
 
 from finetune.metrics import ccc
 from pretrain.layers import LN_EPS
+from pretrain.pooling import pool_tokens  # noqa: F401  (the heads' input; imported from here too)
 
 # what a probe caches per sample: token-means of every layer and of the fusion outputs
 POOLED_KEYS = ("video_layers", "audio_layers", "fused_video", "fused_audio")
 # what the attentive probe caches per sample: the fusion encoder's tokens
 TOKEN_KEYS = ("fused_video", "fused_audio")
-
-
-def pool_tokens(out) -> dict[str, torch.Tensor]:
-    """EncoderOutput -> token-means: video_layers `(B, Lv, D)`, audio_layers `(B, La, D)`,
-    fused_video `(B, D)`, fused_audio `(B, D)`."""
-    return {
-        "video_layers": torch.stack([x.mean(1) for x in out.video_layers], 1),
-        "audio_layers": torch.stack([x.mean(1) for x in out.audio_layers], 1),
-        "fused_video": out.fused_video.mean(1),
-        "fused_audio": out.fused_audio.mean(1),
-    }
 
 
 def fusion_tokens(out) -> dict[str, torch.Tensor]:

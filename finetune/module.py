@@ -26,12 +26,12 @@ from finetune.heads import (
     ccc_loss,
     drop_modality_per_sample,
     layer_decay_param_groups,
-    pool_tokens,
     soft_cross_entropy,
 )
 from finetune.metrics import average_clips, classification_metrics, regression_metrics
 from pretrain.encoders import normalize_video
 from pretrain.optim import warmup_cosine_factor
+from pretrain.pooling import pool_tokens
 
 
 def process_group() -> tuple[int, int]:

@@ -28,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.pooling import token_mean
+
 log = logging.getLogger("emomae.precision")
 _FP32_NOTED: set[str] = set()  # what `note_fp32` has already logged in this process
 
@@ -234,9 +236,7 @@ class HierarchicalContrastiveLoss(nn.Module):
     @staticmethod
     def pool(levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """Token-means of every level: video (B, L, D), audio (B, L, D)."""
-        video = torch.stack([v.mean(dim=1) for v, _ in levels.values()], dim=1)
-        audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
-        return video, audio
+        return token_mean([v for v, _ in levels.values()]), token_mean([a for _, a in levels.values()])
 
     def forward(
         self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None
