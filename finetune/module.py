@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from finetune.heads import (
     AVMixup,
     ccc_loss,
+    drop_modality,
     drop_modality_per_sample,
     layer_decay_param_groups,
     soft_cross_entropy,
@@ -74,18 +75,6 @@ def from_rank0(value):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
     return box[0]
-
-
-def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the normalised input of the missing modality: `av` keeps both, `audio` drops the video,
-    `video` drops the audio."""
-    if modality == "audio":
-        video = torch.zeros_like(video)
-    elif modality == "video":
-        fbank = torch.zeros_like(fbank)
-    elif modality != "av":
-        raise ValueError(f"modality must be av, audio or video, got {modality!r}")
-    return video, fbank
 
 
 def batch_targets(batch: dict, task: str) -> torch.Tensor:
