@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens, pool_tokens
+from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens
 from finetune.module import FullFinetuneModel, task_loss
 from finetune.report import device_name
 from pretrain.encoders import AVEncoder, ModelConfig
+from pretrain.pooling import pool_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_pipelines.atomic import atomic_write, write_json
-from finetune.heads import fusion_tokens, pool_tokens
+from finetune.heads import fusion_tokens
 from finetune.module import batch_targets, drop_modality
 from pretrain.encoders import normalize_video
+from pretrain.pooling import pool_tokens
 
 
 @dataclass

@@ -8,7 +8,7 @@ its windows.
 
 A window without audio (`audio_present` False, the flag of shard samples written with
 `--allow-missing-audio`) is embedded with its audio input blanked: zeros in place of the normalised
-fbank, as missing-modality evaluation does (`finetune.module.drop_modality`), decided per window.
+fbank, as missing-modality evaluation does (`finetune.heads.drop_modality`), decided per window.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from data_pipelines.face_track import face_config_of_spec
 from data_pipelines.faces import FaceModelError
 from data_pipelines.features import FbankConfig, waveform_to_fbank
 from finetune.export import ExportError, load_encoder, read_export_config
-from finetune.heads import pool_tokens
+from finetune.heads import zero_rows
 from pretrain.encoders import normalize_video
+from pretrain.pooling import pool_tokens
 
 
 def clip_inputs(video: Path, spec: dict, max_windows: int | None = None,
@@ -53,7 +54,7 @@ def blank_missing_audio(fbank: torch.Tensor, audio_present: torch.Tensor | None)
     (the blank of `drop_modality(..., "video")`); unchanged when `audio_present` is None."""
     if audio_present is None:
         return fbank
-    return torch.where(audio_present.to(fbank.device).bool()[:, None, None], fbank, torch.zeros_like(fbank))
+    return zero_rows(fbank, audio_present.bool().cpu().numpy())
 
 
 @torch.inference_mode()

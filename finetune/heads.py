@@ -21,23 +21,14 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from finetune.metrics import ccc
+from finetune.protocols import MODALITIES
 from pretrain.layers import LN_EPS
+from pretrain.pooling import pool_tokens  # noqa: F401  (the heads' input; imported from here too)
 
 # what a probe caches per sample: token-means of every layer and of the fusion outputs
 POOLED_KEYS = ("video_layers", "audio_layers", "fused_video", "fused_audio")
 # what the attentive probe caches per sample: the fusion encoder's tokens
 TOKEN_KEYS = ("fused_video", "fused_audio")
-
-
-def pool_tokens(out) -> dict[str, torch.Tensor]:
-    """EncoderOutput -> token-means: video_layers `(B, Lv, D)`, audio_layers `(B, La, D)`,
-    fused_video `(B, D)`, fused_audio `(B, D)`."""
-    return {
-        "video_layers": torch.stack([x.mean(1) for x in out.video_layers], 1),
-        "audio_layers": torch.stack([x.mean(1) for x in out.audio_layers], 1),
-        "fused_video": out.fused_video.mean(1),
-        "fused_audio": out.fused_audio.mean(1),
-    }
 
 
 def fusion_tokens(out) -> dict[str, torch.Tensor]:
@@ -197,6 +188,28 @@ class AVMixup:
         return soft * lam + soft[perm] * (1 - lam)
 
 
+def zero_rows(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """`x` `(B, ...)` with the rows where `keep` `(B,)` (or `(1,)`: every row) is False replaced by zeros."""
+    if keep.all():
+        return x
+    if not keep.any():
+        return torch.zeros_like(x)
+    rows = torch.from_numpy(keep).to(x.device).view(-1, *[1] * (x.ndim - 1))
+    return torch.where(rows, x, torch.zeros_like(x))
+
+
+def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the normalised input of the missing modality: `av` keeps both, `audio` drops the video,
+    `video` drops the audio. `modality`: one of them for the whole batch, or a sequence of them, one
+    per sample."""
+    modes = np.asarray([modality] if isinstance(modality, str) else modality, dtype=object)
+    unknown = set(modes.tolist()) - set(MODALITIES)
+    if unknown:
+        got = modality if isinstance(modality, str) else sorted(unknown)
+        raise ValueError(f"modality must be av, audio or video, got {got!r}")
+    return zero_rows(video, modes != "audio"), zero_rows(fbank, modes != "video")
+
+
 def drop_modality_per_sample(video: torch.Tensor, fbank: torch.Tensor, prob: float,
                               generator: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Modality dropout: each sample loses one of its two normalised inputs (zeroed, as at a
@@ -208,9 +221,7 @@ def drop_modality_per_sample(video: torch.Tensor, fbank: torch.Tensor, prob: flo
     batch = video.shape[0]
     dropped = generator.random(batch) < prob
     drop_video = dropped & (generator.random(batch) < 0.5)
-    keep_video = torch.from_numpy(~drop_video).to(video.device, video.dtype).view(-1, *[1] * (video.ndim - 1))
-    keep_audio = torch.from_numpy(~(dropped & ~drop_video)).to(fbank.device, fbank.dtype).view(-1, *[1] * (fbank.ndim - 1))
-    return video * keep_video, fbank * keep_audio
+    return drop_modality(video, fbank, np.where(dropped, np.where(drop_video, "audio", "video"), "av"))
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from finetune.heads import (
     AVMixup,
     ccc_loss,
+    drop_modality,
     drop_modality_per_sample,
     layer_decay_param_groups,
-    pool_tokens,
     soft_cross_entropy,
 )
 from finetune.metrics import average_clips, classification_metrics, regression_metrics
 from pretrain.encoders import normalize_video
-from pretrain.optim import warmup_cosine_factor
+from pretrain.optim import adamw_with_schedule, warmup_cosine_factor
+from pretrain.pooling import pool_tokens
 
 
 def process_group() -> tuple[int, int]:
@@ -74,18 +75,6 @@ def from_rank0(value):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
     return box[0]
-
-
-def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the normalised input of the missing modality: `av` keeps both, `audio` drops the video,
-    `video` drops the audio."""
-    if modality == "audio":
-        video = torch.zeros_like(video)
-    elif modality == "video":
-        fbank = torch.zeros_like(fbank)
-    elif modality != "av":
-        raise ValueError(f"modality must be av, audio or video, got {modality!r}")
-    return video, fbank
 
 
 def batch_targets(batch: dict, task: str) -> torch.Tensor:
@@ -164,20 +153,18 @@ def frozen_then(factor: Callable[[int], float], frozen_steps: int) -> Callable[[
 
 
 def build_optimizer(groups: list[dict], recipe, peak_lr: float, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over parameter groups carrying `lr_scale` (layer decay), per-step warm-up + cosine.
+    """`pretrain.optim.adamw_with_schedule` over parameter groups carrying `lr_scale` (layer decay),
+    per-step warm-up + cosine.
     With `recipe.freeze_epochs` (LP-FT) the encoder groups keep lr 0 while the head trains alone,
     then get their own warm-up and cosine over the remaining epochs. Freezing by lr rather than
     `requires_grad` keeps the parameter set fixed, which DDP needs."""
-    for g in groups:
-        g["lr"] = peak_lr * g.get("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(recipe.betas))
     max_steps = max(1, recipe.epochs * steps_per_epoch)
     warmup = recipe.warmup_epochs * steps_per_epoch
     head_factor = lr_lambda(peak_lr, recipe.min_lr, warmup, max_steps)
     frozen = min(recipe.freeze_epochs * steps_per_epoch, max_steps - 1)
     encoder_factor = frozen_then(lr_lambda(peak_lr, recipe.min_lr, warmup, max_steps - frozen), frozen)
     factors = [head_factor if g.get("head", True) else encoder_factor for g in groups]
-    return optimizer, LambdaLR(optimizer, factors)
+    return adamw_with_schedule(groups, peak_lr, recipe.betas, factors)
 
 
 class FullFinetuneModel(nn.Module):

@@ -48,12 +48,12 @@ def _part(name: str) -> str:
 
 
 def finetune_head(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The fine-tuning head (docs/finetune.md), for counting: per-modality softmax layer weights, 4 x width LayerNorm, linear."""
-    head = nn.Module()
-    head.layer_weights = nn.Parameter(torch.zeros(2, cfg.depth))
-    head.norm = nn.LayerNorm(4 * cfg.width)
-    head.fc = nn.Linear(4 * cfg.width, num_classes)
-    return head
+    """The fine-tuning head itself (`finetune.heads.FeatureFusionHead`, docs/finetune.md), as fine-tuning
+    builds it on this encoder: one layer weight per encoder layer and modality, 4 x width LayerNorm,
+    linear. Build it under `torch.device("meta")` to count without allocating."""
+    from finetune.heads import FeatureFusionHead  # only here: `emomae info` reports on both stages
+
+    return FeatureFusionHead(cfg.width, cfg.depth, cfg.depth, num_classes)
 
 
 def parameter_counts(

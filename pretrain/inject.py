@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 from data_pipelines.datamodule import AVDataModule, StreamLoader, resolve_shards
 from data_pipelines.stream import pretrain_pipeline
 from pretrain.encoders import EncoderOutput, ModelConfig, normalize_video
-from pretrain.losses import gather_with_grad
+from pretrain.losses import paired_logits, symmetric_infonce
 from pretrain.module import PretrainModule
 from pretrain.text import (
     ALIGN_PATHS,
@@ -80,39 +80,22 @@ def caption_ids(captions: list[str], device: torch.device | str = "cpu") -> Tens
     return torch.tensor([int(text_key(c)[:15], 16) for c in captions], dtype=torch.int64, device=device)
 
 
-def _gather(x: Tensor, enabled: bool) -> tuple[Tensor, int]:
-    return gather_with_grad(x) if enabled else (x, 0)
-
-
 def caption_infonce(av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale: Tensor, gather: bool = True) -> Tensor:
-    """Symmetric InfoNCE between AV and caption embeddings over the captioned rows only.
+    """Symmetric InfoNCE between AV and caption embeddings over the captioned rows only: the
+    contrastive loss's `paired_logits` + `symmetric_infonce` (pretrain/losses.py) with `valid` as the
+    presence flags and the caption ids as the same-text exclusion.
 
     av, text: (B, D) L2-normalised; ids: (B,) caption identity; valid: (B,) bool has-caption; every
     rank passes the same B. Rows with `valid=False` are neither queries nor keys. Other clips with
     the very same caption text are left out of a query's negatives (templated or class-level
     descriptions would otherwise push identically described clips apart). With W ranks, each rank
     scores its own valid rows against all ranks' valid rows and divides by the global valid count / W,
-    so the DDP-averaged gradient is the single-process gradient of the mean over all captioned clips.
+    so the DDP-averaged gradient is the single-process gradient of the mean over all captioned clips;
+    with no captioned row anywhere the loss is 0 with zero gradients (the heads stay in the graph).
     """
-    valid = valid.bool()
-    all_av, offset = _gather(av, gather)
-    all_text, _ = _gather(text, gather)
-    all_ids, _ = _gather(ids, gather)
-    all_valid, _ = _gather(valid, gather)
-    total = int(all_valid.sum())
-    if total == 0:
-        return av.sum() * 0.0  # keeps the heads in the graph (DDP expects a gradient for them)
-    world = all_av.shape[0] // av.shape[0]
-    # index of each local captioned row among all ranks' captioned rows: its positive key
-    own = (all_valid.cumsum(0) - 1)[offset : offset + av.shape[0]][valid]
-    keys_ids = all_ids[all_valid]
-    same_text = ids[valid][:, None] == keys_ids[None, :]
-    same_text[torch.arange(len(own), device=own.device), own] = False
-    negatives_only = torch.zeros_like(same_text, dtype=av.dtype).masked_fill(same_text, float("-inf"))
-    av_to_text = scale * av[valid] @ all_text[all_valid].T + negatives_only
-    text_to_av = scale * text[valid] @ all_av[all_valid].T + negatives_only
-    loss = F.cross_entropy(av_to_text, own, reduction="sum") + F.cross_entropy(text_to_av, own, reduction="sum")
-    return loss / 2 / (total / world)
+    valid = valid.bool().to(av.device)
+    logits = paired_logits(av[:, None], text[:, None], scale, valid, gather, ids=ids)
+    return symmetric_infonce(*logits, valid)[0]
 
 
 # ---------------------------------------------------------------- the LightningModule

@@ -28,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.pooling import token_mean
+
 log = logging.getLogger("emomae.precision")
 _FP32_NOTED: set[str] = set()  # what `note_fp32` has already logged in this process
 
@@ -95,9 +97,10 @@ def sample_weights(kept: Tensor, among: Tensor | None = None) -> Tensor:
     return kept.float() * (among.numel() / among.sum().clamp(min=1).float())
 
 
-def masked_mse(pred: Tensor, target: Tensor, present: Tensor | None = None) -> Tensor:
-    """Mean squared error over the masked tokens: both (B, N_masked, D). `present` (B,) bool: the
-    mean over those samples only (0 when there are none)."""
+def mse_over_present(pred: Tensor, target: Tensor, present: Tensor | None = None) -> Tensor:
+    """Mean squared error of `pred` against `target`, both (B, N, D) (the masked tokens, as the
+    reconstruction passes them), averaged over every element; `present` (B,) bool: averaged over the
+    samples flagged present only (0 when there are none), None: over all samples."""
     note_fp32("reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target)
     if present is None:
         return F.mse_loss(pred.float(), target.float())
@@ -176,46 +179,71 @@ class GatheredInfoNCE(nn.Module):
 
     def scored(self, a: Tensor, b: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor, int, Tensor | None]:
         """`logits` and the (W*B,) presence of their columns (None without `present`)."""
-        note_fp32("contrastive logits (outside autocast)", "1 / temperature (14 at 0.07) scales the cosine "
-                  "similarities, and bf16's 8-bit mantissa would blur the logits", a, b)
-        pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
-        everyone, offset = gather_with_grad(pairs) if self.gather_negatives else (pairs, 0)
-        # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07
-        device = a.device.type
-        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
-        with no_autocast:
-            scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
-            a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
-            b_to_a = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 1], everyone[:, :, 0])
-        if present is None:
-            return a_to_b, b_to_a, offset, None
-        present = present.to(a.device)
-        columns = gather_flags(present) if self.gather_negatives else present
-        absent = ~columns
-        return a_to_b.masked_fill(absent, -math.inf), b_to_a.masked_fill(absent, -math.inf), offset, columns
+        return paired_logits(a, b, self.logit_scale.float().clamp(max=math.log(100.0)).exp(), present,
+                             self.gather_negatives)
 
     def forward(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> Tensor:
         """`present` (B,) bool: pairs that take part (see the module docstring); None: all of them."""
         single = a.ndim == 2
         if single:
             a, b = a.unsqueeze(1), b.unsqueeze(1)
-        a_to_b, b_to_a, offset, columns = self.scored(a, b, present)
-        levels, rows = a_to_b.shape[:2]
-        labels = (torch.arange(rows, device=a.device) + offset).repeat(levels)
-        if columns is not None:
-            kept = present.to(a.device)
-            weights = sample_weights(kept, among=columns).repeat(levels)
-            # an absent row's own positive is -inf: blank the row so its (unused) term stays finite
-            a_to_b, b_to_a = (torch.where(kept[:, None], x, 0.0) for x in (a_to_b, b_to_a))
-
-        def one_way(logits: Tensor) -> Tensor:  # (L, B, W*B) -> (L,)
-            terms = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
-            if columns is not None:
-                terms = terms * weights
-            return terms.view(levels, rows).mean(1)
-
-        loss = (one_way(a_to_b) + one_way(b_to_a)) / 2
+        loss = symmetric_infonce(*self.scored(a, b, present), present)
         return loss[0] if single else loss
+
+
+def paired_logits(a: Tensor, b: Tensor, scale: Tensor, present: Tensor | None = None, gather: bool = True,
+                  ids: Tensor | None = None) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """a, b: (B, L, D) paired features (L2-normalised here, in fp32), `scale` the logit multiplier
+    (1 / temperature) -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B), column of the local
+    batch's first row, (W*B,) presence of the columns or None without `present`). Row i's positive is
+    column offset + i; with `gather=False` the columns are the local batch only and offset is 0.
+    `present` (B,) bool: the columns of absent pairs (on any rank) are -inf, no candidate. `ids` (B,)
+    int: a column with the same id as the row (other than its positive) is -inf too, not a negative."""
+    note_fp32("contrastive logits (outside autocast)", "1 / temperature (14 at 0.07) scales the cosine "
+              "similarities, and bf16's 8-bit mantissa would blur the logits", a, b)
+    pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
+    everyone, offset = gather_with_grad(pairs) if gather else (pairs, 0)
+    # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07
+    device = a.device.type
+    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with no_autocast:
+        scale = scale.float()
+        a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
+        b_to_a = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 1], everyone[:, :, 0])
+    if ids is not None:
+        all_ids = gather_with_grad(ids)[0] if gather else ids
+        same = ids.to(a.device)[:, None] == all_ids.to(a.device)[None, :]  # (B, W*B)
+        rows = torch.arange(a.shape[0], device=a.device)
+        same[rows, rows + offset] = False
+        a_to_b, b_to_a = a_to_b.masked_fill(same, -math.inf), b_to_a.masked_fill(same, -math.inf)
+    if present is None:
+        return a_to_b, b_to_a, offset, None
+    present = present.to(a.device)
+    columns = gather_flags(present) if gather else present
+    absent = ~columns
+    return a_to_b.masked_fill(absent, -math.inf), b_to_a.masked_fill(absent, -math.inf), offset, columns
+
+
+def symmetric_infonce(a_to_b: Tensor, b_to_a: Tensor, offset: int, columns: Tensor | None,
+                      present: Tensor | None = None) -> Tensor:
+    """The symmetric InfoNCE of `paired_logits`' output -> (L,) one loss per level. With `present`,
+    absent rows are no anchors and the kept rows are weighed by `sample_weights` among all ranks'
+    columns (the module docstring: the rank mean is the mean over every rank's kept pairs)."""
+    levels, rows = a_to_b.shape[:2]
+    labels = (torch.arange(rows, device=a_to_b.device) + offset).repeat(levels)
+    if columns is not None:
+        kept = present.to(a_to_b.device)
+        weights = sample_weights(kept, among=columns).repeat(levels)
+        # an absent row's own positive is -inf: blank the row so its (unused) term stays finite
+        a_to_b, b_to_a = (torch.where(kept[:, None], x, 0.0) for x in (a_to_b, b_to_a))
+
+    def one_way(logits: Tensor) -> Tensor:  # (L, B, W*B) -> (L,)
+        terms = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
+        if columns is not None:
+            terms = terms * weights
+        return terms.view(levels, rows).mean(1)
+
+    return (one_way(a_to_b) + one_way(b_to_a)) / 2
 
 
 class HierarchicalContrastiveLoss(nn.Module):
@@ -233,9 +261,7 @@ class HierarchicalContrastiveLoss(nn.Module):
     @staticmethod
     def pool(levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """Token-means of every level: video (B, L, D), audio (B, L, D)."""
-        video = torch.stack([v.mean(dim=1) for v, _ in levels.values()], dim=1)
-        audio = torch.stack([a.mean(dim=1) for _, a in levels.values()], dim=1)
-        return video, audio
+        return token_mean([v for v, _ in levels.values()]), token_mean([a for _, a in levels.values()])
 
     def forward(
         self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None

