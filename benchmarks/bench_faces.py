@@ -49,9 +49,16 @@ def sampled_frames(path: Path, cfg: SamplingConfig) -> np.ndarray:
     vr = decord.VideoReader(str(path), num_threads=1)
     starts = np.asarray(vr.get_frame_timestamp(range(len(vr))))[:, 0]
     duration = len(vr) / vr.get_avg_fps()
-    wanted = sorted({i for s in window_starts(duration, cfg.span, None)
-                     for i in sample_frame_indices(starts, duration, s, cfg.num_frames, cfg.frame_stride)[0]})
-    return np.stack([cv2.resize(f, FRAME_SIZE, interpolation=cv2.INTER_LINEAR) for f in vr.get_batch(wanted).asnumpy()])
+    wanted = sorted(
+        {
+            i
+            for s in window_starts(duration, cfg.span, None)
+            for i in sample_frame_indices(starts, duration, s, cfg.num_frames, cfg.frame_stride)[0]
+        }
+    )
+    return np.stack(
+        [cv2.resize(f, FRAME_SIZE, interpolation=cv2.INTER_LINEAR) for f in vr.get_batch(wanted).asnumpy()]
+    )
 
 
 def timed(fn, frames: int) -> dict:
@@ -73,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
 
     cfg = SamplingConfig()  # 16 frames, stride 4: 6.25 sampled frames per second of video
-    clips = [sampled_frames(path, cfg) for path in sorted((REALDATA / "grid_lipnet").glob("*.mpg"))[: args.clips]]
+    clips = [
+        sampled_frames(path, cfg) for path in sorted((REALDATA / "grid_lipnet").glob("*.mpg"))[: args.clips]
+    ]
     n = sum(len(c) for c in clips)
     detector, far_detector, face = FaceDetector(), FaceDetector(FULL_RANGE), FaceConfig()
     tracks = [face_track(c, detector, face) for c in clips]  # warm-up, and the boxes the crop uses
@@ -97,18 +106,26 @@ def main(argv: list[str] | None = None) -> int:
             for frame, box in zip(c, t.crops):
                 crop_resize(frame, 160, tuple(box))
 
-    paths = (("detect", detect_all), ("detect (full range)", detect_far), ("face step", track_all),
-             ("crop 160 px", crop_all))
+    paths = (
+        ("detect", detect_all),
+        ("detect (full range)", detect_far),
+        ("face step", track_all),
+        ("crop 160 px", crop_all),
+    )
     rounds = {name: [] for name, _ in paths}
     for _ in range(args.rounds):
         for name, fn in paths:
             rounds[name].append(timed(fn, n))
-    results = {name: {k: round(statistics.median(r[k] for r in rs), 1) for k in ("cpu_fps", "wall_fps")}
-               for name, rs in rounds.items()}
+    results = {
+        name: {k: round(statistics.median(r[k] for r in rs), 1) for k in ("cpu_fps", "wall_fps")}
+        for name, rs in rounds.items()
+    }
     share = float(np.mean([t.share for t in tracks]))
 
-    print(f"{n} sampled frames of {len(clips)} GRID clips at {FRAME_SIZE[0]}x{FRAME_SIZE[1]}, OpenCV "
-          f"{cv2.__version__} on 1 thread, median of {args.rounds} rounds; face found on {share:.1%} of frames")
+    print(
+        f"{n} sampled frames of {len(clips)} GRID clips at {FRAME_SIZE[0]}x{FRAME_SIZE[1]}, OpenCV "
+        f"{cv2.__version__} on 1 thread, median of {args.rounds} rounds; face found on {share:.1%} of frames"
+    )
     print(f"{'path':<20}{'frames/CPU-s':>14}{'frames/wall-s':>15}")
     for name, r in results.items():
         print(f"{name:<20}{r['cpu_fps']:>14.1f}{r['wall_fps']:>15.1f}")
@@ -116,12 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"face step {verdict} the target of {TARGET:g} sampled frames/s on one core")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "frames": n, "clips": len(clips), "frame_size": list(FRAME_SIZE), "rounds": args.rounds,
-        "face_share": round(share, 4), "results": results, "target_fps": TARGET,
-        "detector": detector_info(), "machine": {"python": platform.python_version(), "cpu": platform.processor()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "frames": n,
+                "clips": len(clips),
+                "frame_size": list(FRAME_SIZE),
+                "rounds": args.rounds,
+                "face_share": round(share, 4),
+                "results": results,
+                "target_fps": TARGET,
+                "detector": detector_info(),
+                "machine": {"python": platform.python_version(), "cpu": platform.processor()},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

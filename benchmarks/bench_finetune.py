@@ -64,7 +64,9 @@ def main() -> None:
         tokens = fusion_tokens(encoder.forward_features(video, fbank))
     rows["encoder forward (= cache cost)"] = args.batch / t_enc
 
-    model = FullFinetuneModel(encoder, FeatureFusionHead(cfg.width, cfg.depth, cfg.depth, args.classes)).to(device)
+    model = FullFinetuneModel(encoder, FeatureFusionHead(cfg.width, cfg.depth, cfg.depth, args.classes)).to(
+        device
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -76,7 +78,9 @@ def main() -> None:
 
     rows["full fine-tuning step"] = args.batch / timed(finetune_step, args.steps, device)
 
-    def unimodal_loss_step() -> None:  # recipe unimodal_loss > 0: every clip trains av, audio-only, video-only
+    def unimodal_loss_step() -> (
+        None
+    ):  # recipe unimodal_loss > 0: every clip trains av, audio-only, video-only
         logits = model.forward_modalities(video, fbank)
         loss = sum(task_loss("classification", "auto", x, labels, 0.1) for x in logits.values()) / 3
         opt.zero_grad(set_to_none=True)
@@ -125,10 +129,16 @@ def main() -> None:
     print(f"{'what':<36} {'clips/s':>10}")
     for name, value in rows.items():
         print(f"{name:<36} {value:>10.1f}")
-    print(f"cache per clip: linear {bytes_pooled / 1024:.1f} KiB, attentive {bytes_tokens / 1024:.1f} KiB (fp16)")
+    print(
+        f"cache per clip: linear {bytes_pooled / 1024:.1f} KiB, attentive {bytes_tokens / 1024:.1f} KiB (fp16)"
+    )
     result = {
-        "device": device_name(device), "host": platform.node(), "model": Path(args.model).name, "batch": args.batch,
-        "clips_per_s": rows, "cache_bytes_per_clip": {"linear": bytes_pooled, "attentive": bytes_tokens},
+        "device": device_name(device),
+        "host": platform.node(),
+        "model": Path(args.model).name,
+        "batch": args.batch,
+        "clips_per_s": rows,
+        "cache_bytes_per_clip": {"linear": bytes_pooled, "attentive": bytes_tokens},
         "torch": torch.__version__,
     }
     out = REPO / "benchmarks" / "results" / "bench_finetune.json"

@@ -81,8 +81,14 @@ def write_bench_shards(out: Path, clips: int, precompute_fbank: bool = True) -> 
         writer.writerow(["key", "video", "audio", "label", "label_name", "speaker", "fold", "split", "bbox"])
         for v in videos:
             writer.writerow([v.stem, str(v.resolve()), "", "", "", "", "", "", ""])
-    cfg = ShardConfig(num_frames=16, frame_stride=4, img_size=160, samples_per_shard=16, group_by="none",
-                      precompute_fbank=precompute_fbank)
+    cfg = ShardConfig(
+        num_frames=16,
+        frame_stride=4,
+        img_size=160,
+        samples_per_shard=16,
+        group_by="none",
+        precompute_fbank=precompute_fbank,
+    )
     return write_shards(manifest, out / "shards", cfg, workers=2, progress=False)
 
 
@@ -112,7 +118,9 @@ class CPUStamped(torch.utils.data.IterableDataset):
             yield batch
 
 
-def worker_timed(make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int) -> tuple[int, float]:
+def worker_timed(
+    make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int
+) -> tuple[int, float]:
     """Clips and CPU seconds of DataLoader workers (`num_workers=1`, a new one per epoch) building
     batches until `min_clips` have arrived, counted from each worker's first batch (start-up is a
     per-epoch cost that real epochs of thousands of batches amortise)."""
@@ -120,8 +128,10 @@ def worker_timed(make_stream: Callable[[], torch.utils.data.IterableDataset], mi
 
     clips, cpu = 0, 0.0
     while clips < min_clips:
-        stamps = [(len(b["key"]), b["worker_cpu"])
-                  for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1)]
+        stamps = [
+            (len(b["key"]), b["worker_cpu"])
+            for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1)
+        ]
         clips += sum(n for n, _ in stamps[1:])
         cpu += stamps[-1][1] - stamps[0][1]
     return clips, cpu
@@ -145,14 +155,20 @@ def gpu_demand(results_file: Path, size: str, gpu_tflops: float, mfu: float) -> 
     rows = [r for r in json.loads(results_file.read_text())["rows"] if r["size"] == size]
     cuda = [r for r in rows if str(r["device"]).startswith("cuda")]
     if cuda:
-        return {"clips_per_s": cuda[0]["clips_per_s"], "source": f"measured on {cuda[0]['device']}, batch "
-                f"{cuda[0]['batch']}, {cuda[0]['dtype']} (bench_pretrain.json)"}
+        return {
+            "clips_per_s": cuda[0]["clips_per_s"],
+            "source": f"measured on {cuda[0]['device']}, batch "
+            f"{cuda[0]['batch']}, {cuda[0]['dtype']} (bench_pretrain.json)",
+        }
     if not rows:
         raise SystemExit(f"{results_file} has no row for size {size!r}: run bench_pretrain.py --sizes {size}")
     gflops = rows[0]["gflops_per_clip"]
-    return {"clips_per_s": mfu * gpu_tflops * 1e3 / gflops, "gflops_per_clip_fwd_bwd": gflops,
-            "source": f"assumed: {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s (H100 SXM dense bf16 by default) / "
-                      f"{gflops:.1f} GFLOPs per clip forward + backward ({size}, bench_pretrain.json, counted on CPU)"}
+    return {
+        "clips_per_s": mfu * gpu_tflops * 1e3 / gflops,
+        "gflops_per_clip_fwd_bwd": gflops,
+        "source": f"assumed: {mfu:.0%} MFU of {gpu_tflops:g} TFLOP/s (H100 SXM dense bf16 by default) / "
+        f"{gflops:.1f} GFLOPs per clip forward + backward ({size}, bench_pretrain.json, counted on CPU)",
+    }
 
 
 def cores_per_gpu(demand: float, worker_rates: dict[str, float]) -> dict[str, float]:
@@ -173,27 +189,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    results: dict = {"command": " ".join(["python", "benchmarks/bench_loader.py", *(argv or sys.argv[1:])]),
-                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                     "threads": 1, "rounds": args.rounds, "load_average_at_start": os.getloadavg()[0]}
+    results: dict = {
+        "command": " ".join(["python", "benchmarks/bench_loader.py", *(argv or sys.argv[1:])]),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "rounds": args.rounds,
+        "load_average_at_start": os.getloadavg()[0],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         writing, urls = {}, {}
         for name, precompute in (("fbank_npy", True), ("wav_only", False)):
             index = write_bench_shards(Path(tmp) / name, args.clips, precompute)
             timing = index["timing"]
             shard_bytes = sum(p.stat().st_size for p in (Path(tmp) / name / "shards").glob("*.tar"))
-            writing[name] = {"clips": index["totals"]["clips"], "samples": index["totals"]["samples"], "workers": 2,
-                             "seconds": timing["seconds"], "clips_per_s": timing["clips_per_s"],
-                             "samples_per_s": timing["samples_per_s"],
-                             "kB_per_sample": round(shard_bytes / 1024 / index["totals"]["samples"], 1)}
+            writing[name] = {
+                "clips": index["totals"]["clips"],
+                "samples": index["totals"]["samples"],
+                "workers": 2,
+                "seconds": timing["seconds"],
+                "clips_per_s": timing["clips_per_s"],
+                "samples_per_s": timing["samples_per_s"],
+                "kB_per_sample": round(shard_bytes / 1024 / index["totals"]["samples"], 1),
+            }
             urls[name] = shard_urls(Path(tmp) / name / "shards")
         results["shard_writing"] = writing
         n_samples = writing["fbank_npy"]["samples"]
 
         torch.set_num_threads(1)  # a DataLoader worker runs with one thread
-        cfg = StreamConfig(batch_size=8, num_frames=16, img_size=160, fbank=FbankConfig(),
-                           video_aug=VideoAugConfig(img_size=160, crop_scale=(0.4, 1.0)), audio_gain_db=3.0,
-                           shuffle_buffer=32, epoch_length=max(1, n_samples // 8))
+        cfg = StreamConfig(
+            batch_size=8,
+            num_frames=16,
+            img_size=160,
+            fbank=FbankConfig(),
+            video_aug=VideoAugConfig(img_size=160, crop_scale=(0.4, 1.0)),
+            audio_gain_db=3.0,
+            shuffle_buffer=32,
+            epoch_length=max(1, n_samples // 8),
+        )
         # A long epoch, so filling the shuffle buffer at the start is amortised as in real training.
         pretrain_cfg = dataclasses.replace(cfg, epoch_length=40)
 
@@ -202,13 +235,17 @@ def main(argv: list[str] | None = None) -> int:
             return lambda: sum(len(b["key"]) for b in eval_pipeline(shards * 10, cfg, rank=0, world_size=1))
 
         def pretrain_run(shards: list[str], stream_cfg: StreamConfig = pretrain_cfg) -> Callable[[], int]:
-            return lambda: sum(len(b["key"]) for b in pretrain_pipeline(shards, stream_cfg, rank=0, world_size=1))
+            return lambda: sum(
+                len(b["key"]) for b in pretrain_pipeline(shards, stream_cfg, rank=0, world_size=1)
+            )
 
         bytes_cfg = dataclasses.replace(cfg, jpeg_bytes=True)
         bytes_pretrain_cfg = dataclasses.replace(pretrain_cfg, jpeg_bytes=True)
 
         def eval_bytes_run(shards: list[str]) -> Callable[[], int]:
-            return lambda: sum(len(b["key"]) for b in eval_pipeline(shards * 10, bytes_cfg, rank=0, world_size=1))
+            return lambda: sum(
+                len(b["key"]) for b in eval_pipeline(shards * 10, bytes_cfg, rank=0, world_size=1)
+            )
 
         jpegs = raw_jpeg_bytes(urls["fbank_npy"])
 
@@ -218,8 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                 decode_jpeg(data, mode=ImageReadMode.RGB)
             return len(jpegs)
 
-        clip = torch.stack([f.permute(1, 2, 0) for f in decode_jpeg(
-            [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs[0]], mode=ImageReadMode.RGB)])
+        clip = torch.stack(
+            [
+                f.permute(1, 2, 0)
+                for f in decode_jpeg(
+                    [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs[0]],
+                    mode=ImageReadMode.RGB,
+                )
+            ]
+        )
         clip = clip.permute(0, 3, 1, 2)
         augment, gen = VideoAugment(cfg.video_aug), torch.Generator().manual_seed(0)
 
@@ -259,26 +303,43 @@ def main(argv: list[str] | None = None) -> int:
         # Through a real DataLoader worker (batches in shared memory, pickled to this process).
         worker_rates = {}
         eval_urls = urls["fbank_npy"] * 10
-        for name, make in (("loader_eval", lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1)),
-                           ("loader_pretrain", lambda: pretrain_pipeline(urls["fbank_npy"], pretrain_cfg, rank=0,
-                                                                         world_size=1)),
-                           ("loader_pretrain_jpeg_bytes", lambda: pretrain_pipeline(
-                               urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1)),
-                           # the recipe's 40 clips per GPU: per-batch costs (shared-memory segments,
-                           # pickling, the queue) spread over 5x the clips
-                           ("loader_pretrain_jpeg_bytes_batch40", lambda: pretrain_pipeline(
-                               urls["fbank_npy"], dataclasses.replace(bytes_pretrain_cfg, batch_size=40,
-                                                                      epoch_length=8), rank=0, world_size=1))):
+        for name, make in (
+            ("loader_eval", lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1)),
+            (
+                "loader_pretrain",
+                lambda: pretrain_pipeline(urls["fbank_npy"], pretrain_cfg, rank=0, world_size=1),
+            ),
+            (
+                "loader_pretrain_jpeg_bytes",
+                lambda: pretrain_pipeline(urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1),
+            ),
+            # the recipe's 40 clips per GPU: per-batch costs (shared-memory segments,
+            # pickling, the queue) spread over 5x the clips
+            (
+                "loader_pretrain_jpeg_bytes_batch40",
+                lambda: pretrain_pipeline(
+                    urls["fbank_npy"],
+                    dataclasses.replace(bytes_pretrain_cfg, batch_size=40, epoch_length=8),
+                    rank=0,
+                    world_size=1,
+                ),
+            ),
+        ):
             clips, cpu = worker_timed(make, 800)
             worker_rates[name] = round(clips / cpu, 2)
         results["dataloader_worker_clips_per_s"] = worker_rates
         results["ratio_to_raw_decode"]["eval_dataloader_worker"] = round(worker_rates["loader_eval"] / raw, 3)
-        results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(worker_rates["loader_pretrain"] / raw, 3)
+        results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(
+            worker_rates["loader_pretrain"] / raw, 3
+        )
 
     demand = gpu_demand(PRETRAIN_RESULTS, args.size, args.gpu_tflops, args.mfu)
-    per_worker = {"cpu_pretrain": worker_rates["loader_pretrain"], "cpu_eval": worker_rates["loader_eval"],
-                  "jpeg_bytes_pretrain": worker_rates["loader_pretrain_jpeg_bytes"],
-                  "jpeg_bytes_pretrain_batch40": worker_rates["loader_pretrain_jpeg_bytes_batch40"]}
+    per_worker = {
+        "cpu_pretrain": worker_rates["loader_pretrain"],
+        "cpu_eval": worker_rates["loader_eval"],
+        "jpeg_bytes_pretrain": worker_rates["loader_pretrain_jpeg_bytes"],
+        "jpeg_bytes_pretrain_batch40": worker_rates["loader_pretrain_jpeg_bytes_batch40"],
+    }
     results["gpu_demand"] = {"size": args.size, **demand, "clips_per_s": round(demand["clips_per_s"], 1)}
     results["cpu_cores_per_gpu"] = cores_per_gpu(demand["clips_per_s"], per_worker)
     results["jpeg_bytes_target_clips_per_s"] = BYTES_TARGET
@@ -286,11 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     wave = 0.1 * torch.randn(8, 40960, generator=torch.Generator().manual_seed(0))
     stored = [encode_log_mel(kaldi_fbank(w)) for w in wave]
     fbank_ms = {}
-    for name, run in (("torchaudio_kaldi", lambda: [waveform_to_fbank(w) for w in wave] and 8),
-                      ("vectorised_per_clip", lambda: [fast_fbank(w) for w in wave] and 8),
-                      ("vectorised_batch_of_8", lambda: batched_fbank(wave) is not None and 8),
-                      ("stored_fbank_npy", lambda: [precomputed_fbank(decode_log_mel(b, 128), gain_db=1.0)
-                                                    for b in stored] and 8)):
+    for name, run in (
+        ("torchaudio_kaldi", lambda: [waveform_to_fbank(w) for w in wave] and 8),
+        ("vectorised_per_clip", lambda: [fast_fbank(w) for w in wave] and 8),
+        ("vectorised_batch_of_8", lambda: batched_fbank(wave) is not None and 8),
+        (
+            "stored_fbank_npy",
+            lambda: [precomputed_fbank(decode_log_mel(b, 128), gain_db=1.0) for b in stored] and 8,
+        ),
+    ):
         items, cpu, _ = timed(run, args.seconds / 2)
         fbank_ms[name] = round(1000 * cpu / items, 3)
     results["fbank_ms_per_clip"] = fbank_ms
@@ -309,38 +374,86 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results["ratio_to_raw_decode"]
     per_clip = results["ms_per_clip"]
     rows = [
-        ("shard writing, with fbank.npy (2 processes)", f"{writing['fbank_npy']['clips_per_s']} clips/s",
-         f"{writing['fbank_npy']['kB_per_sample']} kB/sample"),
-        ("shard writing, wav only (2 processes)", f"{writing['wav_only']['clips_per_s']} clips/s",
-         f"{writing['wav_only']['kB_per_sample']} kB/sample"),
+        (
+            "shard writing, with fbank.npy (2 processes)",
+            f"{writing['fbank_npy']['clips_per_s']} clips/s",
+            f"{writing['fbank_npy']['kB_per_sample']} kB/sample",
+        ),
+        (
+            "shard writing, wav only (2 processes)",
+            f"{writing['wav_only']['clips_per_s']} clips/s",
+            f"{writing['wav_only']['kB_per_sample']} kB/sample",
+        ),
         ("raw JPEG decode (1 thread)", f"{raw:.1f} clips/s", "16 frames 160x160"),
-        ("loader, eval, fbank.npy", f"{rates['loader_eval']:.1f} clips/s", f"ratio {ratio['eval_fbank_npy']:.3f}"),
-        ("loader, eval, wav -> fbank", f"{rates['loader_eval_wav_only']:.1f} clips/s",
-         f"ratio {ratio['eval_wav_only']:.3f}"),
-        ("loader, pretrain, fbank.npy", f"{rates['loader_pretrain']:.1f} clips/s",
-         f"ratio {ratio['pretrain_fbank_npy']:.3f}"),
-        ("loader, pretrain, wav -> fbank", f"{rates['loader_pretrain_wav_only']:.1f} clips/s",
-         f"ratio {ratio['pretrain_wav_only']:.3f}"),
-        ("DataLoader worker, eval, fbank.npy", f"{worker_rates['loader_eval']:.1f} clips/s",
-         f"ratio {ratio['eval_dataloader_worker']:.3f}"),
-        ("DataLoader worker, pretrain, fbank.npy", f"{worker_rates['loader_pretrain']:.1f} clips/s",
-         f"ratio {ratio['pretrain_dataloader_worker']:.3f}"),
-        ("loader, pretrain, JPEG bytes (GPU decodes)", f"{rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
-         f"target {BYTES_TARGET}"),
+        (
+            "loader, eval, fbank.npy",
+            f"{rates['loader_eval']:.1f} clips/s",
+            f"ratio {ratio['eval_fbank_npy']:.3f}",
+        ),
+        (
+            "loader, eval, wav -> fbank",
+            f"{rates['loader_eval_wav_only']:.1f} clips/s",
+            f"ratio {ratio['eval_wav_only']:.3f}",
+        ),
+        (
+            "loader, pretrain, fbank.npy",
+            f"{rates['loader_pretrain']:.1f} clips/s",
+            f"ratio {ratio['pretrain_fbank_npy']:.3f}",
+        ),
+        (
+            "loader, pretrain, wav -> fbank",
+            f"{rates['loader_pretrain_wav_only']:.1f} clips/s",
+            f"ratio {ratio['pretrain_wav_only']:.3f}",
+        ),
+        (
+            "DataLoader worker, eval, fbank.npy",
+            f"{worker_rates['loader_eval']:.1f} clips/s",
+            f"ratio {ratio['eval_dataloader_worker']:.3f}",
+        ),
+        (
+            "DataLoader worker, pretrain, fbank.npy",
+            f"{worker_rates['loader_pretrain']:.1f} clips/s",
+            f"ratio {ratio['pretrain_dataloader_worker']:.3f}",
+        ),
+        (
+            "loader, pretrain, JPEG bytes (GPU decodes)",
+            f"{rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
+            f"target {BYTES_TARGET}",
+        ),
         ("loader, eval, JPEG bytes (GPU decodes)", f"{rates['loader_eval_jpeg_bytes']:.1f} clips/s", ""),
-        ("DataLoader worker, pretrain, JPEG bytes", f"{worker_rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
-         f"target {BYTES_TARGET}"),
-        ("DataLoader worker, pretrain, JPEG bytes, batch 40",
-         f"{worker_rates['loader_pretrain_jpeg_bytes_batch40']:.1f} clips/s", f"target {BYTES_TARGET}"),
+        (
+            "DataLoader worker, pretrain, JPEG bytes",
+            f"{worker_rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
+            f"target {BYTES_TARGET}",
+        ),
+        (
+            "DataLoader worker, pretrain, JPEG bytes, batch 40",
+            f"{worker_rates['loader_pretrain_jpeg_bytes_batch40']:.1f} clips/s",
+            f"target {BYTES_TARGET}",
+        ),
         ("random resized crop alone", f"{per_clip['random_resized_crop']} ms/clip", "part of pretrain"),
         ("fbank, torchaudio kaldi", f"{fbank_ms['torchaudio_kaldi']} ms/clip", ""),
-        ("fbank, vectorised per clip", f"{fbank_ms['vectorised_per_clip']} ms/clip", "loader without fbank.npy"),
+        (
+            "fbank, vectorised per clip",
+            f"{fbank_ms['vectorised_per_clip']} ms/clip",
+            "loader without fbank.npy",
+        ),
         ("fbank, vectorised batch of 8", f"{fbank_ms['vectorised_batch_of_8']} ms/clip", ""),
-        ("fbank, stored fbank.npy", f"{fbank_ms['stored_fbank_npy']} ms/clip", "read + gain + pad + normalise"),
-        ("eval loader CPU per clip", f"{per_clip['eval_loader']} ms",
-         f"JPEG {per_clip['jpeg_decode']} + rest {per_clip['eval_rest']}"),
-        ("pretrain loader CPU per clip", f"{per_clip['pretrain_loader']} ms",
-         f"JPEG {per_clip['jpeg_decode']} + crop {per_clip['random_resized_crop']} + rest {per_clip['pretrain_rest']}"),
+        (
+            "fbank, stored fbank.npy",
+            f"{fbank_ms['stored_fbank_npy']} ms/clip",
+            "read + gain + pad + normalise",
+        ),
+        (
+            "eval loader CPU per clip",
+            f"{per_clip['eval_loader']} ms",
+            f"JPEG {per_clip['jpeg_decode']} + rest {per_clip['eval_rest']}",
+        ),
+        (
+            "pretrain loader CPU per clip",
+            f"{per_clip['pretrain_loader']} ms",
+            f"JPEG {per_clip['jpeg_decode']} + crop {per_clip['random_resized_crop']} + rest {per_clip['pretrain_rest']}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"target: loader / raw JPEG decode >= {results['target_ratio']}")
@@ -348,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {value:>16}  {note}")
     print(f"GPU demand ({args.size}): {results['gpu_demand']['clips_per_s']} clips/s, {demand['source']}")
     for name, cores in results["cpu_cores_per_gpu"].items():
-        print(f"  CPU cores (loader workers) per GPU, {name:<28} {cores:>7}  ({per_worker[name]:.1f} clips/s per worker)")
+        print(
+            f"  CPU cores (loader workers) per GPU, {name:<28} {cores:>7}  ({per_worker[name]:.1f} clips/s per worker)"
+        )
     print("  the JPEG-bytes figure excludes the GPU's own decode and augmentation time")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

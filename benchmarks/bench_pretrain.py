@@ -73,7 +73,9 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
     model = MaskedAVAutoencoder(cfg).to(device).train()
     optimizer, scheduler = build_optimizer(model, OptimConfig(warmup_steps=0), 1e-4, 1e-5, 10_000)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    video = torch.randint(0, 256, (batch, cfg.num_frames, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, generator=gen)
+    video = torch.randint(
+        0, 256, (batch, cfg.num_frames, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, generator=gen
+    )
     fbank = torch.randn(batch, cfg.fbank_frames, cfg.mel_bins, generator=gen)
     video, fbank = video.to(device), fbank.to(device)
     on_gpu = device.startswith("cuda")
@@ -110,11 +112,19 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
     peak = matmul_flops_per_s(device, dtype, 8192 if on_gpu else 1024)
     achieved = flops_per_step / median
     return {
-        "size": size, "device": device, "batch": batch, "dtype": "bf16-autocast" if on_gpu else "fp32",
-        "threads": torch.get_num_threads(), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_s_median": median, "step_s_min": times[0], "clips_per_s": batch / median,
-        "gflops_per_clip": flops_per_step / batch / 1e9, "achieved_tflops": achieved / 1e12,
-        "matmul_peak_tflops": peak / 1e12, "fraction_of_matmul_peak": achieved / peak,
+        "size": size,
+        "device": device,
+        "batch": batch,
+        "dtype": "bf16-autocast" if on_gpu else "fp32",
+        "threads": torch.get_num_threads(),
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "step_s_median": median,
+        "step_s_min": times[0],
+        "clips_per_s": batch / median,
+        "gflops_per_clip": flops_per_step / batch / 1e9,
+        "achieved_tflops": achieved / 1e12,
+        "matmul_peak_tflops": peak / 1e12,
+        "fraction_of_matmul_peak": achieved / peak,
         "peak_mem_gib": peak_memory_bytes(device) / 2**30,
         "peak_mem_kind": "cuda max_memory_allocated" if on_gpu else "process peak RSS",
     }
@@ -141,8 +151,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for size in args.sizes:
-        cmd = [sys.executable, __file__, "--one", size, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            size,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode != 0:
@@ -150,18 +174,32 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
-    header = f"{'size':<6} {'params M':>8} {'batch':>5} {'step s':>7} {'clips/s':>8} {'GFLOP/clip':>10} " \
-             f"{'TFLOP/s':>8} {'matmul TFLOP/s':>14} {'fraction':>8} {'peak GiB':>8}"
-    print(f"device: {rows[0]['device']} ({platform.processor() or platform.machine()}), "
-          f"{rows[0]['dtype']}, {rows[0]['threads']} threads")
+    header = (
+        f"{'size':<6} {'params M':>8} {'batch':>5} {'step s':>7} {'clips/s':>8} {'GFLOP/clip':>10} "
+        f"{'TFLOP/s':>8} {'matmul TFLOP/s':>14} {'fraction':>8} {'peak GiB':>8}"
+    )
+    print(
+        f"device: {rows[0]['device']} ({platform.processor() or platform.machine()}), "
+        f"{rows[0]['dtype']}, {rows[0]['threads']} threads"
+    )
     print(header)
     for r in rows:
-        print(f"{r['size']:<6} {r['params_M']:>8.2f} {r['batch']:>5} {r['step_s_median']:>7.3f} "
-              f"{r['clips_per_s']:>8.2f} {r['gflops_per_clip']:>10.1f} {r['achieved_tflops']:>8.3f} "
-              f"{r['matmul_peak_tflops']:>14.3f} {r['fraction_of_matmul_peak']:>8.1%} {r['peak_mem_gib']:>8.2f}")
+        print(
+            f"{r['size']:<6} {r['params_M']:>8.2f} {r['batch']:>5} {r['step_s_median']:>7.3f} "
+            f"{r['clips_per_s']:>8.2f} {r['gflops_per_clip']:>10.1f} {r['achieved_tflops']:>8.3f} "
+            f"{r['matmul_peak_tflops']:>14.3f} {r['fraction_of_matmul_peak']:>8.1%} {r['peak_mem_gib']:>8.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_pretrain.py", *(argv or sys.argv[1:])]),
-                                    "machine": platform.platform(), "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(["python", "benchmarks/bench_pretrain.py", *(argv or sys.argv[1:])]),
+                "machine": platform.platform(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
     return 0
 

@@ -45,10 +45,19 @@ def worker(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = resolve_model_config(args.model)
     gen = torch.Generator().manual_seed(int(os.environ.get("RANK", 0)))
-    batches = [{"video": torch.randint(0, 256, (args.batch, cfg.num_frames, 3, cfg.img_size, cfg.img_size),
-                                       dtype=torch.uint8, generator=gen),
-                "fbank": torch.randn(args.batch, cfg.fbank_frames, cfg.mel_bins, generator=gen)}
-               for _ in range(4)]  # cycled: the step, not the data, is measured
+    batches = [
+        {
+            "video": torch.randint(
+                0,
+                256,
+                (args.batch, cfg.num_frames, 3, cfg.img_size, cfg.img_size),
+                dtype=torch.uint8,
+                generator=gen,
+            ),
+            "fbank": torch.randn(args.batch, cfg.fbank_frames, cfg.mel_bins, generator=gen),
+        }
+        for _ in range(4)
+    ]  # cycled: the step, not the data, is measured
     total = args.warmup + args.steps
     data = [batches[i % len(batches)] for i in range(total)]
 
@@ -65,17 +74,27 @@ def worker(args: argparse.Namespace) -> None:
             self.times.append(time.perf_counter() - self.start)
 
     pl.seed_everything(0, verbose=False)
-    module = PretrainModule(cfg, ObjectiveConfig(), OptimConfig(warmup_steps=1), peak_lr=1e-4, final_lr=1e-5,
-                            max_steps=total)
+    module = PretrainModule(
+        cfg, ObjectiveConfig(), OptimConfig(warmup_steps=1), peak_lr=1e-4, final_lr=1e-5, max_steps=total
+    )
     timer = StepTimes()
     precision = "bf16-mixed" if args.device == "gpu" else "32-true"
-    trainer = pl.Trainer(accelerator=args.device, devices=world, strategy="ddp" if world > 1 else "auto",
-                         precision=precision, max_steps=total,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        precision=precision,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     if trainer.is_global_zero:
-        Path(args.out).write_text(json.dumps({"step_times": timer.times[args.warmup:]}))
+        Path(args.out).write_text(json.dumps({"step_times": timer.times[args.warmup :]}))
 
 
 def free_port() -> int:
@@ -87,10 +106,31 @@ def free_port() -> int:
 def run(procs: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", __file__, "--worker",
-               "--out", str(out), "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            "--nnodes=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            __file__,
+            "--worker",
+            "--out",
+            str(out),
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), WANDB_MODE="disabled")
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -98,8 +138,13 @@ def run(procs: int, args: argparse.Namespace) -> dict:
         times = sorted(json.loads(out.read_text())["step_times"])
     median = times[len(times) // 2]
     per_proc = args.batch / median
-    return {"procs": procs, "median_step_s": median, "clips_per_s_per_proc": per_proc,
-            "clips_per_s_total": per_proc * procs, "step_times_s": times}
+    return {
+        "procs": procs,
+        "median_step_s": median,
+        "clips_per_s_per_proc": per_proc,
+        "clips_per_s_total": per_proc * procs,
+        "step_times_s": times,
+    }
 
 
 def main() -> None:
@@ -111,7 +156,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts; the first is the baseline")
+    p.add_argument(
+        "--procs", type=int, nargs="+", default=[1, 2], help="process counts; the first is the baseline"
+    )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = p.parse_args()
     if args.worker:
@@ -122,19 +169,35 @@ def main() -> None:
     base = rows[0]["clips_per_s_per_proc"]
     for r in rows:
         r["scaling_efficiency"] = r["clips_per_s_per_proc"] / base
-    print(f"model {args.model}, batch {args.batch}/process, {args.threads} thread(s)/process, {args.device}, "
-          f"{'gloo' if args.device == 'cpu' else 'nccl'}; median of {args.steps} steps")
+    print(
+        f"model {args.model}, batch {args.batch}/process, {args.threads} thread(s)/process, {args.device}, "
+        f"{'gloo' if args.device == 'cpu' else 'nccl'}; median of {args.steps} steps"
+    )
     print(f"{'processes':>9} {'step s':>8} {'clips/s/proc':>13} {'clips/s total':>14} {'efficiency':>11}")
     for r in rows:
-        print(f"{r['procs']:>9} {r['median_step_s']:>8.3f} {r['clips_per_s_per_proc']:>13.2f} "
-              f"{r['clips_per_s_total']:>14.2f} {r['scaling_efficiency']:>10.0%}")
+        print(
+            f"{r['procs']:>9} {r['median_step_s']:>8.3f} {r['clips_per_s_per_proc']:>13.2f} "
+            f"{r['clips_per_s_total']:>14.2f} {r['scaling_efficiency']:>10.0%}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "bench_scaling", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "model": args.model, "batch_per_process": args.batch, "threads_per_process": args.threads,
-        "device": args.device, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "load_average_at_end": os.getloadavg(), "results": rows,
-    }, indent=1) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_scaling",
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "model": args.model,
+                "batch_per_process": args.batch,
+                "threads_per_process": args.threads,
+                "device": args.device,
+                "cpu_count": os.cpu_count(),
+                "machine": platform.machine(),
+                "load_average_at_end": os.getloadavg(),
+                "results": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 

@@ -72,7 +72,9 @@ class VideoAugment:
         if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {cfg.crop_ratio}")
         if not 0 <= cfg.hflip <= 1 or cfg.color_jitter < 0:
-            raise ValueError(f"hflip must be a probability and color_jitter >= 0, got {cfg.hflip}, {cfg.color_jitter}")
+            raise ValueError(
+                f"hflip must be a probability and color_jitter >= 0, got {cfg.hflip}, {cfg.color_jitter}"
+            )
         self.cfg = cfg
 
     def __call__(self, video: Tensor, generator: torch.Generator) -> Tensor:
@@ -91,7 +93,9 @@ class VideoAugment:
     def apply(self, video: Tensor, params: ClipAugParams) -> Tensor:
         """The pixel work for drawn parameters, on whatever device `video` is."""
         top, left, h, w = params.crop
-        video = TF.resized_crop(video, top, left, h, w, [self.cfg.img_size, self.cfg.img_size], antialias=True)
+        video = TF.resized_crop(
+            video, top, left, h, w, [self.cfg.img_size, self.cfg.img_size], antialias=True
+        )
         if params.flip:
             video = TF.horizontal_flip(video)
         if params.jitter is not None:

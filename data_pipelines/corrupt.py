@@ -36,12 +36,27 @@ class CorruptLog:
         a shard that ended early was missing (index.json's count minus what the tar held)."""
         self.count += 1
         self.consecutive += 1
-        event = {"mode": self.mode, "epoch": self.ctx.epoch, "rank": self.ctx.rank, "worker": self.ctx.worker,
-                 "url": url, "key": key, "kind": kind, "reason": reason}
+        event = {
+            "mode": self.mode,
+            "epoch": self.ctx.epoch,
+            "rank": self.ctx.rank,
+            "worker": self.ctx.worker,
+            "url": url,
+            "key": key,
+            "kind": kind,
+            "reason": reason,
+        }
         if lost is not None:
             event["lost"] = lost
-        log.warning("skipping corrupt %s: rank %d worker %d shard %s key %r: %s",
-                    kind, self.ctx.rank, self.ctx.worker, url, key, reason)
+        log.warning(
+            "skipping corrupt %s: rank %d worker %d shard %s key %r: %s",
+            kind,
+            self.ctx.rank,
+            self.ctx.worker,
+            url,
+            key,
+            reason,
+        )
         if self.path is not None:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(event) + "\n")

@@ -77,7 +77,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.decode_device not in DECODE_DEVICES:
-            raise ValueError(f"data.decode_device must be one of {list(DECODE_DEVICES)}, got {self.decode_device!r}")
+            raise ValueError(
+                f"data.decode_device must be one of {list(DECODE_DEVICES)}, got {self.decode_device!r}"
+            )
 
     @classmethod
     def from_any(cls, cfg: DataConfig | dict | Any) -> DataConfig:
@@ -95,13 +97,31 @@ class DataConfig:
         return cls(**cfg)
 
     def stream(self, train: bool) -> StreamConfig:
-        fbank = FbankConfig(self.sample_rate, self.mel_bins, self.fbank_frames, self.fbank_mean, self.fbank_std,
-                            self.freq_mask, self.time_mask)
-        aug = VideoAugConfig(self.img_size, tuple(self.crop_scale), tuple(self.crop_ratio), self.hflip,
-                             self.color_jitter)
+        fbank = FbankConfig(
+            self.sample_rate,
+            self.mel_bins,
+            self.fbank_frames,
+            self.fbank_mean,
+            self.fbank_std,
+            self.freq_mask,
+            self.time_mask,
+        )
+        aug = VideoAugConfig(
+            self.img_size, tuple(self.crop_scale), tuple(self.crop_ratio), self.hflip, self.color_jitter
+        )
         batch = self.batch_size if train else (self.eval_batch_size or self.batch_size)
-        return StreamConfig(batch, self.num_frames, self.img_size, fbank, aug, self.audio_gain_db,
-                            self.shuffle_buffer, self.epoch_length, self.seed, self.max_consecutive_errors)
+        return StreamConfig(
+            batch,
+            self.num_frames,
+            self.img_size,
+            fbank,
+            aug,
+            self.audio_gain_db,
+            self.shuffle_buffer,
+            self.epoch_length,
+            self.seed,
+            self.max_consecutive_errors,
+        )
 
 
 def resolve_shards(spec: str, groups: list[str] | None) -> list[str]:
@@ -109,11 +129,15 @@ def resolve_shards(spec: str, groups: list[str] | None) -> list[str]:
     from data_pipelines.shards import shard_urls
 
     if not spec:
-        raise ValueError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
+        raise ValueError(
+            "data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern"
+        )
     if os.path.isdir(spec):
         return shard_urls(Path(spec), groups)
     if groups:
-        raise ValueError(f"data.shards={spec!r} is a pattern, not a shard directory, so *_groups cannot select from it")
+        raise ValueError(
+            f"data.shards={spec!r} is a pattern, not a shard directory, so *_groups cannot select from it"
+        )
     import webdataset as wds
 
     urls = []
@@ -124,7 +148,9 @@ def resolve_shards(spec: str, groups: list[str] | None) -> list[str]:
     if not urls or len(missing) == len(urls):
         raise ValueError(f"data.shards={spec!r} matches no shard files")
     if missing:
-        raise ValueError(f"data.shards={spec!r}: {len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[:3]}")
+        raise ValueError(
+            f"data.shards={spec!r}: {len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[:3]}"
+        )
     return urls
 
 
@@ -137,8 +163,13 @@ class StreamLoader(DataLoader):
     """A DataLoader over an `AVStream` that asks its owner for the epoch (and resume point) each
     time it is iterated, and reports every yielded batch when no Lightning Trainer consumes it."""
 
-    def __init__(self, dataset: AVStream, on_iter: Callable[[AVStream], None] | None = None,
-                 on_batch: Callable[[dict], None] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: AVStream,
+        on_iter: Callable[[AVStream], None] | None = None,
+        on_batch: Callable[[dict], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self.on_iter, self.on_batch = on_iter, on_batch
 
@@ -164,9 +195,16 @@ class AVDataModule(pl.LightningDataModule):
     speakers out of the training folds. `rank`/`world_size` default to the process group.
     """
 
-    def __init__(self, cfg: DataConfig | dict | Any, *, train_filter: SampleFilter | None = None,
-                 val_filter: SampleFilter | None = None, test_filter: SampleFilter | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig | dict | Any,
+        *,
+        train_filter: SampleFilter | None = None,
+        val_filter: SampleFilter | None = None,
+        test_filter: SampleFilter | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = DataConfig.from_any(cfg)
         self.filters = {"train": train_filter, "val": val_filter, "test": test_filter}
@@ -182,11 +220,19 @@ class AVDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         cfg = self.cfg
         urls = self._urls(cfg.train_groups)
-        stream = pretrain_pipeline(urls, self._stream_config(train=True), sample_filter=self.filters["train"],
-                                   log_dir=cfg.error_log_dir, **self._ranks())
-        return StreamLoader(stream, on_iter=self._begin_train_epoch,
-                            on_batch=None if self.trainer is not None else self._consumed,
-                            **self._loader_kwargs(persistent=False))
+        stream = pretrain_pipeline(
+            urls,
+            self._stream_config(train=True),
+            sample_filter=self.filters["train"],
+            log_dir=cfg.error_log_dir,
+            **self._ranks(),
+        )
+        return StreamLoader(
+            stream,
+            on_iter=self._begin_train_epoch,
+            on_batch=None if self.trainer is not None else self._consumed,
+            **self._loader_kwargs(persistent=False),
+        )
 
     def val_dataloader(self) -> StreamLoader | list:
         return self._eval_loader(self.cfg.val_groups, "val")
@@ -197,10 +243,18 @@ class AVDataModule(pl.LightningDataModule):
     def _eval_loader(self, groups: list[str] | None, split: str) -> StreamLoader | list:
         if groups is None:
             return []
-        stream = eval_pipeline(self._urls(groups), self._stream_config(train=False), sample_filter=self.filters[split],
-                               log_dir=self.cfg.error_log_dir, **self._ranks())
-        return StreamLoader(stream, on_batch=None if self.trainer is not None else self._count_corrupt,
-                            **self._loader_kwargs(persistent=self.cfg.num_workers > 0))
+        stream = eval_pipeline(
+            self._urls(groups),
+            self._stream_config(train=False),
+            sample_filter=self.filters[split],
+            log_dir=self.cfg.error_log_dir,
+            **self._ranks(),
+        )
+        return StreamLoader(
+            stream,
+            on_batch=None if self.trainer is not None else self._count_corrupt,
+            **self._loader_kwargs(persistent=self.cfg.num_workers > 0),
+        )
 
     def _stream_config(self, train: bool) -> StreamConfig:
         """`cfg.stream(train)`, shipping JPEG bytes when frames are decoded on a GPU."""
@@ -218,7 +272,11 @@ class AVDataModule(pl.LightningDataModule):
         if choice == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError("data.decode_device=cuda but CUDA is not available here; use auto or cpu")
-            return root if root is not None and root.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            return (
+                root
+                if root is not None and root.type == "cuda"
+                else torch.device("cuda", torch.cuda.current_device())
+            )
         if choice == "auto" and root is not None and root.type == "cuda":
             return root
         return None
@@ -235,8 +293,11 @@ class AVDataModule(pl.LightningDataModule):
     def _loader_kwargs(self, persistent: bool) -> dict:
         # The train loader is never persistent: its workers take the epoch and resume point with them
         # when each epoch starts.
-        return {"num_workers": self.cfg.num_workers, "pin_memory": self.cfg.pin_memory and torch.cuda.is_available(),
-                "persistent_workers": persistent}
+        return {
+            "num_workers": self.cfg.num_workers,
+            "pin_memory": self.cfg.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": persistent,
+        }
 
     def _check_index(self, urls: list[str]) -> None:
         """Fail early, naming the file, when the shards hold a different number of frames."""
@@ -247,11 +308,15 @@ class AVDataModule(pl.LightningDataModule):
             shard_cfg = json.loads(index.read_text()).get("config", {})
             frames = shard_cfg.get("num_frames")
             if frames is not None and frames != self.cfg.num_frames:
-                raise ValueError(f"{index} says the shards hold num_frames={frames}, but data.num_frames="
-                                 f"{self.cfg.num_frames}; set data.num_frames={frames} or rewrite the shards")
+                raise ValueError(
+                    f"{index} says the shards hold num_frames={frames}, but data.num_frames="
+                    f"{self.cfg.num_frames}; set data.num_frames={frames} or rewrite the shards"
+                )
             rate = shard_cfg.get("sample_rate")
             if rate is not None and rate != self.cfg.sample_rate:
-                raise ValueError(f"{index} says the audio is {rate} Hz, but data.sample_rate={self.cfg.sample_rate}")
+                raise ValueError(
+                    f"{index} says the audio is {rate} Hz, but data.sample_rate={self.cfg.sample_rate}"
+                )
 
     # ------------------------------------------------------------ stream position (resume)
 
@@ -300,20 +365,33 @@ class AVDataModule(pl.LightningDataModule):
         With a process group this is a collective: Lightning calls it on every rank while it dumps a
         checkpoint (`Trainer.save_checkpoint` must run on all ranks anyway, it ends in a barrier).
         """
-        own = {"epoch": int(self._progress["epoch"]), "batches": int(self._progress["batches"]),
-               "positions": [int(p) for p in self._progress["positions"]]}
+        own = {
+            "epoch": int(self._progress["epoch"]),
+            "batches": int(self._progress["batches"]),
+            "positions": [int(p) for p in self._progress["positions"]],
+        }
         rank, world_size = resolve_rank(self._rank, self._world_size)
-        return {**own, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
-                "world_size": world_size, "ranks": _gather_positions(own, rank, world_size)}
+        return {
+            **own,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "world_size": world_size,
+            "ranks": _gather_positions(own, rank, world_size),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_workers", "batch_size"):
             if key in state and state[key] != getattr(self.cfg, key):
-                raise StreamResumeError(f"cannot resume the data stream: the checkpoint used data.{key}={state[key]}, "
-                                        f"this run has {getattr(self.cfg, key)}; resume with the same value")
+                raise StreamResumeError(
+                    f"cannot resume the data stream: the checkpoint used data.{key}={state[key]}, "
+                    f"this run has {getattr(self.cfg, key)}; resume with the same value"
+                )
         own = self._own_position(state)
-        self._resume = {"epoch": int(own["epoch"]), "batches": int(own["batches"]),
-                        "positions": [int(p) for p in own["positions"]]}
+        self._resume = {
+            "epoch": int(own["epoch"]),
+            "batches": int(own["batches"]),
+            "positions": [int(p) for p in own["positions"]],
+        }
         self._next_epoch = self._resume["epoch"]
         self._progress = dict(self._resume, positions=list(self._resume["positions"]))
 
@@ -321,9 +399,11 @@ class AVDataModule(pl.LightningDataModule):
         """This rank's entry of a saved state (see `state_dict`)."""
         rank, world_size = resolve_rank(self._rank, self._world_size)
         if "ranks" not in state:
-            rank_zero_warn("the checkpoint's data-stream state has no per-rank positions (it predates them): every "
-                           "rank resumes from rank 0's position, which is exact on 1 rank but shifts a rank whose "
-                           "stream differed from rank 0's (a skipped corrupt sample), and the world size is unchecked")
+            rank_zero_warn(
+                "the checkpoint's data-stream state has no per-rank positions (it predates them): every "
+                "rank resumes from rank 0's position, which is exact on 1 rank but shifts a rank whose "
+                "stream differed from rank 0's (a skipped corrupt sample), and the world size is unchecked"
+            )
             return state
         saved = int(state["world_size"])
         if saved != world_size:
@@ -331,10 +411,13 @@ class AVDataModule(pl.LightningDataModule):
                 f"cannot resume the data stream: the checkpoint was written by {saved} ranks, this run has "
                 f"{world_size}; each rank continues its own shard stream, which exists only at the same world size. "
                 f"Resume with {saved} ranks (trainer.devices x trainer.num_nodes), or start a new run (a new run_dir) "
-                "with init=<this checkpoint>, which copies the weights only (optimizer, schedule and data start afresh)")
+                "with init=<this checkpoint>, which copies the weights only (optimizer, schedule and data start afresh)"
+            )
         own = state["ranks"][rank]
         if own is None:  # saved without a process group: only the saving rank's entry is there
-            raise StreamResumeError(f"cannot resume the data stream: the checkpoint holds no position for rank {rank}")
+            raise StreamResumeError(
+                f"cannot resume the data stream: the checkpoint holds no position for rank {rank}"
+            )
         return own
 
 

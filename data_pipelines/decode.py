@@ -210,7 +210,11 @@ def frame_folder_rate(
             kind="frame_rate",
         )
     if not FPS_RANGE[0] <= rate <= FPS_RANGE[1]:
-        how = "manifest fps" if source == "manifest" else f"{num_frames} frames / {audio_seconds:.3f} s of audio"
+        how = (
+            "manifest fps"
+            if source == "manifest"
+            else f"{num_frames} frames / {audio_seconds:.3f} s of audio"
+        )
         raise DecodeError(
             f"frame directory {folder}: frame rate {rate:.2f} fps ({how}) is outside "
             f"{FPS_RANGE[0]:g}-{FPS_RANGE[1]:g} fps; check that the audio belongs to these frames, or set `fps`",
@@ -387,7 +391,9 @@ def _open_frame_folder(
     files = frame_files(folder)
     audio_seconds = len(track) / sample_rate if track is not None else None
     rate, fps_source = frame_folder_rate(folder, len(files), fps, audio_seconds)
-    return _Source(_FrameDir(files), np.arange(len(files)) / rate, rate, fps_source, len(files) / rate, None, track)
+    return _Source(
+        _FrameDir(files), np.arange(len(files)) / rate, rate, fps_source, len(files) / rate, None, track
+    )
 
 
 def _open_video_file(video: Path, audio: Path | None, sample_rate: int, allow_missing_audio: bool) -> _Source:
@@ -446,7 +452,9 @@ def decode_clip(
     )
     plans = []
     for w, start in enumerate(window_starts(src.duration, cfg.span, cfg.max_windows)):
-        idx, padded = sample_frame_indices(src.frame_starts, src.duration, start, cfg.num_frames, cfg.frame_stride)
+        idx, padded = sample_frame_indices(
+            src.frame_starts, src.duration, start, cfg.num_frames, cfg.frame_stride
+        )
         plans.append((w, start, idx, padded))
     wanted = sorted({i for _, _, idx, _ in plans for i in idx})
     batch = _read_frames(src.reader, wanted, video)
@@ -516,7 +524,10 @@ _DECODER_MESSAGES = (
     ("no such file", "file not found"),
     ("av_read_frame failed", "the stream breaks off: the file is truncated or corrupt"),
     ("unable to handle eof", "frames near the end do not decode: the file is truncated or corrupt"),
-    ("error reading", "the container cannot be parsed: truncated before its index, corrupt, or not a media file"),
+    (
+        "error reading",
+        "the container cannot be parsed: truncated before its index, corrupt, or not a media file",
+    ),
     ("end of file", "the file ends early: it is truncated"),
     ("invalid data found", "the container cannot be parsed: truncated, corrupt, or not a media file"),
     ("can not find audio stream", "no audio stream"),

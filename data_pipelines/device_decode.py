@@ -52,7 +52,9 @@ class DeviceFrameDecoder:
     def drop(self, batch: dict, failures: dict[int, str], kept: list[int]) -> None:
         keys = batch["key"]
         for b, reason in sorted(failures.items()):
-            log.warning("dropped sample %s: its JPEG frames do not decode on %s: %s", keys[b], self.device, reason)
+            log.warning(
+                "dropped sample %s: its JPEG frames do not decode on %s: %s", keys[b], self.device, reason
+            )
             self.dropped.append({"key": keys[b], "reason": reason})
         if len(failures) == len(keys):
             raise RuntimeError(f"no clip of the batch decodes on {self.device}: {sorted(keys)}")
@@ -65,20 +67,26 @@ def split_frames(jpeg: dict) -> list[Tensor]:
     return [data[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])]
 
 
-def decode_clips(frames: list[Tensor], num_frames: int, device: torch.device) -> tuple[list[list[Tensor]], dict[int, str]]:
+def decode_clips(
+    frames: list[Tensor], num_frames: int, device: torch.device
+) -> tuple[list[list[Tensor]], dict[int, str]]:
     """Decode all frames at once -> (per clip its T (3, H, W) frames, {clip index: error} of clips
     that failed). Only when the batched call fails is each clip decoded alone."""
     clips = len(frames) // num_frames
     try:
         decoded = decode_jpeg(frames, mode=ImageReadMode.RGB, device=device)
-        return [decoded[b * num_frames:(b + 1) * num_frames] for b in range(clips)], {}
+        return [decoded[b * num_frames : (b + 1) * num_frames] for b in range(clips)], {}
     except RuntimeError:
         pass
     out: list[list[Tensor]] = []
     failures: dict[int, str] = {}
     for b in range(clips):
         try:
-            out.append(decode_jpeg(frames[b * num_frames:(b + 1) * num_frames], mode=ImageReadMode.RGB, device=device))
+            out.append(
+                decode_jpeg(
+                    frames[b * num_frames : (b + 1) * num_frames], mode=ImageReadMode.RGB, device=device
+                )
+            )
         except RuntimeError as err:
             failures[b] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             out.append([])
@@ -94,7 +102,11 @@ def augment_clips(clips: list[list[Tensor]], jpeg: dict) -> list[Tensor]:
 
 def clip_params(jpeg: dict, b: int) -> ClipAugParams:
     jitter = jpeg["jitter"][b]
-    drawn = None if torch.isnan(jitter).any() else (tuple(jitter.tolist()), tuple(jpeg["jitter_order"][b].tolist()))
+    drawn = (
+        None
+        if torch.isnan(jitter).any()
+        else (tuple(jitter.tolist()), tuple(jpeg["jitter_order"][b].tolist()))
+    )
     return ClipAugParams(tuple(jpeg["crop"][b].tolist()), bool(jpeg["flip"][b]), drawn)
 
 
@@ -109,7 +121,7 @@ def eval_clips(clips: list[list[Tensor]], img_size: int) -> list[Tensor]:
         frames = [f for b in members for f in clips[b]]
         resized = eval_video_transform(stack_frames(frames), img_size)
         for i, b in enumerate(members):
-            out[b] = resized[i * len(clips[b]):(i + 1) * len(clips[b])]
+            out[b] = resized[i * len(clips[b]) : (i + 1) * len(clips[b])]
     return out
 
 

@@ -43,7 +43,9 @@ def exact_once_split(urls: list[str], sizes: list[int] | None, slot: int, num_sl
         end = offset + n
         if n == 0:
             # An empty-by-index shard still gets read (once) by the slot whose range holds its offset.
-            owner = next((s for s in range(num_slots) if offset < (s + 1) * total // num_slots), num_slots - 1)
+            owner = next(
+                (s for s in range(num_slots) if offset < (s + 1) * total // num_slots), num_slots - 1
+            )
             if owner == slot:
                 pieces.append({"url": url, "start": 0, "stop": None})
         elif lo < end and offset < hi:

@@ -50,8 +50,11 @@ def preview_tile(row: ManifestRow, cfg) -> Image.Image:
     tile.paste(frame, (0, 0))
     tile.paste(crop, (frame.width, 0))
     track = clip.face_track
-    note = f"face on {track.share:.0%} of frames" + (", multi-face" if track.multi_face else "") if track else (
-        "manifest bbox" if row.bbox else "no face step (face=none)")
+    note = (
+        f"face on {track.share:.0%} of frames" + (", multi-face" if track.multi_face else "")
+        if track
+        else ("manifest bbox" if row.bbox else "no face step (face=none)")
+    )
     ImageDraw.Draw(tile).text((4, TILE + 6), f"{row.key}: {note}", fill="black")
     return tile
 

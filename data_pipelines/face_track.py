@@ -107,8 +107,14 @@ def face_track(frames: np.ndarray, detector, cfg: FaceConfig) -> FaceTrack:
     if not detected.any():
         return FaceTrack(boxes, detected, counts, name)
     boxes = fill_gaps(boxes)
-    geometry = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
-                         np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])], axis=1)
+    geometry = np.stack(
+        [
+            (boxes[:, 0] + boxes[:, 2]) / 2,
+            (boxes[:, 1] + boxes[:, 3]) / 2,
+            np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]),
+        ],
+        axis=1,
+    )
     cx, cy, side = running_median(geometry, cfg.smooth).T
     height, width = frames.shape[1:3]
     crops = np.array([square_in_frame(x, y, s * cfg.scale, width, height) for x, y, s in zip(cx, cy, side)])
@@ -125,7 +131,9 @@ def face_spec(shard_dir: Path) -> dict:
         return {"mode": "none"}
     from data_pipelines.faces import detector_info
 
-    settings = FaceConfig(config.get("face_min_share", 0.5), config.get("face_scale", 1.3), config.get("face_smooth", 5))
+    settings = FaceConfig(
+        config.get("face_min_share", 0.5), config.get("face_scale", 1.3), config.get("face_smooth", 5)
+    )
     detector = detector_info()
     return {"mode": "auto", **asdict(settings), "detector": detector["model"], "sha256": detector["sha256"]}
 

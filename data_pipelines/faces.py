@@ -45,10 +45,13 @@ class BlazeFaceModel:
 
 
 # Short range: 4 layers, 2 anchors each (aspect ratio 1.0 plus the interpolated scale) -> 896.
-SHORT_RANGE = BlazeFaceModel("MediaPipe BlazeFace short-range", "face_detection_short_range.tflite", 128,
-                             (8, 16, 16, 16), 2)
+SHORT_RANGE = BlazeFaceModel(
+    "MediaPipe BlazeFace short-range", "face_detection_short_range.tflite", 128, (8, 16, 16, 16), 2
+)
 # Full range: one 48 x 48 grid, one anchor per cell (no interpolated scale) -> 2304.
-FULL_RANGE = BlazeFaceModel("MediaPipe BlazeFace full-range", "face_detection_full_range.tflite", 192, (4,), 1)
+FULL_RANGE = BlazeFaceModel(
+    "MediaPipe BlazeFace full-range", "face_detection_full_range.tflite", 192, (4,), 1
+)
 MODEL_FILE = SHORT_RANGE.path
 
 
@@ -85,8 +88,9 @@ def blazeface_anchors(model: BlazeFaceModel = SHORT_RANGE) -> np.ndarray:
     return np.concatenate(centres).astype(np.float32)
 
 
-def decode_boxes(raw_scores: np.ndarray, regressors: np.ndarray, anchors: np.ndarray,
-                 input_size: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_boxes(
+    raw_scores: np.ndarray, regressors: np.ndarray, anchors: np.ndarray, input_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(A,) raw scores, (A, 16) regressors (input pixels), (A, 2) anchors -> (boxes (N, 4) x0 y0 x1 y1
     in [0, 1] of the model input, scores (N,)) of the anchors scoring at least MIN_SCORE."""
     scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -SCORE_CLIP, SCORE_CLIP)))
@@ -176,7 +180,9 @@ def load_model(model: Path):
     if not hasattr(cv2.dnn, "readNetFromTFLite"):
         raise FaceModelError(f"face=auto needs OpenCV >= 4.8 (TFLite importer); found {cv2.__version__}")
     if not Path(model).is_file():
-        raise FaceModelError(f"face model not found: {model} (a broken install? it ships inside data_pipelines)")
+        raise FaceModelError(
+            f"face model not found: {model} (a broken install? it ships inside data_pipelines)"
+        )
     return cv2.dnn.readNetFromTFLite(str(model))
 
 
@@ -192,15 +198,24 @@ def model_sha256(model: Path = MODEL_FILE) -> str:
 
 
 def model_info(model: BlazeFaceModel) -> dict:
-    return {"model": model.name, "file": model.file, "sha256": model_sha256(model.path),
-            "input": f"{model.input_size}x{model.input_size} RGB in [-1, 1], letterboxed"}
+    return {
+        "model": model.name,
+        "file": model.file,
+        "sha256": model_sha256(model.path),
+        "input": f"{model.input_size}x{model.input_size} RGB in [-1, 1], letterboxed",
+    }
 
 
 def detector_info() -> dict:
     """What provenance.json and exports record about the detectors."""
     import cv2
 
-    return {"model": f"{SHORT_RANGE.name}, {FULL_RANGE.name} for clips where it finds too few faces",
-            "sha256": model_sha256(), "models": [model_info(SHORT_RANGE), model_info(FULL_RANGE)],
-            "origin": MODEL_ORIGIN, "runtime": f"OpenCV {cv2.__version__} dnn.readNetFromTFLite",
-            "min_score": MIN_SCORE, "nms": f"weighted, IoU > {NMS_IOU}"}
+    return {
+        "model": f"{SHORT_RANGE.name}, {FULL_RANGE.name} for clips where it finds too few faces",
+        "sha256": model_sha256(),
+        "models": [model_info(SHORT_RANGE), model_info(FULL_RANGE)],
+        "origin": MODEL_ORIGIN,
+        "runtime": f"OpenCV {cv2.__version__} dnn.readNetFromTFLite",
+        "min_score": MIN_SCORE,
+        "nms": f"weighted, IoU > {NMS_IOU}",
+    }

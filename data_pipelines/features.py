@@ -70,8 +70,13 @@ class FbankConfig:
 def fbank_params(sample_rate: int = 16000, mel_bins: int = 128) -> dict:
     """Everything that determines a stored log-mel: written into each sample's json as `fbank` next
     to an `fbank.npy` member, and compared by the loader before it uses one (plain JSON types)."""
-    return {"version": FBANK_VERSION, "sample_rate": int(sample_rate), "mel_bins": int(mel_bins),
-            "dtype": "float16", **KALDI_FBANK_ARGS}
+    return {
+        "version": FBANK_VERSION,
+        "sample_rate": int(sample_rate),
+        "mel_bins": int(mel_bins),
+        "dtype": "float16",
+        **KALDI_FBANK_ARGS,
+    }
 
 
 def encode_log_mel(log_mel: Tensor) -> bytes:
@@ -84,8 +89,10 @@ def encode_log_mel(log_mel: Tensor) -> bytes:
 
 # The header `np.save` writes for a C-order float16 matrix; parsing it with a regex instead of
 # numpy's `literal_eval` makes reading a stored fbank ~5x cheaper. Anything else goes through numpy.
-_NPY_F16_MATRIX = re.compile(rb"^\x93NUMPY\x01\x00..\{'descr': '<f2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n",
-                             re.DOTALL)
+_NPY_F16_MATRIX = re.compile(
+    rb"^\x93NUMPY\x01\x00..\{'descr': '<f2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n",
+    re.DOTALL,
+)
 
 
 def decode_log_mel(data: bytes, mel_bins: int) -> Tensor:
@@ -103,8 +110,13 @@ def decode_log_mel(data: bytes, mel_bins: int) -> Tensor:
         return torch.from_numpy(array)
 
 
-def precomputed_fbank(log_mel: Tensor, cfg: FbankConfig = FbankConfig(), gain_db: float = 0.0,
-                      spec_augment: SpecAugment | None = None, seed: int = 0) -> Tensor:
+def precomputed_fbank(
+    log_mel: Tensor,
+    cfg: FbankConfig = FbankConfig(),
+    gain_db: float = 0.0,
+    spec_augment: SpecAugment | None = None,
+    seed: int = 0,
+) -> Tensor:
     """Model input from a stored log-mel (F, M): what `fast_fbank(waveform * gain)` gives, up to the
     float16 storage.
 
@@ -136,7 +148,9 @@ def kaldi_fbank(waveform: Tensor, sample_rate: int = 16000, mel_bins: int = 128)
     waveform: (N,) or (1, N) float in [-1, 1]. Returns (num_fbank_frames(N), mel_bins) float32.
     """
     wave = waveform.reshape(1, -1).float()
-    if num_fbank_frames(wave.shape[1], sample_rate) == 0:  # Kaldi asserts; shorter than one window = no frames
+    if (
+        num_fbank_frames(wave.shape[1], sample_rate) == 0
+    ):  # Kaldi asserts; shorter than one window = no frames
         return wave.new_zeros(0, mel_bins)
     wave = wave - wave.mean()
     return kaldi.fbank(wave, sample_frequency=sample_rate, num_mel_bins=mel_bins, **KALDI_FBANK_ARGS)
@@ -155,8 +169,9 @@ def normalise(fbank: Tensor, mean: float = AUDIOSET_MEAN, std: float = AUDIOSET_
     return (fbank - mean) / (2.0 * std)
 
 
-def waveform_to_fbank(waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_augment: SpecAugment | None = None,
-                      seed: int = 0) -> Tensor:
+def waveform_to_fbank(
+    waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_augment: SpecAugment | None = None, seed: int = 0
+) -> Tensor:
     """Model input of one waveform: (N,) float -> (fbank_frames, mel_bins) float32, normalised.
 
     With `spec_augment`, masks are drawn from `seed` and applied before normalisation (as the
@@ -168,8 +183,9 @@ def waveform_to_fbank(waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_a
     return normalise(fbank, cfg.mean, cfg.std)
 
 
-def fast_fbank(waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_augment: SpecAugment | None = None,
-               seed: int = 0) -> Tensor:
+def fast_fbank(
+    waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_augment: SpecAugment | None = None, seed: int = 0
+) -> Tensor:
     """`waveform_to_fbank` through the vectorised path (what the loader uses; torchaudio rebuilds its
     mel banks and window and walks every frame on each call)."""
     fbank = batched_log_mel(waveform.reshape(1, -1), None, cfg)[0]
@@ -178,7 +194,9 @@ def fast_fbank(waveform: Tensor, cfg: FbankConfig = FbankConfig(), spec_augment:
     return normalise(fbank, cfg.mean, cfg.std)
 
 
-def batched_fbank(waveforms: Tensor, lengths: Tensor | list[int] | None = None, cfg: FbankConfig = FbankConfig()) -> Tensor:
+def batched_fbank(
+    waveforms: Tensor, lengths: Tensor | list[int] | None = None, cfg: FbankConfig = FbankConfig()
+) -> Tensor:
     """`waveform_to_fbank` for a batch in one vectorised pass.
 
     waveforms: (B, N) float, each row valid up to `lengths[b]` (default N; the rest is ignored).

@@ -65,10 +65,12 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int]:
         if marker in SOF_MARKERS:
             if pos + 9 > len(data):
                 break
-            return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            return int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(
+                data[pos + 7 : pos + 9], "big"
+            )
         if marker == 0xDA:  # start of scan before any frame header
             break
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     raise CorruptSampleError("JPEG has no readable frame header")
 
 
@@ -89,10 +91,19 @@ class JpegBytesDecoder(SampleDecoder):
         fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        return {"jpeg_frames": frames, "frame_hw": (height, width), "aug": aug, "fbank": fbank,
-                "audio_present": audio_present, "label": label,
-                "target": target, "key": raw["__key__"], "clip_key": str(meta.get("clip_key", raw["__key__"])),
-                "caption": caption, "__pos__": raw.get("__pos__", 0)}
+        return {
+            "jpeg_frames": frames,
+            "frame_hw": (height, width),
+            "aug": aug,
+            "fbank": fbank,
+            "audio_present": audio_present,
+            "label": label,
+            "target": target,
+            "key": raw["__key__"],
+            "clip_key": str(meta.get("clip_key", raw["__key__"])),
+            "caption": caption,
+            "__pos__": raw.get("__pos__", 0),
+        }
 
     def frame_bytes(self, raw: dict) -> list[bytes]:
         """The `num_frames` JPEG members in order; a missing or extra frame is corrupt, as when decoding."""
@@ -102,7 +113,8 @@ class JpegBytesDecoder(SampleDecoder):
             missing = sorted(set(self.frame_names) - set(present))
             raise CorruptSampleError(
                 f"wrong frame count: has {len(present)} frame members, expected {self.cfg.num_frames}"
-                + (f" (missing {missing[:3]})" if missing else ""))
+                + (f" (missing {missing[:3]})" if missing else "")
+            )
         return frames
 
     @staticmethod
@@ -136,17 +148,28 @@ class JpegBatchBuilder(BatchBuilder):
         self.video = torch.empty(0, 0, 0, 0, 0, dtype=torch.uint8)  # the base class slices it; dropped below
         batch = super().build()
         del batch["video"]
-        batch["jpeg"] = {**self.jpeg_tensors(), "num_frames": self.num_frames, "img_size": self.img_size,
-                         "train": self.train}
+        batch["jpeg"] = {
+            **self.jpeg_tensors(),
+            "num_frames": self.num_frames,
+            "img_size": self.img_size,
+            "train": self.train,
+        }
         return batch
 
     def jpeg_tensors(self) -> dict[str, Tensor]:
         """The frames' bytes, their offsets and every clip's drawn augmentation, all in one buffer."""
         rows, lengths = len(self.rows), [len(f) for f in self.frames]
-        out = tensors_in_one_buffer({
-            "data": ((sum(lengths),), torch.uint8), "offsets": ((len(lengths) + 1,), torch.int64),
-            "frame_hw": ((rows, 2), torch.int64), "crop": ((rows, 4), torch.int64), "flip": ((rows,), torch.bool),
-            "jitter": ((rows, 3), torch.float32), "jitter_order": ((rows, 3), torch.int64)})
+        out = tensors_in_one_buffer(
+            {
+                "data": ((sum(lengths),), torch.uint8),
+                "offsets": ((len(lengths) + 1,), torch.int64),
+                "frame_hw": ((rows, 2), torch.int64),
+                "crop": ((rows, 4), torch.int64),
+                "flip": ((rows,), torch.bool),
+                "jitter": ((rows, 3), torch.float32),
+                "jitter_order": ((rows, 3), torch.int64),
+            }
+        )
         out["data"].numpy()[:] = np.frombuffer(b"".join(self.frames), dtype=np.uint8)  # ~10 kB per frame
         out["offsets"].copy_(torch.tensor([0, *lengths]).cumsum(0))
         out["frame_hw"].copy_(torch.tensor(self.frame_hw))
@@ -169,5 +192,7 @@ def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]])
         starts[name] = end
         end += math.prod(shape) * dtype.itemsize
     buffer = batch_tensor((end,), torch.uint8)
-    return {name: buffer[starts[name]:starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for name, (shape, dtype) in specs.items()}
+    return {
+        name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (shape, dtype) in specs.items()
+    }

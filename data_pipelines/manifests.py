@@ -209,7 +209,9 @@ def _parse_fps(text: str, where: str, key: str) -> float | None:
     except ValueError:
         fps = float("nan")
     if not fps > 0 or fps == float("inf"):
-        raise ManifestError(f"{where}: fps of {key!r} must be a positive number of frames per second or empty, got {text!r}")
+        raise ManifestError(
+            f"{where}: fps of {key!r} must be a positive number of frames per second or empty, got {text!r}"
+        )
     return fps
 
 

@@ -83,9 +83,17 @@ class SampleDecoder:
         fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        return {"video": video, "fbank": fbank, "audio_present": audio_present, "label": label, "target": target,
-                "key": raw["__key__"], "clip_key": str(meta.get("clip_key", raw["__key__"])), "caption": caption,
-                "__pos__": raw.get("__pos__", 0)}
+        return {
+            "video": video,
+            "fbank": fbank,
+            "audio_present": audio_present,
+            "label": label,
+            "target": target,
+            "key": raw["__key__"],
+            "clip_key": str(meta.get("clip_key", raw["__key__"])),
+            "caption": caption,
+            "__pos__": raw.get("__pos__", 0),
+        }
 
     def blank_fbank(self) -> Tensor:
         """The fbank of a clip without audio: zeros of the normalised input, the blank that
@@ -111,10 +119,13 @@ class SampleDecoder:
         extra = sum(1 for k in raw if k[0] == "f" and k.endswith(".jpg")) - len(self.frame_names)
         if extra:
             raise CorruptSampleError(
-                f"wrong frame count: has {len(self.frame_names) + extra} frame members, expected {self.cfg.num_frames}")
+                f"wrong frame count: has {len(self.frame_names) + extra} frame members, expected {self.cfg.num_frames}"
+            )
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError as err:  # libjpeg's complaint about these bytes (torchvision raises no narrower type)
+        except (
+            RuntimeError
+        ) as err:  # libjpeg's complaint about these bytes (torchvision raises no narrower type)
             raise CorruptSampleError(f"bad JPEG frame member: {str(err).splitlines()[-1]}") from None
         shape = decoded[0].shape
         if any(f.shape != shape for f in decoded):
@@ -133,17 +144,24 @@ class SampleDecoder:
                 raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
             expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
             if "audio_samples" in meta and log_mel.shape[0] != expected:
-                raise CorruptSampleError(f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
-                                         f"for {meta['audio_samples']} audio samples")
+                raise CorruptSampleError(
+                    f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
+                    f"for {meta['audio_samples']} audio samples"
+                )
             self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
             if real is not None:
                 log_mel = log_mel[: num_fbank_frames(real, cfg.sample_rate)]
             return precomputed_fbank(log_mel, cfg, gain_db, self.spec_augment, seed)
         if FBANK_MEMBER not in raw:
-            self.log_audio_path("wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}")
+            self.log_audio_path(
+                "wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}"
+            )
         else:
-            self.log_audio_path("mismatch", f"computing it from the audio member: the shards' {FBANK_MEMBER} "
-                                f"was made with {meta.get('fbank')}, this loader needs {self.fbank_params}")
+            self.log_audio_path(
+                "mismatch",
+                f"computing it from the audio member: the shards' {FBANK_MEMBER} "
+                f"was made with {meta.get('fbank')}, this loader needs {self.fbank_params}",
+            )
         waveform = self.decode_audio(raw)
         if real is not None:  # in the loader's sample rate
             waveform = waveform[: round(len(waveform) * real / int(meta["audio_samples"]))]
@@ -155,8 +173,12 @@ class SampleDecoder:
         if path not in self.audio_paths_logged:
             self.audio_paths_logged.add(path)
             info = get_worker_info()
-            log.info("audio features (%s, worker %d): %s", "train" if self.train else "eval",
-                     0 if info is None else info.id, message)
+            log.info(
+                "audio features (%s, worker %d): %s",
+                "train" if self.train else "eval",
+                0 if info is None else info.id,
+                message,
+            )
 
     def decode_audio(self, raw: dict) -> Tensor:
         """`wav` or `flac` member -> (N,) float32 mono at the fbank sample rate."""
@@ -219,7 +241,11 @@ def parse_label(label: object) -> tuple[int, list[float] | None]:
         return -1, [float(v) for v in label]
     if isinstance(label, str):
         parts = label.split()
-        return (int(parts[0]), None) if len(parts) == 1 and parts[0].lstrip("-").isdigit() else (-1, [float(v) for v in parts])
+        return (
+            (int(parts[0]), None)
+            if len(parts) == 1 and parts[0].lstrip("-").isdigit()
+            else (-1, [float(v) for v in parts])
+        )
     raise CorruptSampleError(f"label must be an int, a list of floats or null, got {label!r}")
 
 
@@ -296,7 +322,8 @@ class BatchBuilder:
             width = max(len(t) for t in targets if t is not None)
             batch["target"] = torch.tensor(
                 [t if t is not None and len(t) == width else [float("nan")] * width for t in targets],
-                dtype=torch.float32)
+                dtype=torch.float32,
+            )
         return batch
 
 

@@ -155,10 +155,14 @@ def provenance(cfg: ShardConfig, manifest: Path, argv: list[str] | None = None) 
             "span": "exactly the sampled frames' window, zero-padded at the end when the track is short",
         },
         "fbank": (
-            {"member": "fbank.npy", "params": fbank_params(cfg.sample_rate, cfg.fbank_mel_bins),
-             "source": "the stored int16 audio / 32768, torchaudio.compliance.kaldi.fbank, all frames (no pad/crop), "
-                       "not normalised"}
-            if cfg.precompute_fbank else None
+            {
+                "member": "fbank.npy",
+                "params": fbank_params(cfg.sample_rate, cfg.fbank_mel_bins),
+                "source": "the stored int16 audio / 32768, torchaudio.compliance.kaldi.fbank, all frames (no pad/crop), "
+                "not normalised",
+            }
+            if cfg.precompute_fbank
+            else None
         ),
         "jpeg_quality": cfg.jpeg_quality,
         "config": asdict(cfg),
@@ -231,7 +235,12 @@ def indexed_sample_count(url: str) -> int | None:
         return None
     try:
         counts = _index_counts(str(index_file), index_file.stat().st_mtime_ns)
-    except (OSError, ValueError, KeyError, TypeError):  # unreadable or not an emomae index: no count to hold to
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ):  # unreadable or not an emomae index: no count to hold to
         return None
     return counts.get(Path(url).name)
 
@@ -267,8 +276,10 @@ def shard_sampling(urls: list[str]) -> dict | None:
     for config, path in others:
         differ = [k for k in SAMPLING_KEYS if config.get(k) != first.get(k)]
         if differ:
-            raise ValueError(f"the shards were cut differently: {first_file} has "
-                             f"{ {k: first.get(k) for k in differ} }, {path} has { {k: config.get(k) for k in differ} }")
+            raise ValueError(
+                f"the shards were cut differently: {first_file} has "
+                f"{ {k: first.get(k) for k in differ} }, {path} has { {k: config.get(k) for k in differ} }"
+            )
     sampling = {k: first.get(k) for k in SAMPLING_KEYS}
     sampling["grid_fps"] = GRID_FPS
     sampling["fbank_mel_bins"] = first.get("fbank_mel_bins") if first.get("precompute_fbank") else None

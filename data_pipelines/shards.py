@@ -79,7 +79,12 @@ class ShardConfig:
             raise ValueError(f"ShardConfig.group_by must be 'fold', 'split' or 'none', got {self.group_by!r}")
         if self.crop_box is not None and len(self.crop_box) != 4:
             raise ValueError(f"ShardConfig.crop_box must be [x0, y0, x1, y1], got {self.crop_box}")
-        if min(self.num_frames, self.frame_stride, self.img_size, self.samples_per_shard, self.fbank_mel_bins) < 1:
+        if (
+            min(
+                self.num_frames, self.frame_stride, self.img_size, self.samples_per_shard, self.fbank_mel_bins
+            )
+            < 1
+        ):
             raise ValueError(
                 "ShardConfig sizes (num_frames, frame_stride, img_size, samples_per_shard, fbank_mel_bins) must be >= 1"
             )
@@ -225,11 +230,18 @@ def clip_meta(row: ManifestRow, clip: DecodedClip, w: Window, cfg: ShardConfig) 
 def face_meta(clip: DecodedClip, w: Window) -> dict:
     """The json's `face` entry: this window's crop square per frame, and the clip's face share."""
     track = clip.face_track
-    return {"boxes": w.face_boxes, "clip_share": round(track.share, 4), "clip_frames": len(track.detected),
-            "multi_face": track.multi_face, "detector": track.detector}
+    return {
+        "boxes": w.face_boxes,
+        "clip_share": round(track.share, 4),
+        "clip_frames": len(track.detected),
+        "multi_face": track.multi_face,
+        "detector": track.detector,
+    }
 
 
-def window_samples(row: ManifestRow, clip: DecodedClip, cfg: ShardConfig, caption: str | None = None) -> list[dict]:
+def window_samples(
+    row: ManifestRow, clip: DecodedClip, cfg: ShardConfig, caption: str | None = None
+) -> list[dict]:
     """The WebDataset samples (one per window) of a decoded clip."""
     out = []
     for w in clip.windows:
@@ -255,11 +267,19 @@ def clip_report(row: ManifestRow, clip: DecodedClip) -> dict | None:
     """What the run summary counts about a written clip (kept in progress.jsonl with its shard); None
     for a plain video file with its audio, so a million-clip run keeps a small journal."""
     face = clip.face_track if is_notable_face_track(clip.face_track) else None
-    if clip.fps_source == "container" and not (clip.audio_silent or clip.audio_missing or clip.partial
-                                             or face is not None):
+    if clip.fps_source == "container" and not (
+        clip.audio_silent or clip.audio_missing or clip.partial or face is not None
+    ):
         return None
-    report = {"key": row.key, "path": row.video, "fps": round(clip.source_fps, 4), "fps_source": clip.fps_source,
-              "audio_silent": clip.audio_silent, "audio_missing": clip.audio_missing, "partial": clip.partial}
+    report = {
+        "key": row.key,
+        "path": row.video,
+        "fps": round(clip.source_fps, 4),
+        "fps_source": clip.fps_source,
+        "audio_silent": clip.audio_silent,
+        "audio_missing": clip.audio_missing,
+        "partial": clip.partial,
+    }
     if face is not None:
         report["face_share"] = round(face.share, 4)
         report["multi_face"] = face.multi_face
@@ -302,8 +322,14 @@ def _write_shard(task: dict) -> dict:
                 errors.append({"path": row.video, "key": row.key, "reason": str(err), "kind": err.kind})
                 continue
             except Exception as err:  # an odd file must not kill a day-long run; it is listed, not hidden
-                errors.append({"path": row.video, "key": row.key, "reason": f"{type(err).__name__}: {err}",
-                               "kind": "broken"})
+                errors.append(
+                    {
+                        "path": row.video,
+                        "key": row.key,
+                        "reason": f"{type(err).__name__}: {err}",
+                        "kind": "broken",
+                    }
+                )
                 continue
             report = clip_report(row, clip)
             if report is not None:
@@ -496,11 +522,17 @@ def face_summary(records: list[dict], cfg: ShardConfig) -> dict:
 
     reports = [m for rec in records for m in rec.get("media", []) if "face_share" in m]
     skipped = sum(err.get("kind") == "no_face" for rec in records for err in rec["errors"])
-    return {"mode": "auto", "detector": detector_info(), "settings": asdict(cfg.face_config()), "policy": FACE_POLICY,
-            "clips": sum(rec.get("face_clips", 0) for rec in records),
-            "multi_face": sorted(m["key"] for m in reports if m["multi_face"]), "no_face_skipped": skipped,
-            "share_below_1": {m["key"]: m["face_share"] for m in reports if m["face_share"] < 1.0},
-            "full_range": sorted(m["key"] for m in reports if "full-range" in m.get("face_detector", ""))}
+    return {
+        "mode": "auto",
+        "detector": detector_info(),
+        "settings": asdict(cfg.face_config()),
+        "policy": FACE_POLICY,
+        "clips": sum(rec.get("face_clips", 0) for rec in records),
+        "multi_face": sorted(m["key"] for m in reports if m["multi_face"]),
+        "no_face_skipped": skipped,
+        "share_below_1": {m["key"]: m["face_share"] for m in reports if m["face_share"] < 1.0},
+        "full_range": sorted(m["key"] for m in reports if "full-range" in m.get("face_detector", "")),
+    }
 
 
 def media_summary(records: list[dict], cfg: ShardConfig) -> dict:
@@ -522,7 +554,9 @@ def media_summary(records: list[dict], cfg: ShardConfig) -> dict:
         "skipped": dict(sorted(skipped.items())),
         "partial": [{k: m[k] for k in ("key", "path", "kept_s", "declared_s")} for m in partial],
         "frame_rates": {
-            m["key"]: {"fps": m["fps"], "source": m["fps_source"]} for m in reports if m["fps_source"] != "container"
+            m["key"]: {"fps": m["fps"], "source": m["fps_source"]}
+            for m in reports
+            if m["fps_source"] != "container"
         },
     }
 
@@ -546,11 +580,25 @@ def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: Shard
     write_json(prov_path, prov)
     with (out_dir / "errors.jsonl").open("a") as f:
         for m in media["partial"]:
-            reason = f"truncated: kept the {m['kept_s']:g} s that decode of the declared {m['declared_s']:g} s"
-            f.write(json.dumps({"path": m["path"], "key": m["key"], "reason": reason, "kind": "partial",
-                                "skipped": False}) + "\n")
+            reason = (
+                f"truncated: kept the {m['kept_s']:g} s that decode of the declared {m['declared_s']:g} s"
+            )
+            f.write(
+                json.dumps(
+                    {
+                        "path": m["path"],
+                        "key": m["key"],
+                        "reason": reason,
+                        "kind": "partial",
+                        "skipped": False,
+                    }
+                )
+                + "\n"
+            )
     silent_verb = "skipped" if cfg.silent_audio == "skip" else "kept, flagged audio_silent"
-    missing_verb = "kept with zero audio" if cfg.allow_missing_audio else "skipped; --allow-missing-audio keeps them"
+    missing_verb = (
+        "kept with zero audio" if cfg.allow_missing_audio else "skipped; --allow-missing-audio keeps them"
+    )
     print(
         f"media: {media['partial_clips']} partial clips (kept {media['partial_seconds_kept']:g} s of "
         f"{media['partial_seconds_declared']:g} s declared); {media['silent_audio']} silent audio tracks "
@@ -558,9 +606,11 @@ def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: Shard
         f"{media['skipped'] or 'none'}"
     )
     if cfg.face == "auto":
-        print(f"faces: {face['clips']} clips cropped to their face, {len(face['multi_face'])} of them multi-face "
-              f"(largest kept); {face['no_face_skipped']} skipped without a face on {cfg.face_min_share:.0%} of "
-              "their frames")
+        print(
+            f"faces: {face['clips']} clips cropped to their face, {len(face['multi_face'])} of them multi-face "
+            f"(largest kept); {face['no_face_skipped']} skipped without a face on {cfg.face_min_share:.0%} of "
+            "their frames"
+        )
     return index
 
 
@@ -577,19 +627,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", type=Path, default=None, help="CSV key,caption or JSONL {key, caption|text}")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
-        "--silent-audio", choices=("keep", "skip"), default=None,
+        "--silent-audio",
+        choices=("keep", "skip"),
+        default=None,
         help=f"clips whose audio is below {SILENCE_DBFS:g} dBFS: keep (default, flagged audio_silent) or skip",
     )
     p.add_argument(
-        "--allow-missing-audio", action="store_true",
+        "--allow-missing-audio",
+        action="store_true",
         help="write clips without audio with zero audio (json audio_missing: true) instead of skipping them",
     )
     p.add_argument(
-        "--face", choices=("auto", "none"), default=None,
+        "--face",
+        choices=("auto", "none"),
+        default=None,
         help="auto: detect, track and crop the face of each clip without a manifest bbox; none (default): as before",
     )
     p.add_argument(
-        "--preview", type=int, default=None, metavar="N",
+        "--preview",
+        type=int,
+        default=None,
+        metavar="N",
         help="write out_dir/preview.png (source frame with the crop box, and the crop) of the first N clips; no shards",
     )
     p.add_argument("overrides", nargs="*", help="ShardConfig key=value, e.g. img_size=160 max_windows=2")

@@ -49,9 +49,24 @@ from data_pipelines.shard_index import indexed_sample_count
 from data_pipelines.tar_reader import tar_samples
 
 # Re-exported: these lived here before the split and are imported from here.
-__all__ = ["AVStream", "CorruptLog", "EvalStream", "PipeUrlError", "PretrainStream", "SampleFilter", "StreamConfig",
-           "StreamStart", "WorkerContext", "check_pipe_urls", "eval_pipeline", "exact_once_split", "pretrain_pipeline",
-           "read_corrupt_logs", "resolve_rank", "shard_sizes"]
+__all__ = [
+    "AVStream",
+    "CorruptLog",
+    "EvalStream",
+    "PipeUrlError",
+    "PretrainStream",
+    "SampleFilter",
+    "StreamConfig",
+    "StreamStart",
+    "WorkerContext",
+    "check_pipe_urls",
+    "eval_pipeline",
+    "exact_once_split",
+    "pretrain_pipeline",
+    "read_corrupt_logs",
+    "resolve_rank",
+    "shard_sizes",
+]
 
 log = logging.getLogger("emomae.data")
 
@@ -190,9 +205,15 @@ def report_early_end(url: str, read: int, start: int, stop: int | None, errors: 
     if end is None or read >= end:
         return
     lost = end - max(read, start)
-    errors.record(url, "", f"shard ended early: the tar holds {read} samples, index.json lists {indexed}; "
-                  f"{lost} samples of this read are missing (truncated or replaced file? rewrite it with "
-                  "`emomae shards`)", "shard", lost=lost)
+    errors.record(
+        url,
+        "",
+        f"shard ended early: the tar holds {read} samples, index.json lists {indexed}; "
+        f"{lost} samples of this read are missing (truncated or replaced file? rewrite it with "
+        "`emomae shards`)",
+        "shard",
+        lost=lost,
+    )
 
 
 def read_shards(sources: Iterable[dict], errors: CorruptLog) -> Iterator[dict]:
@@ -207,7 +228,7 @@ class PipeUrlError(ValueError):
 
 def pipe_commands(urls: Iterable[str]) -> list[str]:
     """The shell commands of the `pipe:` URLs among `urls` (what `gopen` will run, one per shard read)."""
-    return [u[len(PIPE_PREFIX):].strip() for u in urls if u.startswith(PIPE_PREFIX)]
+    return [u[len(PIPE_PREFIX) :].strip() for u in urls if u.startswith(PIPE_PREFIX)]
 
 
 def check_pipe_urls(urls: Iterable[str], allowed: bool, key: str = "data.allow_pipe_urls") -> list[str]:
@@ -215,12 +236,16 @@ def check_pipe_urls(urls: Iterable[str], allowed: bool, key: str = "data.allow_p
     not allowed. A shard URL is usually a config value, and a config value must not run a shell unasked."""
     commands = pipe_commands(urls)
     if commands and not allowed:
-        raise PipeUrlError(f"shard URL {PIPE_PREFIX + commands[0]!r} would run a shell command; set {key}=true "
-                           "to allow shard URLs that run commands (or point at the shard files themselves)")
+        raise PipeUrlError(
+            f"shard URL {PIPE_PREFIX + commands[0]!r} would run a shell command; set {key}=true "
+            "to allow shard URLs that run commands (or point at the shard files themselves)"
+        )
     return commands
 
 
-def keep_samples(samples: Iterable[dict], sample_filter: SampleFilter | None, errors: CorruptLog) -> Iterator[dict]:
+def keep_samples(
+    samples: Iterable[dict], sample_filter: SampleFilter | None, errors: CorruptLog
+) -> Iterator[dict]:
     """Stage: parse each sample's JSON once and drop those `sample_filter(meta)` rejects."""
     for raw in samples:
         try:
@@ -246,7 +271,9 @@ def skip_consumed(samples: Iterable[dict], first: int) -> Iterator[dict]:
             yield raw
 
 
-def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], errors: CorruptLog) -> Iterator[dict]:
+def decode_samples(
+    samples: Iterable[dict], decode: Callable[[dict], dict], errors: CorruptLog
+) -> Iterator[dict]:
     """Stage: decode each raw sample; a sample whose bytes do not decode is recorded and skipped (never
     replaced)."""
     for raw in samples:
@@ -259,8 +286,12 @@ def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], erro
         yield sample
 
 
-def batch_samples(samples: Iterable[dict], batch_size: int, partial: bool,
-                  new_builder: Callable[[int], BatchBuilder] = BatchBuilder) -> Iterator[dict]:
+def batch_samples(
+    samples: Iterable[dict],
+    batch_size: int,
+    partial: bool,
+    new_builder: Callable[[int], BatchBuilder] = BatchBuilder,
+) -> Iterator[dict]:
     """Stage: decoded samples -> batches, each sample copied into the batch tensors on arrival
     (`samples.BatchBuilder`, or `new_builder(batch_size)`); `partial` keeps a short last batch."""
     builder = new_builder(batch_size)
@@ -288,7 +319,11 @@ def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilde
 def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:
     """Stage: attach `stream` = {worker, position (raw samples consumed), corrupt (running count)}."""
     for batch in batches:
-        batch["stream"] = {"worker": ctx.worker, "position": batch.pop("__last_pos__") + 1, "corrupt": errors.count}
+        batch["stream"] = {
+            "worker": ctx.worker,
+            "position": batch.pop("__last_pos__") + 1,
+            "corrupt": errors.count,
+        }
         yield batch
 
 
@@ -315,9 +350,16 @@ class AVStream(IterableDataset):
 
     mode = "base"
 
-    def __init__(self, urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
-                 world_size: int | None = None, sample_filter: SampleFilter | None = None,
-                 log_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str] | str,
+        cfg: StreamConfig,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        sample_filter: SampleFilter | None = None,
+        log_dir: str | Path | None = None,
+    ) -> None:
         super().__init__()
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
@@ -365,16 +407,24 @@ class PretrainStream(AVStream):
         if batches <= 0:
             return iter(())
         decoder = sample_decoder(cfg, train=True)
-        shards = wds.ResampledShards(self.urls, seed=ctx.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True)
+        shards = wds.ResampledShards(
+            self.urls, seed=ctx.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True
+        )
         return wds.DataPipeline(
             shards,
             lambda src: read_shards(src, errors),
             lambda src: keep_samples(src, self.sample_filter, errors),
-            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(ctx.seed(cfg.seed, 2))),
+            wds.shuffle(
+                cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(ctx.seed(cfg.seed, 2))
+            ),
             number_samples,
             lambda src: skip_consumed(src, self.start.position(ctx.worker)),
-            lambda src: decode_samples(src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors),
-            lambda src: batch_samples(src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True)),
+            lambda src: decode_samples(
+                src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors
+            ),
+            lambda src: batch_samples(
+                src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True)
+            ),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=batches)
 
@@ -404,25 +454,48 @@ class EvalStream(AVStream):
             lambda src: keep_samples(src, self.sample_filter, errors),
             number_samples,
             lambda src: decode_samples(src, decoder, errors),
-            lambda src: batch_samples(src, self.cfg.batch_size, partial=True,
-                                      new_builder=batch_builder(self.cfg, False)),
+            lambda src: batch_samples(
+                src, self.cfg.batch_size, partial=True, new_builder=batch_builder(self.cfg, False)
+            ),
             lambda src: tag_batches(src, ctx, errors),
         )
 
 
-def pretrain_pipeline(urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
-                      world_size: int | None = None, sample_filter: SampleFilter | None = None,
-                      log_dir: str | Path | None = None) -> PretrainStream:
+def pretrain_pipeline(
+    urls: list[str] | str,
+    cfg: StreamConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sample_filter: SampleFilter | None = None,
+    log_dir: str | Path | None = None,
+) -> PretrainStream:
     """Pretraining stream (see module docstring); iterate it through a DataLoader with `batch_size=None`.
 
     Set `.epoch` before each epoch and `.start` (a `StreamStart`) to resume mid-epoch.
     """
-    return PretrainStream(urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter, log_dir=log_dir)
+    return PretrainStream(
+        urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter, log_dir=log_dir
+    )
 
 
-def eval_pipeline(urls: list[str] | str, cfg: StreamConfig, *, rank: int | None = None,
-                  world_size: int | None = None, sample_filter: SampleFilter | None = None,
-                  log_dir: str | Path | None = None, shard_sizes: list[int] | None = None) -> EvalStream:
+def eval_pipeline(
+    urls: list[str] | str,
+    cfg: StreamConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sample_filter: SampleFilter | None = None,
+    log_dir: str | Path | None = None,
+    shard_sizes: list[int] | None = None,
+) -> EvalStream:
     """Exact-once evaluation stream (see module docstring). `shard_sizes` default: index.json."""
-    return EvalStream(urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter,
-                      log_dir=log_dir, shard_sizes=shard_sizes)
+    return EvalStream(
+        urls,
+        cfg,
+        rank=rank,
+        world_size=world_size,
+        sample_filter=sample_filter,
+        log_dir=log_dir,
+        shard_sizes=shard_sizes,
+    )

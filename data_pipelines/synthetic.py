@@ -49,14 +49,40 @@ from data_pipelines.synth.voice import VOWELS, frame_envelope, synth_voice
 
 # The generator's parts, re-exported: `data_pipelines.synthetic` stays the one public import path.
 __all__ = [
-    "AAC_RATES", "CLASSES", "FACES", "FACE_GROUP", "FACE_SCALE", "HAIR", "SKIN", "VOICES", "VOICE_GROUP",
-    "VOICE_SCALE", "VOWELS", "SynthConfig", "caption", "clip_params", "frame_envelope", "generate", "main",
-    "make_clip", "render_face", "speaker_traits", "synth_voice", "write_mp4",
+    "AAC_RATES",
+    "CLASSES",
+    "FACES",
+    "FACE_GROUP",
+    "FACE_SCALE",
+    "HAIR",
+    "SKIN",
+    "VOICES",
+    "VOICE_GROUP",
+    "VOICE_SCALE",
+    "VOWELS",
+    "SynthConfig",
+    "caption",
+    "clip_params",
+    "frame_envelope",
+    "generate",
+    "main",
+    "make_clip",
+    "render_face",
+    "speaker_traits",
+    "synth_voice",
+    "write_mp4",
 ]
 
 
-def write_mp4(path: Path, frames: np.ndarray, wave: np.ndarray, fps: float, sr: int, codec: str = "libx264",
-              crf: int = 18) -> None:
+def write_mp4(
+    path: Path,
+    frames: np.ndarray,
+    wave: np.ndarray,
+    fps: float,
+    sr: int,
+    codec: str = "libx264",
+    crf: int = 18,
+) -> None:
     """frames (T, H, W, 3) uint8 RGB + wave (N,) float32 mono -> one mp4 (written to a temp name first)."""
     import av
 
@@ -98,8 +124,14 @@ def make_clip(cfg: SynthConfig, s: int, label: int, i: int, clips_dir: Path) -> 
     frames = render_face(spk, clip, mouth, cfg.frame_size, cfg.fps, cfg, rng)
     write_mp4(clips_dir / f"{key}.mp4", frames, wave, cfg.fps, cfg.sample_rate, cfg.video_codec, cfg.crf)
     text = caption(clip, np.random.default_rng([cfg.seed, 2, s, label, i]), cfg.caption_emotion_rate)
-    return {"key": key, "speaker": spk["speaker"], **clip, "mouth_envelope": mouth.round(4).tolist(),
-            "speaker_traits": spk, "caption": text}
+    return {
+        "key": key,
+        "speaker": spk["speaker"],
+        **clip,
+        "mouth_envelope": mouth.round(4).tolist(),
+        "speaker_traits": spk,
+        "caption": text,
+    }
 
 
 def _make_clip_job(job: tuple) -> dict:
@@ -114,8 +146,12 @@ def generate(out_dir: Path, cfg: SynthConfig | None = None, progress: bool = Fal
     out_dir = Path(out_dir)
     clips_dir = out_dir / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(cfg, s, c, i, clips_dir) for s in range(cfg.num_speakers) for c in range(len(CLASSES))
-            for i in range(cfg.clips_per_speaker_class)]
+    jobs = [
+        (cfg, s, c, i, clips_dir)
+        for s in range(cfg.num_speakers)
+        for c in range(len(CLASSES))
+        for i in range(cfg.clips_per_speaker_class)
+    ]
     # Auto: one process per core, but none for small jobs, where starting them costs more than it saves.
     workers = min(cfg.workers or min(os.cpu_count() or 1, 8, len(jobs) // 16), len(jobs))
     records = []
@@ -132,8 +168,17 @@ def generate(out_dir: Path, cfg: SynthConfig | None = None, progress: bool = Fal
                 bar.update()
 
     folds = speaker_folds([r["speaker"] for r in records], cfg.folds, seed=cfg.seed)
-    rows = [ManifestRow(key=r["key"], video=f"clips/{r['key']}.mp4", label=str(r["label"]),
-                        label_name=r["label_name"], speaker=r["speaker"], fold=folds[r["speaker"]]) for r in records]
+    rows = [
+        ManifestRow(
+            key=r["key"],
+            video=f"clips/{r['key']}.mp4",
+            label=str(r["label"]),
+            label_name=r["label_name"],
+            speaker=r["speaker"],
+            fold=folds[r["speaker"]],
+        )
+        for r in records
+    ]
     manifest = write_manifest(rows, out_dir / "manifest.csv")
     with (out_dir / "params.jsonl").open("w") as fp, (out_dir / "captions.jsonl").open("w") as fc:
         for r in records:
@@ -152,12 +197,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.config import ConfigError, load_config
 
-    p = argparse.ArgumentParser(prog="emomae synth", description="Generate the built-in procedural AV emotion "
-                                "dataset: mp4 clips, manifest.csv, params.jsonl, captions.jsonl (docs/synthetic.md).")
+    p = argparse.ArgumentParser(
+        prog="emomae synth",
+        description="Generate the built-in procedural AV emotion "
+        "dataset: mp4 clips, manifest.csv, params.jsonl, captions.jsonl (docs/synthetic.md).",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--config", type=Path, default=None, help="YAML with SynthConfig keys")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help=f"SynthConfig keys: {', '.join(SynthConfig.__dataclass_fields__)}")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"SynthConfig keys: {', '.join(SynthConfig.__dataclass_fields__)}",
+    )
     args = p.parse_args(argv)
     try:
         cfg = OmegaConf.to_object(load_config(SynthConfig, args.config, args.overrides))
@@ -168,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = generate(args.out, cfg, progress=True)
     took = time.perf_counter() - start
     n = cfg.num_speakers * len(CLASSES) * cfg.clips_per_speaker_class
-    print(f"wrote {n} clips ({cfg.num_speakers} speakers x {len(CLASSES)} classes x {cfg.clips_per_speaker_class}, "
-          f"{cfg.frame_size}px, {cfg.seconds:g} s) in {took:.1f} s ({n / took:.1f} clips/s): {manifest}")
+    print(
+        f"wrote {n} clips ({cfg.num_speakers} speakers x {len(CLASSES)} classes x {cfg.clips_per_speaker_class}, "
+        f"{cfg.frame_size}px, {cfg.seconds:g} s) in {took:.1f} s ({n / took:.1f} clips/s): {manifest}"
+    )
     return 0

@@ -71,7 +71,9 @@ def _text(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ShardReadError(f"{what} is not UTF-8 ({err.reason} at byte {err.start}): not a shard tar, or corrupt") from None
+        raise ShardReadError(
+            f"{what} is not UTF-8 ({err.reason} at byte {err.start}): not a shard tar, or corrupt"
+        ) from None
 
 
 def _pax_records(data: bytes) -> dict[str, str]:

@@ -52,8 +52,15 @@ class FeatureCache:
 
 
 @torch.inference_mode()
-def build_cache(encoder: torch.nn.Module, batches: Iterable[dict], modes: list[str], kind: str, task: str,
-                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> FeatureCache:
+def build_cache(
+    encoder: torch.nn.Module,
+    batches: Iterable[dict],
+    modes: list[str],
+    kind: str,
+    task: str,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> FeatureCache:
     """Encode every batch of an exact-once evaluation stream in each mode (av / audio / video); the
     batches are kept in loader-worker order (`batch["stream"]["worker"]`), which is shard order.
     `progress(n)` is told the windows of each batch. A rank's share may be empty: `join_caches`
@@ -71,16 +78,28 @@ def build_cache(encoder: torch.nn.Module, batches: Iterable[dict], modes: list[s
         for mode in modes:
             out = extract(encoder.forward_features(*drop_modality(video, fbank, mode)))
             features[mode] = {name: t.to("cpu", dtype) for name, t in out.items()}
-        encoded.append((batch.get("stream", {}).get("worker", 0), list(batch["key"]), list(batch["clip_key"]),
-                        batch_targets(batch, task).cpu().numpy(), features))
+        encoded.append(
+            (
+                batch.get("stream", {}).get("worker", 0),
+                list(batch["key"]),
+                list(batch["clip_key"]),
+                batch_targets(batch, task).cpu().numpy(),
+                features,
+            )
+        )
         if progress is not None:
             progress(len(batch["key"]))
     encoded.sort(key=lambda e: e[0])  # stable: each worker's batches stay in their order
     if not encoded:
         return FeatureCache([], [], np.zeros(0), {}, time.perf_counter() - start)
     features = {m: {n: torch.cat([e[4][m][n] for e in encoded]) for n in encoded[0][4][m]} for m in modes}
-    return FeatureCache([k for e in encoded for k in e[1]], [k for e in encoded for k in e[2]],
-                        np.concatenate([e[3] for e in encoded]), features, time.perf_counter() - start)
+    return FeatureCache(
+        [k for e in encoded for k in e[1]],
+        [k for e in encoded for k in e[2]],
+        np.concatenate([e[3] for e in encoded]),
+        features,
+        time.perf_counter() - start,
+    )
 
 
 def join_caches(parts: list[FeatureCache]) -> FeatureCache:
@@ -90,10 +109,17 @@ def join_caches(parts: list[FeatureCache]) -> FeatureCache:
         raise RuntimeError("the evaluation stream gave no samples to cache")
     if len(parts) == 1:
         return parts[0]
-    features = {m: {n: torch.cat([p.features[m][n] for p in parts]) for n in named}
-                for m, named in parts[0].features.items()}
-    return FeatureCache([k for p in parts for k in p.keys], [k for p in parts for k in p.clip_keys],
-                        np.concatenate([p.targets for p in parts]), features, max(p.seconds for p in parts))
+    features = {
+        m: {n: torch.cat([p.features[m][n] for p in parts]) for n in named}
+        for m, named in parts[0].features.items()
+    }
+    return FeatureCache(
+        [k for p in parts for k in p.keys],
+        [k for p in parts for k in p.clip_keys],
+        np.concatenate([p.targets for p in parts]),
+        features,
+        max(p.seconds for p in parts),
+    )
 
 
 def speaker_normalized(cache: FeatureCache, speakers: list[str], eps: float = 1e-6) -> FeatureCache:
@@ -128,8 +154,13 @@ def save_cache(cache: FeatureCache, path: Path) -> None:
     half-written cache (the .json, renamed last, marks it complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{m}.{n}": t.contiguous() for m, d in cache.features.items() for n, t in d.items()}
-    meta = {"keys": cache.keys, "clip_keys": cache.clip_keys, "targets": cache.targets.tolist(),
-            "seconds": cache.seconds, "modes": list(cache.features)}
+    meta = {
+        "keys": cache.keys,
+        "clip_keys": cache.clip_keys,
+        "targets": cache.targets.tolist(),
+        "seconds": cache.seconds,
+        "modes": list(cache.features),
+    }
     atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(flat, str(tmp)))
     write_json(path.with_suffix(".json"), meta, indent=None)
 
@@ -145,4 +176,6 @@ def load_cache(path: Path) -> FeatureCache | None:
     for name, t in flat.items():
         mode, key = name.split(".", 1)
         features.setdefault(mode, {})[key] = t
-    return FeatureCache(info["keys"], info["clip_keys"], np.asarray(info["targets"]), features, info["seconds"])
+    return FeatureCache(
+        info["keys"], info["clip_keys"], np.asarray(info["targets"]), features, info["seconds"]
+    )

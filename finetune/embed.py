@@ -30,22 +30,43 @@ from pretrain.encoders import normalize_video
 from pretrain.pooling import pool_tokens
 
 
-def clip_inputs(video: Path, spec: dict, max_windows: int | None = None,
-                allow_missing_audio: bool = False, face: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def clip_inputs(
+    video: Path,
+    spec: dict,
+    max_windows: int | None = None,
+    allow_missing_audio: bool = False,
+    face: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Decode a clip -> uint8 video `(W, T, 3, S, S)`, normalised fbank `(W, F, M)` (one row per
     window) and whether it has audio (False only for a clip without any, when allowed). The face step
     is the one the export's `input.face` records (the training shards'); `face="auto"|"none"` overrides it."""
-    sampling = SamplingConfig(num_frames=spec["num_frames"], frame_stride=spec["frame_stride"],
-                              img_size=spec["img_size"], max_windows=max_windows, sample_rate=spec["sample_rate"])
-    face_step = face_config_of_spec(spec.get("face") if face is None else {**(spec.get("face") or {}), "mode": face})
+    sampling = SamplingConfig(
+        num_frames=spec["num_frames"],
+        frame_stride=spec["frame_stride"],
+        img_size=spec["img_size"],
+        max_windows=max_windows,
+        sample_rate=spec["sample_rate"],
+    )
+    face_step = face_config_of_spec(
+        spec.get("face") if face is None else {**(spec.get("face") or {}), "mode": face}
+    )
     clip = decode_clip(Path(video), sampling, allow_missing_audio=allow_missing_audio, face=face_step)
     fb = spec["fbank"]
-    fbank_cfg = FbankConfig(sample_rate=spec["sample_rate"], mel_bins=fb["mel_bins"], fbank_frames=fb["fbank_frames"],
-                            mean=fb["mean"], std=fb["std"])
+    fbank_cfg = FbankConfig(
+        sample_rate=spec["sample_rate"],
+        mel_bins=fb["mel_bins"],
+        fbank_frames=fb["fbank_frames"],
+        mean=fb["mean"],
+        std=fb["std"],
+    )
     frames = torch.stack([torch.from_numpy(w.frames).permute(0, 3, 1, 2) for w in clip.windows])
     # The fbank of the real audio only, zero-padded after (HiCMAE; `samples.real_samples` does the same).
-    fbank = torch.stack([waveform_to_fbank(torch.from_numpy(w.audio[: len(w.audio) - w.audio_padded]), fbank_cfg)
-                         for w in clip.windows])
+    fbank = torch.stack(
+        [
+            waveform_to_fbank(torch.from_numpy(w.audio[: len(w.audio) - w.audio_padded]), fbank_cfg)
+            for w in clip.windows
+        ]
+    )
     return frames, fbank, not clip.audio_missing
 
 
@@ -58,18 +79,33 @@ def blank_missing_audio(fbank: torch.Tensor, audio_present: torch.Tensor | None)
 
 
 @torch.inference_mode()
-def window_embeddings(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor,
-                      audio_present: torch.Tensor | None = None) -> torch.Tensor:
+def window_embeddings(
+    encoder: torch.nn.Module,
+    video: torch.Tensor,
+    fbank: torch.Tensor,
+    audio_present: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 video `(W, T, 3, S, S)`, normalised fbank `(W, F, M)`, `audio_present` `(W,)` bool or
     None (all have audio) -> one embedding `(W, 4 D)` per window."""
     fbank = blank_missing_audio(fbank.float(), audio_present)
     pooled = pool_tokens(encoder.forward_features(normalize_video(video), fbank))
-    return torch.cat([pooled["video_layers"].mean(1), pooled["audio_layers"].mean(1),
-                      pooled["fused_video"], pooled["fused_audio"]], dim=-1)
+    return torch.cat(
+        [
+            pooled["video_layers"].mean(1),
+            pooled["audio_layers"].mean(1),
+            pooled["fused_video"],
+            pooled["fused_audio"],
+        ],
+        dim=-1,
+    )
 
 
-def embed_clip(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor,
-               audio_present: torch.Tensor | None = None) -> np.ndarray:
+def embed_clip(
+    encoder: torch.nn.Module,
+    video: torch.Tensor,
+    fbank: torch.Tensor,
+    audio_present: torch.Tensor | None = None,
+) -> np.ndarray:
     """The clip embedding `(4 D,)` float32: the mean of its `window_embeddings`."""
     return window_embeddings(encoder, video, fbank, audio_present).mean(0).numpy().astype(np.float32)
 
@@ -86,16 +122,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--encoder", required=True, help="export folder written by `emomae export`")
     parser.add_argument("--out", help="save the embedding as .npy instead of printing it")
     parser.add_argument("--max-windows", type=int, default=None, help="windows per clip (default: all)")
-    parser.add_argument("--allow-missing-audio", action="store_true",
-                        help="embed a video without any audio with its audio input blanked (as the shards do)")
-    parser.add_argument("--face", choices=("auto", "none"), default=None,
-                        help="crop the face (auto) or not (none); default: what the export's input.face records")
+    parser.add_argument(
+        "--allow-missing-audio",
+        action="store_true",
+        help="embed a video without any audio with its audio input blanked (as the shards do)",
+    )
+    parser.add_argument(
+        "--face",
+        choices=("auto", "none"),
+        default=None,
+        help="crop the face (auto) or not (none); default: what the export's input.face records",
+    )
     args = parser.parse_args(argv)
     try:
         spec = read_export_config(args.encoder)["input"]
         encoder = load_encoder(args.encoder)
-        video, fbank, has_audio = clip_inputs(Path(args.video), spec, args.max_windows, args.allow_missing_audio,
-                                              args.face)
+        video, fbank, has_audio = clip_inputs(
+            Path(args.video), spec, args.max_windows, args.allow_missing_audio, args.face
+        )
     except (ExportError, DecodeError, FaceModelError) as err:
         print(f"emomae embed: {err}", file=sys.stderr)
         return 1

@@ -77,13 +77,17 @@ def encoder_state(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, 
             out[name[len(ENCODER_PREFIX) :]] = t.float() if t.is_floating_point() else t
     if not out:
         sample = sorted(state_dict)[:5]
-        raise ExportError(f"{where}: no weights under {ENCODER_PREFIX!r} (found e.g. {sample}); is this an emomae pretraining checkpoint?")
+        raise ExportError(
+            f"{where}: no weights under {ENCODER_PREFIX!r} (found e.g. {sample}); is this an emomae pretraining checkpoint?"
+        )
     return out
 
 
 def _no_ema(where: Path) -> ExportError:
-    return ExportError(f"{where}: --ema asks for the EMA weights, but there is no checkpoint[{EMA_KEY!r}] "
-                       "(the run had optim.ema=false); export without --ema to take the trained weights")
+    return ExportError(
+        f"{where}: --ema asks for the EMA weights, but there is no checkpoint[{EMA_KEY!r}] "
+        "(the run had optim.ema=false); export without --ema to take the trained weights"
+    )
 
 
 def _read_lightning(path: Path, ema: bool) -> tuple[dict, dict, bool]:
@@ -95,7 +99,9 @@ def _read_lightning(path: Path, ema: bool) -> tuple[dict, dict, bool]:
         raise ExportError(f"{path}: not a Lightning checkpoint (no 'state_dict' key)")
     meta = ckpt.get("emomae")
     if not isinstance(meta, dict) or "model" not in meta:
-        raise ExportError(f"{path}: no checkpoint['emomae']['model'] (the ModelConfig); was it written by `emomae pretrain`?")
+        raise ExportError(
+            f"{path}: no checkpoint['emomae']['model'] (the ModelConfig); was it written by `emomae pretrain`?"
+        )
     averaged = ckpt.get(EMA_KEY)
     if not ema:
         return encoder_state(ckpt["state_dict"], str(path)), meta, isinstance(averaged, dict)
@@ -111,7 +117,9 @@ def _read_deepspeed(path: Path, ema: bool) -> tuple[dict, dict, bool]:
     where the EMA weights are too (whole tensors: EMA runs under ZeRO-2 only, pretrain/train.py: check)."""
     tag_file = path / "latest"
     if not tag_file.is_file():
-        raise ExportError(f"{path}: a DeepSpeed checkpoint directory needs a 'latest' file naming its tag folder")
+        raise ExportError(
+            f"{path}: a DeepSpeed checkpoint directory needs a 'latest' file naming its tag folder"
+        )
     tag = tag_file.read_text().strip()
     client, client_file = _client_state(path, tag)
     averaged = client.get(EMA_KEY)
@@ -125,7 +133,9 @@ def _read_deepspeed(path: Path, ema: bool) -> tuple[dict, dict, bool]:
         # DeepSpeed's converter unpickles its own shard files: only export checkpoints you trained
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise ExportError(f"{path}: DeepSpeed could not consolidate the ZeRO checkpoint {tag!r}: {err}") from err
+        raise ExportError(
+            f"{path}: DeepSpeed could not consolidate the ZeRO checkpoint {tag!r}: {err}"
+        ) from err
     return encoder_state(state, str(path)), _deepspeed_meta(path, tag, client), isinstance(averaged, dict)
 
 
@@ -179,7 +189,9 @@ def build_encoder(model_cfg: dict, where: str = "config"):
     from pretrain.encoders import AVEncoder, ModelConfig
 
     if not isinstance(model_cfg, dict):
-        raise ExportError(f"{where}: 'architecture' must be a mapping of ModelConfig fields, got {type(model_cfg).__name__}")
+        raise ExportError(
+            f"{where}: 'architecture' must be a mapping of ModelConfig fields, got {type(model_cfg).__name__}"
+        )
     try:
         cfg = ModelConfig.from_dict(model_cfg)
         return AVEncoder(cfg), cfg
@@ -192,8 +204,11 @@ def load_weights(encoder: torch.nn.Module, state: dict[str, torch.Tensor], where
     own = encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
@@ -232,7 +247,9 @@ def input_spec(run_config: dict | None, model_cfg: dict, frame_stride: int = 4) 
         },
         "video_mean": list(IMAGENET_MEAN),
         "video_std": list(IMAGENET_STD),
-        "face": face_spec(Path(str(data.get("shards") or ""))),  # the shards' face step (face=auto), which `emomae embed` repeats
+        "face": face_spec(
+            Path(str(data.get("shards") or ""))
+        ),  # the shards' face step (face=auto), which `emomae embed` repeats
     }
 
 
@@ -277,17 +294,28 @@ def choose_frame_stride(run_config: dict | None, given: int | None, checkpoint: 
             raise FrameStrideUnknown(
                 f"{checkpoint}: the frame stride of the shards this run trained on is not recorded in the checkpoint "
                 "and their index.json / provenance.json cannot be read from here; pass --frame-stride N (the "
-                "`frame_stride` of `emomae shards`, 4 by default: frames 4 steps apart on the 25 fps grid)")
+                "`frame_stride` of `emomae shards`, 4 by default: frames 4 steps apart on the 25 fps grid)"
+            )
         return given
     stride, where = found
     if given is not None and given != stride:
-        raise ExportError(f"{checkpoint}: --frame-stride {given} disagrees with frame_stride={stride} of the "
-                          f"shards the run trained on ({where}); leave --frame-stride out")
+        raise ExportError(
+            f"{checkpoint}: --frame-stride {given} disagrees with frame_stride={stride} of the "
+            f"shards the run trained on ({where}); leave --frame-stride out"
+        )
     return stride
 
 
-def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: str | Path, source: str,
-                extra: dict | None = None, layout: str = "emomae", card_note: str | None = None) -> Path:
+def save_export(
+    encoder: torch.nn.Module,
+    model_cfg: dict,
+    spec: dict,
+    out_dir: str | Path,
+    source: str,
+    extra: dict | None = None,
+    layout: str = "emomae",
+    card_note: str | None = None,
+) -> Path:
     """Write `encoder.safetensors`, `config.json` and `MODEL_CARD.md` into `out_dir` (`layout="emomae"`),
     or the Hugging Face layout `model.safetensors`, `config.json` and `README.md` (the same card under
     a YAML front matter block; `extra["license"]` becomes its `license:`) with `layout="hf"`.
@@ -299,8 +327,12 @@ def save_export(encoder: torch.nn.Module, model_cfg: dict, spec: dict, out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     weights = out / WEIGHTS_FILES[layout]
-    write_shared(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "emomae-encoder",
-                                                                          "version": str(FORMAT_VERSION)}))
+    write_shared(
+        weights,
+        lambda tmp: save_file(
+            state, str(tmp), metadata={"format": "emomae-encoder", "version": str(FORMAT_VERSION)}
+        ),
+    )
     n_params = sum(v.numel() for v in state.values())
     config = {
         "format": "emomae-encoder",
@@ -324,6 +356,7 @@ def write_shared(path: Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` a temporary file beside `path`, make it FILE_MODE, then rename it into place: an
     export folder never holds a half-written file, nor one only its owner can read (safetensors
     creates its files 0600), even when a later file of the export fails."""
+
     def write_readable(tmp: Path) -> None:
         write(tmp)
         os.chmod(tmp, FILE_MODE)
@@ -344,14 +377,16 @@ def model_card(config: dict, card_note: str | None = None, layout: str = "emomae
     arch, spec = config["architecture"], config["input"]
     fb = spec["fbank"]
     arch_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in arch.items())
-    load_line = ('encoder = load_encoder("user/repo-id")      # a hub id (needs huggingface_hub) or a local folder'
-                 if layout == "hf" else
-                 'encoder = load_encoder("path/to/this/folder")      # plain torch, weights from safetensors')
+    load_line = (
+        'encoder = load_encoder("user/repo-id")      # a hub id (needs huggingface_hub) or a local folder'
+        if layout == "hf"
+        else 'encoder = load_encoder("path/to/this/folder")      # plain torch, weights from safetensors'
+    )
     source = f"## Source\n\n{card_note.strip()}\n\n" if card_note and card_note.strip() else ""
     return f"""# emomae audio-visual emotion encoder
 
 Self-supervised audio-visual encoder (masked AV autoencoder with hierarchical contrastive losses, HiCMAE
-family), exported from `{config['source']}`; {config['num_parameters'] / 1e6:.2f} M parameters.
+family), exported from `{config["source"]}`; {config["num_parameters"] / 1e6:.2f} M parameters.
 Only the encoders are kept (video ViT, audio ViT, fusion encoder); decoders are dropped.
 
 ## Use
@@ -367,10 +402,10 @@ out = encoder.forward_features(video, fbank)      # video (B, T, 3, H, W) normal
 
 ## Input
 
-- video: {spec['num_frames']} frames, {spec['frame_stride']} steps apart on a 25 fps grid, {spec['img_size']} x {spec['img_size']} RGB face crops,
-  uint8 -> [0, 1] -> `(x - mean) / std` with mean {spec['video_mean']}, std {spec['video_std']}.
-- audio: {spec['sample_rate']} Hz mono over the same span, Kaldi fbank ({fb.get('mel_bins')} mel bins, {fb.get('frame_length')} ms window,
-  {fb.get('frame_shift')} ms shift), padded/cut to {fb.get('fbank_frames')} frames, normalised `(x - {fb.get('mean')}) / (2 * {fb.get('std')})`.
+- video: {spec["num_frames"]} frames, {spec["frame_stride"]} steps apart on a 25 fps grid, {spec["img_size"]} x {spec["img_size"]} RGB face crops,
+  uint8 -> [0, 1] -> `(x - mean) / std` with mean {spec["video_mean"]}, std {spec["video_std"]}.
+- audio: {spec["sample_rate"]} Hz mono over the same span, Kaldi fbank ({fb.get("mel_bins")} mel bins, {fb.get("frame_length")} ms window,
+  {fb.get("frame_shift")} ms shift), padded/cut to {fb.get("fbank_frames")} frames, normalised `(x - {fb.get("mean")}) / (2 * {fb.get("std")})`.
 
 ## Architecture (`config.json` -> `architecture`)
 
@@ -387,8 +422,12 @@ pretraining data carry their demographic skew; evaluate per group before deploym
 
 def is_hub_id(source: str | Path) -> bool:
     """A string (not a Path) naming no existing file or folder, shaped like `user/repo`."""
-    return (isinstance(source, str) and HUB_ID.fullmatch(source) is not None and not Path(source).exists()
-            and not any(part in (".", "..") for part in source.split("/")))
+    return (
+        isinstance(source, str)
+        and HUB_ID.fullmatch(source) is not None
+        and not Path(source).exists()
+        and not any(part in (".", "..") for part in source.split("/"))
+    )
 
 
 def resolve_export_dir(source: str | Path) -> Path:
@@ -422,8 +461,10 @@ def weights_file(export_dir: str | Path) -> Path:
     for name in (WEIGHTS_FILES["emomae"], WEIGHTS_FILES["hf"]):
         if (export_dir / name).is_file():
             return export_dir / name
-    raise ExportError(f"{export_dir}: encoder.safetensors is missing (nor is there a model.safetensors, "
-                      "the Hugging Face layout)")
+    raise ExportError(
+        f"{export_dir}: encoder.safetensors is missing (nor is there a model.safetensors, "
+        "the Hugging Face layout)"
+    )
 
 
 def read_export_config(export_dir: str | Path) -> dict:
@@ -456,8 +497,13 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu"):
     return encoder.to(device).eval()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", ema: bool = False,
-           frame_stride: int | None = None) -> Path:
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    layout: str = "emomae",
+    ema: bool = False,
+    frame_stride: int | None = None,
+) -> Path:
     """Checkpoint (Lightning file or DeepSpeed dir) -> export folder in `layout` ("emomae" or "hf");
     checks the weights fit. `ema`: export the EMA weights (config.json gets `"weights": "ema"`); without
     it, a checkpoint that has them gets a one-line note on stdout. `frame_stride`: the shards' frame
@@ -475,11 +521,21 @@ def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", 
     if ema:
         decay = ((meta.get("config") or {}).get("optim") or {}).get("ema_decay")
         extra = {"weights": "ema"}
-        card_note = (f"The weights are the exponential moving average of the training weights"
-                     f"{f' (decay {decay})' if decay is not None else ''}, `checkpoint[{EMA_KEY!r}]`, "
-                     "exported with `emomae export --ema`.")
-    out = save_export(encoder, model_cfg, spec, out_dir, source=Path(checkpoint).name, extra=extra, layout=layout,
-                      card_note=card_note)
+        card_note = (
+            f"The weights are the exponential moving average of the training weights"
+            f"{f' (decay {decay})' if decay is not None else ''}, `checkpoint[{EMA_KEY!r}]`, "
+            "exported with `emomae export --ema`."
+        )
+    out = save_export(
+        encoder,
+        model_cfg,
+        spec,
+        out_dir,
+        source=Path(checkpoint).name,
+        extra=extra,
+        layout=layout,
+        card_note=card_note,
+    )
     from finetune.zeroshot import TEXT_HEADS_FILE, export_text_heads
 
     if export_text_heads(checkpoint, out):  # stage-2 (inject) runs: the projection heads zero-shot needs
@@ -490,20 +546,36 @@ def export(checkpoint: str | Path, out_dir: str | Path, layout: str = "emomae", 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="emomae export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
-    parser.add_argument("out_dir", help="folder to write encoder.safetensors, config.json, MODEL_CARD.md into "
-                                            "(with --layout hf: model.safetensors, config.json, README.md)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="emomae",
-                        help="emomae (default) or hf: the Hugging Face hub layout, ready to upload")
-    parser.add_argument("--ema", action="store_true",
-                        help="export the EMA weights (checkpoint['ema_state_dict'], runs with optim.ema=true)")
-    parser.add_argument("--frame-stride", type=int, metavar="N",
-                        help="frame stride of the shards the run trained on (`emomae shards frame_stride=`), for "
-                             "checkpoints that do not record it when their shards' index.json is out of reach")
+    parser.add_argument(
+        "out_dir",
+        help="folder to write encoder.safetensors, config.json, MODEL_CARD.md into "
+        "(with --layout hf: model.safetensors, config.json, README.md)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="emomae",
+        help="emomae (default) or hf: the Hugging Face hub layout, ready to upload",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="export the EMA weights (checkpoint['ema_state_dict'], runs with optim.ema=true)",
+    )
+    parser.add_argument(
+        "--frame-stride",
+        type=int,
+        metavar="N",
+        help="frame stride of the shards the run trained on (`emomae shards frame_stride=`), for "
+        "checkpoints that do not record it when their shards' index.json is out of reach",
+    )
     args = parser.parse_args(argv)
     if args.frame_stride is not None and args.frame_stride < 1:
         parser.error(f"--frame-stride must be >= 1, got {args.frame_stride}")
     try:
-        out = export(args.checkpoint, args.out_dir, layout=args.layout, ema=args.ema, frame_stride=args.frame_stride)
+        out = export(
+            args.checkpoint, args.out_dir, layout=args.layout, ema=args.ema, frame_stride=args.frame_stride
+        )
     except ExportError as err:
         print(f"emomae export: {err}", file=sys.stderr)
         return 2 if isinstance(err, FrameStrideUnknown) else 1

@@ -69,14 +69,18 @@ class FeatureFusionHead(nn.Module):
     token-means differ in scale by orders of magnitude across dimensions and layers.
     """
 
-    def __init__(self, dim: int, num_video_layers: int, num_audio_layers: int, num_outputs: int, dropout: float = 0.0):
+    def __init__(
+        self, dim: int, num_video_layers: int, num_audio_layers: int, num_outputs: int, dropout: float = 0.0
+    ):
         super().__init__()
-        self.standardize = nn.ModuleDict({
-            "video_layers": FeatureStandardizer((num_video_layers, dim)),
-            "audio_layers": FeatureStandardizer((num_audio_layers, dim)),
-            "fused_video": FeatureStandardizer((dim,)),
-            "fused_audio": FeatureStandardizer((dim,)),
-        })
+        self.standardize = nn.ModuleDict(
+            {
+                "video_layers": FeatureStandardizer((num_video_layers, dim)),
+                "audio_layers": FeatureStandardizer((num_audio_layers, dim)),
+                "fused_video": FeatureStandardizer((dim,)),
+                "fused_audio": FeatureStandardizer((dim,)),
+            }
+        )
         # zeros -> softmax gives the uniform start of the reference
         self.video_layer_weights = nn.Parameter(torch.zeros(num_video_layers))
         self.audio_layer_weights = nn.Parameter(torch.zeros(num_audio_layers))
@@ -149,8 +153,15 @@ class AVMixup:
     smoothing) for classification and are blended for regression.
     """
 
-    def __init__(self, mixup: float, cutmix: float, prob: float, switch_prob: float, smoothing: float,
-                 num_classes: int | None):
+    def __init__(
+        self,
+        mixup: float,
+        cutmix: float,
+        prob: float,
+        switch_prob: float,
+        smoothing: float,
+        num_classes: int | None,
+    ):
         self.mixup, self.cutmix, self.prob, self.switch_prob = mixup, cutmix, prob, switch_prob
         self.smoothing, self.num_classes = smoothing, num_classes
 
@@ -158,7 +169,9 @@ class AVMixup:
     def active(self) -> bool:
         return self.prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
-    def __call__(self, video: torch.Tensor, fbank: torch.Tensor, target: torch.Tensor, generator: np.random.Generator):
+    def __call__(
+        self, video: torch.Tensor, fbank: torch.Tensor, target: torch.Tensor, generator: np.random.Generator
+    ):
         """video `(B, T, C, H, W)` float, fbank `(B, F, M)`, target `(B,)` int or `(B, K)` float ->
         mixed video, fbank and target (`(B, num_classes)` soft labels or `(B, K)`)."""
         lam, use_cutmix = 1.0, False
@@ -210,8 +223,9 @@ def drop_modality(video: torch.Tensor, fbank: torch.Tensor, modality) -> tuple[t
     return zero_rows(video, modes != "audio"), zero_rows(fbank, modes != "video")
 
 
-def drop_modality_per_sample(video: torch.Tensor, fbank: torch.Tensor, prob: float,
-                              generator: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_modality_per_sample(
+    video: torch.Tensor, fbank: torch.Tensor, prob: float, generator: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Modality dropout: each sample loses one of its two normalised inputs (zeroed, as at a
     missing-modality evaluation) with probability `prob`, audio or video equally likely. A model
     trained this way has seen both single-modality inputs, so its audio-only and video-only figures
@@ -255,8 +269,13 @@ def encoder_layer_id(name: str, depth: int, fusion_depth: int) -> int:
 
 
 def layer_decay_param_groups(
-    encoder: nn.Module, head: nn.Module, depth: int, fusion_depth: int, layer_decay: float,
-    weight_decay: float, no_weight_decay: set[str] = frozenset(),
+    encoder: nn.Module,
+    head: nn.Module,
+    depth: int,
+    fusion_depth: int,
+    layer_decay: float,
+    weight_decay: float,
+    no_weight_decay: set[str] = frozenset(),
 ) -> list[dict]:
     """AdamW groups with `lr_scale = layer_decay ** (top - layer_id)`; no weight decay on 1-D
     parameters, biases and the names in `no_weight_decay`. The head sits at the top (scale 1) in
@@ -265,12 +284,23 @@ def layer_decay_param_groups(
     groups: dict[tuple[int, bool, bool], dict] = {}
 
     def add(name: str, param: nn.Parameter, layer: int, is_head: bool = False) -> None:
-        decay = param.ndim > 1 and not name.endswith(".bias") and name.split(".")[-1] not in no_weight_decay \
+        decay = (
+            param.ndim > 1
+            and not name.endswith(".bias")
+            and name.split(".")[-1] not in no_weight_decay
             and name not in no_weight_decay
-        group = groups.setdefault((layer, is_head, decay), {
-            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (top - layer), "layer_id": layer, "head": is_head,
-        })
+        )
+        group = groups.setdefault(
+            (layer, is_head, decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": layer_decay ** (top - layer),
+                "layer_id": layer,
+                "head": is_head,
+            },
+        )
         group["params"].append(param)
         group["names"].append(name)
 

@@ -86,7 +86,9 @@ def batch_targets(batch: dict, task: str) -> torch.Tensor:
     return batch["label"].long()
 
 
-def task_loss(task: str, loss: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+def task_loss(
+    task: str, loss: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy (hard or soft targets) for classification; CCC or MSE for regression."""
     if task == "classification":
         if target.ndim == 2:
@@ -97,8 +99,14 @@ def task_loss(task: str, loss: str, logits: torch.Tensor, target: torch.Tensor, 
     return F.mse_loss(logits.float(), target)
 
 
-def evaluate(scores: np.ndarray, targets: np.ndarray, clip_keys: list[str], task: str, classes: list[str],
-             target_names: list[str] | None = None) -> dict:
+def evaluate(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    clip_keys: list[str],
+    task: str,
+    classes: list[str],
+    target_names: list[str] | None = None,
+) -> dict:
     """Clip-level metrics: window scores (softmax or regression outputs) averaged per clip first."""
     _, clip_scores, clip_targets = average_clips(clip_keys, scores, targets)
     if task == "classification":
@@ -152,7 +160,9 @@ def frozen_then(factor: Callable[[int], float], frozen_steps: int) -> Callable[[
     return lambda step: 0.0 if step < frozen_steps else factor(step - frozen_steps)
 
 
-def build_optimizer(groups: list[dict], recipe, peak_lr: float, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+def build_optimizer(
+    groups: list[dict], recipe, peak_lr: float, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """`pretrain.optim.adamw_with_schedule` over parameter groups carrying `lr_scale` (layer decay),
     per-step warm-up + cosine.
     With `recipe.freeze_epochs` (LP-FT) the encoder groups keep lr 0 while the head trains alone,
@@ -184,12 +194,17 @@ class FullFinetuneModel(nn.Module):
         video and audio encoders run once on the batch and once on a single blank (zeroed) input,
         and only the fusion encoder and the head run three times."""
         video_layers, audio_layers = self.encoder.encode_unimodal(video, fbank)
-        blank_video, blank_audio = self.encoder.encode_unimodal(torch.zeros_like(video[:1]), torch.zeros_like(fbank[:1]))
+        blank_video, blank_audio = self.encoder.encode_unimodal(
+            torch.zeros_like(video[:1]), torch.zeros_like(fbank[:1])
+        )
         batch = video.shape[0]
         blank_video = [x.expand(batch, -1, -1) for x in blank_video]
         blank_audio = [x.expand(batch, -1, -1) for x in blank_audio]
-        pairs = {"av": (video_layers, audio_layers), "audio": (blank_video, audio_layers),
-                 "video": (video_layers, blank_audio)}
+        pairs = {
+            "av": (video_layers, audio_layers),
+            "audio": (blank_video, audio_layers),
+            "video": (video_layers, blank_audio),
+        }
         return {m: self.head(pool_tokens(self.encoder.fuse(v, a))) for m, (v, a) in pairs.items()}
 
 
@@ -197,16 +212,31 @@ class FinetuneModule(pl.LightningModule):
     """Training step with AV mixup/cutmix, layer-wise lr decay, per-epoch validation AND test
     evaluation (dataloader 0 = validation split of training speakers, 1 = test fold)."""
 
-    def __init__(self, model: FullFinetuneModel, task: str, classes: list[str], target_names: list[str],
-                 recipe, peak_lr: float, steps_per_epoch: int, seed: int = 0):
+    def __init__(
+        self,
+        model: FullFinetuneModel,
+        task: str,
+        classes: list[str],
+        target_names: list[str],
+        recipe,
+        peak_lr: float,
+        steps_per_epoch: int,
+        seed: int = 0,
+    ):
         super().__init__()
         # train mode before fit: Lightning checks (and warns about) module modes before on_train_start
         self.model = model.train()
         self.task, self.classes, self.target_names = task, list(classes), list(target_names)
         self.recipe, self.peak_lr, self.steps_per_epoch = recipe, peak_lr, steps_per_epoch
         num_classes = len(classes) if task == "classification" else None
-        self.mixup = AVMixup(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.switch_prob,
-                             recipe.label_smoothing, num_classes)
+        self.mixup = AVMixup(
+            recipe.mixup,
+            recipe.cutmix,
+            recipe.mix_prob,
+            recipe.switch_prob,
+            recipe.label_smoothing,
+            num_classes,
+        )
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.tracker = SelectionTracker(selection_metric(task))
@@ -234,13 +264,17 @@ class FinetuneModule(pl.LightningModule):
         weight = self.recipe.unimodal_loss
         if weight > 0:
             logits = self.model.forward_modalities(video, fbank)
-            losses = {m: task_loss(self.task, self.recipe.loss, x, mixed, self.recipe.label_smoothing)
-                      for m, x in logits.items()}
+            losses = {
+                m: task_loss(self.task, self.recipe.loss, x, mixed, self.recipe.label_smoothing)
+                for m, x in logits.items()
+            }
             loss = (losses["av"] + weight * (losses["audio"] + losses["video"])) / (1 + 2 * weight)
             for m in ("audio", "video"):
                 self.log(f"train/loss_{m}", losses[m], batch_size=video.shape[0])
         else:
-            loss = task_loss(self.task, self.recipe.loss, self.model(video, fbank), mixed, self.recipe.label_smoothing)
+            loss = task_loss(
+                self.task, self.recipe.loss, self.model(video, fbank), mixed, self.recipe.label_smoothing
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=video.shape[0])
         return loss
 
@@ -268,33 +302,52 @@ class FinetuneModule(pl.LightningModule):
         metric = self.tracker.metric
         self.tracker.update(self.current_epoch, results["val"], results["test"], self.model.state_dict)
         # the figures are the gathered ones, equal on every rank: sync_dist only tells Lightning so
-        self.log_dict({f"val/{metric}": results["val"][metric], f"test/{metric}": results["test"][metric]},
-                      sync_dist=True)
+        self.log_dict(
+            {f"val/{metric}": results["val"][metric], f"test/{metric}": results["test"][metric]},
+            sync_dist=True,
+        )
 
     def configure_optimizers(self):
         enc_cfg = self.model.encoder.cfg
         groups = layer_decay_param_groups(
-            self.model.encoder, self.model.head, enc_cfg.depth, enc_cfg.fusion_depth,
-            self.recipe.layer_decay, self.recipe.weight_decay, self.model.encoder.no_weight_decay(),
+            self.model.encoder,
+            self.model.head,
+            enc_cfg.depth,
+            enc_cfg.fusion_depth,
+            self.recipe.layer_decay,
+            self.recipe.weight_decay,
+            self.model.encoder.no_weight_decay(),
         )
         optimizer, scheduler = build_optimizer(groups, self.recipe, self.peak_lr, self.steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 @torch.inference_mode()
-def predict(model: Callable[..., torch.Tensor], batches: Iterable[dict], task: str, modality: str,
-            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict(
+    model: Callable[..., torch.Tensor],
+    batches: Iterable[dict],
+    task: str,
+    modality: str,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Window-level scores of a full model over an evaluation stream: (scores, targets, clip_keys).
     On several ranks each scores its share of the stream and all get every rank's windows."""
     parts = []
     for batch in batches:
         video = normalize_video(batch["video"].to(device))
         out = model(video, batch["fbank"].to(device).float(), modality).float()
-        parts.append(((out.softmax(-1) if task == "classification" else out).cpu().numpy(),
-                      batch_targets(batch, task).cpu().numpy(), list(batch["clip_key"])))
+        parts.append(
+            (
+                (out.softmax(-1) if task == "classification" else out).cpu().numpy(),
+                batch_targets(batch, task).cpu().numpy(),
+                list(batch["clip_key"]),
+            )
+        )
     parts = all_ranks(parts)
     if not parts:
         raise RuntimeError("the evaluation stream gave no windows to score")
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            [k for p in parts for k in p[2]])
-
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        [k for p in parts for k in p[2]],
+    )

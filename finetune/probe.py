@@ -47,7 +47,9 @@ def fold_indices(cache: FeatureCache, split: FoldSplit, clip_meta: dict[str, dic
     return {k: np.asarray(v) for k, v in parts.items()}
 
 
-def _scores(head: torch.nn.Module, feats: dict[str, torch.Tensor], task: str, batch: int = 1024) -> np.ndarray:
+def _scores(
+    head: torch.nn.Module, feats: dict[str, torch.Tensor], task: str, batch: int = 1024
+) -> np.ndarray:
     n = next(iter(feats.values())).shape[0]
     outs = []
     with torch.inference_mode():
@@ -72,8 +74,17 @@ def _average_gradients(head: torch.nn.Module, world_size: int) -> None:
         p.grad = g.view_as(p)
 
 
-def _fit(head: torch.nn.Module, feats: dict[str, torch.Tensor], targets: torch.Tensor, recipe, task: str,
-         seed: int, after_epoch: Callable[[int, float], None], rank: int = 0, world_size: int = 1) -> None:
+def _fit(
+    head: torch.nn.Module,
+    feats: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    recipe,
+    task: str,
+    seed: int,
+    after_epoch: Callable[[int, float], None],
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
     """AdamW + warm-up/cosine over `recipe.epochs` on in-memory features `(N, ...)`; after every epoch
     `after_epoch(epoch, mean training loss)` runs with the head in eval mode.
 
@@ -146,9 +157,18 @@ class PickedEpoch(SelectionTracker):
         return self.history[self.picked] if len(self.history) > self.picked else None
 
 
-def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.ndarray], recipe, task: str,
-                classes: list[str], target_names: list[str], modalities: list[str], seed: int = 0,
-                on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+def train_probe(
+    head: torch.nn.Module,
+    cache: FeatureCache,
+    index: dict[str, np.ndarray],
+    recipe,
+    task: str,
+    classes: list[str],
+    target_names: list[str],
+    modalities: list[str],
+    seed: int = 0,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train `head` on the fold's training windows, pick the epoch on validation clips, and return the
     fold's results with the selected epoch's test metrics for every modality.
 
@@ -174,8 +194,14 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
 
     def score(part: str, feats: dict[str, torch.Tensor]) -> dict:
         idx = index[part]
-        return evaluate(_scores(head, feats, task), cache.targets[idx], [cache.clip_keys[i] for i in idx],
-                        task, classes, target_names)
+        return evaluate(
+            _scores(head, feats, task),
+            cache.targets[idx],
+            [cache.clip_keys[i] for i in idx],
+            task,
+            classes,
+            target_names,
+        )
 
     train, metric = index["train"], selection_metric(task)
     ranks = {"rank": rank, "world_size": world_size}
@@ -185,7 +211,14 @@ def train_probe(head: torch.nn.Module, cache: FeatureCache, index: dict[str, np.
         def select(e: int, loss: float) -> None:
             tracker.update(e, score("val", views["val"]), score("test", views["test"]), head.state_dict)
             last = tracker.history[-1]
-            report(e, {"train_loss": loss, f"val_{metric}": last["val"][metric], f"test_{metric}": last["test"][metric]})
+            report(
+                e,
+                {
+                    "train_loss": loss,
+                    f"val_{metric}": last["val"][metric],
+                    f"test_{metric}": last["test"][metric],
+                },
+            )
 
         _fit(head, cache.select("av", train), targets_of(train), recipe, task, seed, select, **ranks)
     else:
@@ -227,6 +260,8 @@ def fold_result(tracker: SelectionTracker, test: dict, sizes: dict) -> dict:
         "test": test,
         "best_on_test": {**best_test["test"], "epoch": best_test["epoch"]},
         "windows": sizes,
-        "curve": [{"epoch": h["epoch"], f"val_{metric}": h["val"][metric], f"test_{metric}": h["test"][metric]}
-                  for h in tracker.history],
+        "curve": [
+            {"epoch": h["epoch"], f"val_{metric}": h["val"][metric], f"test_{metric}": h["test"][metric]}
+            for h in tracker.history
+        ],
     }

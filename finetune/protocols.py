@@ -38,7 +38,9 @@ class RecipeConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
     label_smoothing: float = 0.1
-    modality_dropout: float = 0.0  # full fine-tuning: share of training clips that lose their audio or their video
+    modality_dropout: float = (
+        0.0  # full fine-tuning: share of training clips that lose their audio or their video
+    )
     # full fine-tuning: weight of the audio-only and video-only losses trained on every clip next to the
     # audio-visual one (0 = off); the unimodal encoders still run once per batch
     unimodal_loss: float = 0.0
@@ -46,7 +48,9 @@ class RecipeConfig:
     loss: str = "auto"  # auto: cross-entropy (classification) or ccc (regression); or mse
     grad_clip: float | None = None
     refit: bool = False  # probes: after the validation run picks the epoch, retrain on train + val speakers
-    select_window: int = 1  # probes with refit: pick the epoch on a moving average of this many validation epochs
+    select_window: int = (
+        1  # probes with refit: pick the epoch on a moving average of this many validation epochs
+    )
     # training-stream augmentation (full fine-tuning): random resized crop, flip, SpecAugment
     augment: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -85,9 +89,7 @@ class FinetuneConfig:
     """Schema of `emomae finetune <cfg> key=value ...`."""
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    recipes: dict[str, RecipeConfig] = field(
-        default_factory=lambda: {name: RecipeConfig() for name in HEADS}
-    )
+    recipes: dict[str, RecipeConfig] = field(default_factory=lambda: {name: RecipeConfig() for name in HEADS})
     encoder: str | None = None  # export directory (encoder.safetensors + config.json)
     random_init: bool = False  # control run: the encoder's architecture with fresh random weights
     head: str = "linear"  # linear | attentive | finetune
@@ -122,30 +124,48 @@ def validate(cfg) -> None:
     if cfg.head not in cfg.recipes:
         raise ConfigError(f"recipes.{cfg.head} is missing: every head needs a recipe")
     if cfg.eval_only and cfg.head != "finetune":
-        raise ConfigError(f"eval_only=true evaluates a fine-tuned model: set head=finetune (got head={cfg.head!r})")
+        raise ConfigError(
+            f"eval_only=true evaluates a fine-tuned model: set head=finetune (got head={cfg.head!r})"
+        )
     if cfg.eval_only and cfg.random_init:
-        raise ConfigError("eval_only=true evaluates the weights in `encoder`; random_init=true would replace them")
+        raise ConfigError(
+            "eval_only=true evaluates the weights in `encoder`; random_init=true would replace them"
+        )
     recipe = cfg.recipes[cfg.head]
     if not 0 <= recipe.modality_dropout <= 1:
-        raise ConfigError(f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}")
+        raise ConfigError(
+            f"recipes.{cfg.head}.modality_dropout is a probability in [0, 1], got {recipe.modality_dropout}"
+        )
     if cfg.speaker_norm and cfg.head == "finetune":
-        raise ConfigError("speaker_norm=true applies to the probes' cached features; head=finetune trains the "
-                          "encoder, so its features move: use head=linear or head=attentive")
+        raise ConfigError(
+            "speaker_norm=true applies to the probes' cached features; head=finetune trains the "
+            "encoder, so its features move: use head=linear or head=attentive"
+        )
     world_size = cfg.devices * cfg.num_nodes
     if cfg.devices < 1 or cfg.num_nodes < 1:
-        raise ConfigError(f"devices and num_nodes count processes, >= 1 each; got devices={cfg.devices}, "
-                          f"num_nodes={cfg.num_nodes}")
+        raise ConfigError(
+            f"devices and num_nodes count processes, >= 1 each; got devices={cfg.devices}, "
+            f"num_nodes={cfg.num_nodes}"
+        )
     if cfg.head == "finetune" and not cfg.eval_only and recipe.batch_size % world_size:
-        raise ConfigError(f"recipes.finetune.batch_size={recipe.batch_size} is the global batch and must split "
-                          f"evenly over devices x num_nodes = {world_size} processes")
+        raise ConfigError(
+            f"recipes.finetune.batch_size={recipe.batch_size} is the global batch and must split "
+            f"evenly over devices x num_nodes = {world_size} processes"
+        )
     if recipe.unimodal_loss < 0:
-        raise ConfigError(f"recipes.{cfg.head}.unimodal_loss is a loss weight >= 0, got {recipe.unimodal_loss}")
+        raise ConfigError(
+            f"recipes.{cfg.head}.unimodal_loss is a loss weight >= 0, got {recipe.unimodal_loss}"
+        )
     if recipe.unimodal_loss > 0 and recipe.modality_dropout > 0:
-        raise ConfigError(f"recipes.{cfg.head}: modality_dropout={recipe.modality_dropout} and unimodal_loss="
-                          f"{recipe.unimodal_loss} both train the missing-modality inputs; set one of them to 0")
+        raise ConfigError(
+            f"recipes.{cfg.head}: modality_dropout={recipe.modality_dropout} and unimodal_loss="
+            f"{recipe.unimodal_loss} both train the missing-modality inputs; set one of them to 0"
+        )
     if not 0 <= recipe.freeze_epochs < recipe.epochs:
-        raise ConfigError(f"recipes.{cfg.head}.freeze_epochs must lie in [0, epochs={recipe.epochs}) so the encoder "
-                          f"trains at all, got {recipe.freeze_epochs}")
+        raise ConfigError(
+            f"recipes.{cfg.head}.freeze_epochs must lie in [0, epochs={recipe.epochs}) so the encoder "
+            f"trains at all, got {recipe.freeze_epochs}"
+        )
     if p.task not in ("classification", "regression"):
         raise ConfigError(f"protocol.task must be classification or regression, got {p.task!r}")
     if p.task == "classification" and len(p.classes) < 2:
@@ -221,7 +241,9 @@ def read_clips(manifest: str | Path) -> list[ClipInfo]:
         clips = []
         for line, row in enumerate(reader, start=2):
             if not (row["fold"] or "").strip():
-                raise ConfigError(f"{path}:{line}: clip {row['key']!r} has no fold; k-fold protocols need one")
+                raise ConfigError(
+                    f"{path}:{line}: clip {row['key']!r} has no fold; k-fold protocols need one"
+                )
             # a clip without a speaker id is its own speaker, so no identity can leak across parts
             clips.append(ClipInfo(row["key"], row["speaker"] or f"clip:{row['key']}", int(row["fold"])))
     return clips
@@ -240,16 +262,18 @@ def fold_splits(clips: list[ClipInfo], num_folds: int, val_fraction: float, seed
         raise ConfigError(f"fold(s) {empty} hold no clips; check protocol.num_folds against the manifest")
     shared = {s for k, spk in by_fold.items() for s in spk if any(s in by_fold[j] for j in by_fold if j != k)}
     if shared:
-        raise ConfigError(f"speaker(s) {sorted(shared)[:5]} appear in more than one fold: folds must be speaker-disjoint")
+        raise ConfigError(
+            f"speaker(s) {sorted(shared)[:5]} appear in more than one fold: folds must be speaker-disjoint"
+        )
     splits = []
     for k in range(num_folds):
         rest = sorted(s for j, spk in by_fold.items() if j != k for s in spk)
         if len(rest) < 2:
-            raise ConfigError(f"fold {k}: {len(rest)} training speaker(s); need 2+ to carve a validation split")
+            raise ConfigError(
+                f"fold {k}: {len(rest)} training speaker(s); need 2+ to carve a validation split"
+            )
         rng = random.Random(f"{seed}-{k}")
         n_val = min(len(rest) - 1, max(1, round(val_fraction * len(rest))))
         val = set(rng.sample(rest, n_val))
-        splits.append(
-            FoldSplit(k, frozenset(set(rest) - val), frozenset(val), frozenset(by_fold[k]))
-        )
+        splits.append(FoldSplit(k, frozenset(set(rest) - val), frozenset(val), frozenset(by_fold[k])))
     return splits

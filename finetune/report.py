@@ -25,11 +25,18 @@ def git_commit(where: Path | None = None) -> str | None:
     """`<sha>` (with `-dirty` when the tree has changes) of the checkout holding this code, or None."""
     where = where or Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
         if sha.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -60,7 +67,9 @@ def run_metadata(argv: list[str] | None = None) -> dict:
 
 
 @torch.inference_mode()
-def encoder_speed(encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor, repeats: int = 3) -> dict:
+def encoder_speed(
+    encoder: torch.nn.Module, video: torch.Tensor, fbank: torch.Tensor, repeats: int = 3
+) -> dict:
     """Encoder forward throughput in clips/s on the device of `video` (one warm-up pass first).
     video: `(B, T, 3, H, W)` normalised float, fbank: `(B, F, M)`."""
     encoder.eval()
@@ -99,8 +108,15 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     ax.set_ylabel("true")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, label="recall (row-normalised)")
     ax.set_title(title)
     fig.tight_layout()
@@ -136,17 +152,35 @@ def figures(run_dir: Path, results: dict) -> list[Path]:
         return []
     classes, paths = results["classes"], []
     pooled = results["summary"]["av_pooled"]
-    paths.append(plot_confusion(pooled["confusion"], classes, run_dir / "confusion_av.png",
-                                f"{results['protocol']} {results['head']}: audio-visual, all folds"))
+    paths.append(
+        plot_confusion(
+            pooled["confusion"],
+            classes,
+            run_dir / "confusion_av.png",
+            f"{results['protocol']} {results['head']}: audio-visual, all folds",
+        )
+    )
     recall = np.diag(np.asarray(pooled["confusion"])) / np.maximum(np.asarray(pooled["confusion"]).sum(1), 1)
-    paths.append(plot_per_class_recall(recall.tolist(), classes, run_dir / "recall_av.png",
-                                       f"{results['protocol']} {results['head']}: per-class recall"))
+    paths.append(
+        plot_per_class_recall(
+            recall.tolist(),
+            classes,
+            run_dir / "recall_av.png",
+            f"{results['protocol']} {results['head']}: per-class recall",
+        )
+    )
     for f in results["folds"]:
         fold_dir = run_dir / f"fold{f['fold']}"
         fold_dir.mkdir(parents=True, exist_ok=True)
         for modality, metrics in f["test"].items():
-            paths.append(plot_confusion(metrics["confusion"], classes, fold_dir / f"confusion_{modality}.png",
-                                        f"fold {f['fold']}, {modality}"))
+            paths.append(
+                plot_confusion(
+                    metrics["confusion"],
+                    classes,
+                    fold_dir / f"confusion_{modality}.png",
+                    f"fold {f['fold']}, {modality}",
+                )
+            )
     return paths
 
 
@@ -163,7 +197,12 @@ def summarise(folds: list[dict], task: str) -> dict:
         from finetune.metrics import macro_f1, uar, war
 
         cm = np.sum([np.asarray(f["test"]["av"]["confusion"]) for f in folds], axis=0)
-        summary["av_pooled"] = {"uar": uar(cm), "war": war(cm), "macro_f1": macro_f1(cm), "confusion": cm.tolist()}
+        summary["av_pooled"] = {
+            "uar": uar(cm),
+            "war": war(cm),
+            "macro_f1": macro_f1(cm),
+            "confusion": cm.tolist(),
+        }
     return summary
 
 
@@ -181,27 +220,48 @@ def results_markdown(results: dict) -> str:
         f"# {results['protocol']} - {results['head']}",
         "",
         f"Encoder: `{results['encoder']}`{' (random init control)' if results.get('random_init') else ''}. "
-        + ("The imported fine-tuned model evaluated as it is (no training, no epoch selection)."
-           if results.get("eval_only") else "Epoch selected on a validation split of the training speakers (honest selection).")
-        + (" Features z-scored per speaker, test speakers' unlabelled features included (speaker_norm)."
-           if results.get("speaker_norm") else ""),
+        + (
+            "The imported fine-tuned model evaluated as it is (no training, no epoch selection)."
+            if results.get("eval_only")
+            else "Epoch selected on a validation split of the training speakers (honest selection)."
+        )
+        + (
+            " Features z-scored per speaker, test speakers' unlabelled features included (speaker_norm)."
+            if results.get("speaker_norm")
+            else ""
+        ),
         "",
         "| fold | epoch | " + " | ".join(names[k] for k in keys) + " |",
         "|---|---|" + "---|" * len(keys),
     ]
     for f in folds:
-        lines.append(f"| {f['fold']} | {f['selected_epoch']} | " + " | ".join(fmt(f["test"]["av"][k]) for k in keys) + " |")
+        lines.append(
+            f"| {f['fold']} | {f['selected_epoch']} | "
+            + " | ".join(fmt(f["test"]["av"][k]) for k in keys)
+            + " |"
+        )
     av = summary["av"]
     lines.append("| mean ± std | | " + " | ".join(f"{fmt(av[k][0])} ± {fmt(av[k][1])}" for k in keys) + " |")
     lines += ["", "| evaluation | " + " | ".join(names[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for modality in results["modalities"]:
         row = summary[modality]
-        lines.append(f"| {MODALITY_NAMES[modality]} | " + " | ".join(f"{fmt(row[k][0])} ± {fmt(row[k][1])}" for k in keys) + " |")
+        lines.append(
+            f"| {MODALITY_NAMES[modality]} | "
+            + " | ".join(f"{fmt(row[k][0])} ± {fmt(row[k][1])}" for k in keys)
+            + " |"
+        )
     if "av_pooled" in summary:
-        lines.append("| audio-visual, pooled over folds | " + " | ".join(fmt(summary["av_pooled"][k]) for k in keys) + " |")
+        lines.append(
+            "| audio-visual, pooled over folds | "
+            + " | ".join(fmt(summary["av_pooled"][k]) for k in keys)
+            + " |"
+        )
     ref = summary["av_best_epoch_on_test"]
-    lines.append("| audio-visual, best epoch on TEST (papers' protocol, optimistic) | "
-                 + " | ".join(f"{fmt(ref[k][0])} ± {fmt(ref[k][1])}" for k in keys) + " |")
+    lines.append(
+        "| audio-visual, best epoch on TEST (papers' protocol, optimistic) | "
+        + " | ".join(f"{fmt(ref[k][0])} ± {fmt(ref[k][1])}" for k in keys)
+        + " |"
+    )
     lines += [
         "",
         "Missing modality: the absent input is replaced by zeros after normalisation (the mean image / the "
@@ -209,11 +269,16 @@ def results_markdown(results: dict) -> str:
     ]
     if results.get("speed"):
         s = results["speed"]
-        lines += ["", f"Encoder inference: {s['clips_per_s']:.1f} clips/s on {s['device']} (batch {s['batch_size']}, {s['dtype']})."]
+        lines += [
+            "",
+            f"Encoder inference: {s['clips_per_s']:.1f} clips/s on {s['device']} (batch {s['batch_size']}, {s['dtype']}).",
+        ]
     if results.get("cache"):
         c = results["cache"]
-        lines += [f"Feature cache: {c['samples']} samples encoded once in {c['seconds']:.1f} s "
-                  f"({c['samples'] / max(c['seconds'], 1e-9):.1f} samples/s), {c['bytes'] / 2**20:.1f} MiB."]
+        lines += [
+            f"Feature cache: {c['samples']} samples encoded once in {c['seconds']:.1f} s "
+            f"({c['samples'] / max(c['seconds'], 1e-9):.1f} samples/s), {c['bytes'] / 2**20:.1f} MiB."
+        ]
     lines += ["", f"git commit: `{results['meta'].get('git_commit')}`", ""]
     return "\n".join(lines)
 
@@ -236,7 +301,13 @@ class Progress:
     at every tenth of the total and at least every `every_s` seconds, each with the latest figures."""
 
     def __init__(self, label: str, total: int, unit: str, enabled: bool = True, every_s: float = 60.0):
-        self.label, self.total, self.unit, self.enabled, self.every_s = label, max(1, total), unit, enabled, every_s
+        self.label, self.total, self.unit, self.enabled, self.every_s = (
+            label,
+            max(1, total),
+            unit,
+            enabled,
+            every_s,
+        )
         self.done, self.start = 0, time.perf_counter()
         self.last = self.start
         self.bar = None
@@ -259,7 +330,10 @@ class Progress:
         if before == 0 or self.done >= self.total or tenth or now - self.last >= self.every_s:
             self.last = now
             shown = "".join(f" {k} {v:.4g}" for k, v in figures.items())
-            print(f"{self.label}: {self.unit} {self.done}/{self.total}{shown} [{now - self.start:.1f} s]", flush=True)
+            print(
+                f"{self.label}: {self.unit} {self.done}/{self.total}{shown} [{now - self.start:.1f} s]",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -270,8 +344,17 @@ def start_wandb(w, run_dir: Path, resolved: dict, group: str):
     """The W&B run of a protocol run (`w`: the config's `wandb` section), started before the first fold."""
     import wandb
 
-    return wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(run_dir), config=resolved,
-                      name=run_dir.name, group=group, tags=list(w.tags), job_type="finetune")
+    return wandb.init(
+        project=w.project,
+        entity=w.entity,
+        mode=w.mode,
+        dir=str(run_dir),
+        config=resolved,
+        name=run_dir.name,
+        group=group,
+        tags=list(w.tags),
+        job_type="finetune",
+    )
 
 
 class Monitor:
@@ -289,7 +372,9 @@ class Monitor:
     def caching(self, what: str, total: int) -> Progress:
         return Progress(f"caching {what} features", total, "windows", enabled=self.show)
 
-    def start_fold(self, fold: int, position: int, count: int, epochs: int, what: str, unit: str = "epoch") -> None:
+    def start_fold(
+        self, fold: int, position: int, count: int, epochs: int, what: str, unit: str = "epoch"
+    ) -> None:
         self.fold = fold
         self.progress = Progress(f"fold {fold} ({position}/{count}) {what}", epochs, unit, enabled=self.show)
         if self.wandb is not None:
@@ -314,8 +399,9 @@ class Monitor:
         run, self.wandb = self.wandb, None
         if results is not None:
             run.summary.update(flat_summary(results["summary"]))
-            run.log({_image_key(p): wandb.Image(str(p)) for p in images}
-                    | {"results": _table(wandb, results)})
+            run.log(
+                {_image_key(p): wandb.Image(str(p)) for p in images} | {"results": _table(wandb, results)}
+            )
         run.finish(exit_code=1 if failed else 0)
 
 
@@ -345,8 +431,13 @@ def results_table(results: dict) -> tuple[list[str], list[list]]:
     """results.md's table as (columns, rows): one row per fold and evaluation, then the mean and std
     over folds per evaluation."""
     keys = list(CLASSIFICATION_KEYS if results["task"] == "classification" else ("ccc", "pcc"))
-    rows = [[str(f["fold"]), str(f["selected_epoch"]), m, *(float(f["test"][m][k]) for k in keys)]
-            for f in results["folds"] for m in f["test"]]
+    rows = [
+        [str(f["fold"]), str(f["selected_epoch"]), m, *(float(f["test"][m][k]) for k in keys)]
+        for f in results["folds"]
+        for m in f["test"]
+    ]
     for i, stat in enumerate(("mean", "std")):
-        rows += [[stat, "", m, *(float(results["summary"][m][k][i]) for k in keys)] for m in results["modalities"]]
+        rows += [
+            [stat, "", m, *(float(results["summary"][m][k][i]) for k in keys)] for m in results["modalities"]
+        ]
     return ["fold", "epoch", "evaluation", *keys], rows

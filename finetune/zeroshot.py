@@ -31,7 +31,11 @@ from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
 
 TEXT_HEADS_FILE = "text_heads.safetensors"
 HEADS_PREFIX = "text_heads."
-DEFAULT_TEMPLATES = ("a person who seems {}.", "the face and the voice of a {} person.", "Overall the person seems {}.")
+DEFAULT_TEMPLATES = (
+    "a person who seems {}.",
+    "the face and the voice of a {} person.",
+    "Overall the person seems {}.",
+)
 
 
 # ---------------------------------------------------------------- the zero-shot model
@@ -40,7 +44,9 @@ DEFAULT_TEMPLATES = ("a person who seems {}.", "the face and the voice of a {} p
 def _heads_from_state(state: dict[str, torch.Tensor], text_dim: int, width: int, where: str) -> TextHeads:
     paths = sorted({k.split(".")[1] for k in state if k.startswith("proj.")})
     if not paths:
-        raise ExportError(f"{where}: no text projection heads (text_heads.proj.*); is this a stage-2 (inject) model?")
+        raise ExportError(
+            f"{where}: no text projection heads (text_heads.proj.*); is this a stage-2 (inject) model?"
+        )
     heads = TextHeads(width, text_dim, paths=paths)
     heads.load_state_dict(state, strict=True)
     return heads.eval()
@@ -56,11 +62,19 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
         text = config.get("text")
         heads_file = source / TEXT_HEADS_FILE
         if not isinstance(text, dict) or not heads_file.is_file():
-            raise ExportError(f"{source}: no {TEXT_HEADS_FILE} / config.json 'text' entry: export a stage-2 "
-                              "(stage: inject) checkpoint to get the text heads zero-shot needs")
+            raise ExportError(
+                f"{source}: no {TEXT_HEADS_FILE} / config.json 'text' entry: export a stage-2 "
+                "(stage: inject) checkpoint to get the text heads zero-shot needs"
+            )
         arch = config["architecture"]
-        heads = _heads_from_state(load_file(str(heads_file)), int(text["dim"]), int(arch["width"]), str(heads_file))
-        return encoder, heads, {"text_encoder": text["encoder"], "architecture": arch, "input": config["input"]}
+        heads = _heads_from_state(
+            load_file(str(heads_file)), int(text["dim"]), int(arch["width"]), str(heads_file)
+        )
+        return (
+            encoder,
+            heads,
+            {"text_encoder": text["encoder"], "architecture": arch, "input": config["input"]},
+        )
     if not source.is_file():
         raise ExportError(f"zero-shot model not found: {source} (a stage-2 .ckpt or an export folder)")
     ckpt = torch.load(source, map_location="cpu", weights_only=True)
@@ -69,21 +83,29 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
         raise ExportError(f"{source}: not an emomae checkpoint (no checkpoint['emomae']['model'])")
     run_config = meta.get("config") or {}
     if run_config.get("stage") != "inject":
-        raise ExportError(f"{source}: a stage-1 checkpoint (stage={run_config.get('stage', 'mae')!r}) has no text heads; "
-                          "zero-shot needs a stage-2 run (configs/pretrain/inject_*.yaml)")
+        raise ExportError(
+            f"{source}: a stage-1 checkpoint (stage={run_config.get('stage', 'mae')!r}) has no text heads; "
+            "zero-shot needs a stage-2 run (configs/pretrain/inject_*.yaml)"
+        )
     encoder, _ = build_encoder(meta["model"], where=f"{source} (checkpoint['emomae']['model'])")
     load_weights(encoder, encoder_state(ckpt["state_dict"], str(source)), str(source))
     state = _text_heads_state(ckpt["state_dict"])
     dim = next(v for k, v in state.items() if k.endswith(".weight")).shape[0]
     heads = _heads_from_state(state, dim, int(meta["model"]["width"]), str(source))
-    info = {"text_encoder": run_config["inject"]["text_encoder"], "architecture": meta["model"],
-            "input": input_spec(run_config, meta["model"])}
+    info = {
+        "text_encoder": run_config["inject"]["text_encoder"],
+        "architecture": meta["model"],
+        "input": input_spec(run_config, meta["model"]),
+    }
     return encoder.eval(), heads, info
 
 
 def _text_heads_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(HEADS_PREFIX):]: v.detach().float().cpu().contiguous()
-            for k, v in state_dict.items() if k.startswith(HEADS_PREFIX)}
+    return {
+        k[len(HEADS_PREFIX) :]: v.detach().float().cpu().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith(HEADS_PREFIX)
+    }
 
 
 def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
@@ -101,8 +123,11 @@ def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
     config_file = out_dir / "config.json"
     config = json.loads(config_file.read_text())
     dim = next(v for k, v in state.items() if k.endswith(".weight")).shape[0]
-    config["text"] = {"encoder": run_config["inject"]["text_encoder"], "dim": int(dim),
-                      "paths": sorted({k.split(".")[1] for k in state if k.startswith("proj.")})}
+    config["text"] = {
+        "encoder": run_config["inject"]["text_encoder"],
+        "dim": int(dim),
+        "paths": sorted({k.split(".")[1] for k in state if k.startswith("proj.")}),
+    }
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     return True
 
@@ -110,8 +135,9 @@ def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
 # ---------------------------------------------------------------- prompts
 
 
-def class_prompts(prompt_file: str | Path | None, classes: list[str] | None = None,
-                  templates: list[str] | None = None) -> dict[str, list[str]]:
+def class_prompts(
+    prompt_file: str | Path | None, classes: list[str] | None = None, templates: list[str] | None = None
+) -> dict[str, list[str]]:
     """class name -> prompts, in label index order, from a prompt YAML and/or class names + templates."""
     spec: dict = {}
     if prompt_file is not None:
@@ -124,7 +150,9 @@ def class_prompts(prompt_file: str | Path | None, classes: list[str] | None = No
             raise ValueError(f"{path}: unknown keys {unknown}; expected classes, words, templates, prompts")
     names = list(classes or spec.get("classes") or [])
     if not names:
-        raise ValueError("no classes: give --classes or a prompt file with `classes: [...]` in label index order")
+        raise ValueError(
+            "no classes: give --classes or a prompt file with `classes: [...]` in label index order"
+        )
     words, explicit = spec.get("words") or {}, spec.get("prompts") or {}
     templates = list(templates or spec.get("templates") or DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
@@ -149,8 +177,13 @@ def prompt_classifier(text: FrozenTextEncoder, prompts: dict[str, list[str]]) ->
 
 
 @torch.inference_mode()
-def zeroshot_scores(encoder: torch.nn.Module, heads: TextHeads, classifier: torch.Tensor, batches,
-                    device: str | torch.device = "cpu") -> dict:
+def zeroshot_scores(
+    encoder: torch.nn.Module,
+    heads: TextHeads,
+    classifier: torch.Tensor,
+    batches,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Softmax class probabilities per path for every window of an evaluation stream.
 
     -> {"keys", "clip_keys", "labels": (N,), "probs": {path: (N, C)}} (paths + "ensemble")."""
@@ -160,8 +193,12 @@ def zeroshot_scores(encoder: torch.nn.Module, heads: TextHeads, classifier: torc
     scale = heads.scale()
     keys, clip_keys, labels, probs = [], [], [], {}
     for batch in batches:
-        out = encoder.forward_features(normalize_video(batch["video"].to(device)), batch["fbank"].to(device).float())
-        embedded = heads(pool_paths(out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio))
+        out = encoder.forward_features(
+            normalize_video(batch["video"].to(device)), batch["fbank"].to(device).float()
+        )
+        embedded = heads(
+            pool_paths(out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio)
+        )
         for path, z in embedded.items():
             probs.setdefault(path, []).append((scale * z @ classifier.T).softmax(-1).float().cpu())
         keys += list(batch["key"])
@@ -187,8 +224,16 @@ def zeroshot_metrics(scores: dict, num_classes: int) -> dict[str, dict]:
     return out
 
 
-def run_zeroshot(model: str | Path, shards: str, prompts: dict[str, list[str]], groups: list[str] | None = None,
-                 batch_size: int = 32, num_workers: int = 2, device: str = "cpu", text_cache: str | None = None) -> dict:
+def run_zeroshot(
+    model: str | Path,
+    shards: str,
+    prompts: dict[str, list[str]],
+    groups: list[str] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "cpu",
+    text_cache: str | None = None,
+) -> dict:
     """Load the model, embed the prompts, score every window of `shards` once and return the metrics."""
     from data_pipelines.datamodule import resolve_shards
     from data_pipelines.stream import eval_pipeline
@@ -198,23 +243,41 @@ def run_zeroshot(model: str | Path, shards: str, prompts: dict[str, list[str]], 
     text = FrozenTextEncoder(info["text_encoder"], cache_dir=text_cache)
     classifier = prompt_classifier(text, prompts)
     if classifier.shape[1] != heads.text_dim:
-        raise ValueError(f"text encoder {info['text_encoder']!r} gives {classifier.shape[1]}-d embeddings, the heads "
-                         f"expect {heads.text_dim}")
-    stream = eval_pipeline(resolve_shards(shards, groups), stream_config(info["input"], info["architecture"], batch_size, 0),
-                           rank=0, world_size=1)
+        raise ValueError(
+            f"text encoder {info['text_encoder']!r} gives {classifier.shape[1]}-d embeddings, the heads "
+            f"expect {heads.text_dim}"
+        )
+    stream = eval_pipeline(
+        resolve_shards(shards, groups),
+        stream_config(info["input"], info["architecture"], batch_size, 0),
+        rank=0,
+        world_size=1,
+    )
     scores = zeroshot_scores(encoder, heads, classifier, loader(stream, num_workers), device)
     text.flush()
     metrics = zeroshot_metrics(scores, len(prompts))
-    return {"model": str(model), "shards": shards, "text_encoder": info["text_encoder"], "classes": list(prompts),
-            "prompts": prompts, "num_windows": len(scores["keys"]), "chance_uar": 1.0 / len(prompts), "metrics": metrics}
+    return {
+        "model": str(model),
+        "shards": shards,
+        "text_encoder": info["text_encoder"],
+        "classes": list(prompts),
+        "prompts": prompts,
+        "num_windows": len(scores["keys"]),
+        "chance_uar": 1.0 / len(prompts),
+        "metrics": metrics,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="emomae zeroshot", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="stage-2 Lightning checkpoint (.ckpt) or export folder with text_heads.safetensors")
+    p.add_argument(
+        "model", help="stage-2 Lightning checkpoint (.ckpt) or export folder with text_heads.safetensors"
+    )
     p.add_argument("shards", help="shard directory (index.json) or .tar pattern")
     p.add_argument("--prompts", default=None, help="prompt YAML (classes, words, templates, prompts)")
-    p.add_argument("--classes", nargs="+", default=None, help="class names in label index order (overrides the file)")
+    p.add_argument(
+        "--classes", nargs="+", default=None, help="class names in label index order (overrides the file)"
+    )
     p.add_argument("--template", action="append", default=None, help="prompt template with {} (repeatable)")
     p.add_argument("--groups", nargs="+", default=None, help="shard groups to evaluate (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -224,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         prompts = class_prompts(args.prompts, args.classes, args.template)
-        result = run_zeroshot(args.model, args.shards, prompts, args.groups, args.batch_size, args.workers, args.device)
+        result = run_zeroshot(
+            args.model, args.shards, prompts, args.groups, args.batch_size, args.workers, args.device
+        )
     except (ExportError, ValueError) as err:
         print(f"emomae zeroshot: {err}", file=sys.stderr)
         return 2
-    print(f"zero-shot on {result['num_windows']} windows, {len(prompts)} classes (chance UAR {result['chance_uar']:.3f})")
+    print(
+        f"zero-shot on {result['num_windows']} windows, {len(prompts)} classes (chance UAR {result['chance_uar']:.3f})"
+    )
     print(f"{'path':<10} {'UAR':>7} {'WAR':>7} {'F1':>7}")
     for path, m in result["metrics"].items():
         print(f"{path:<10} {m['uar']:7.4f} {m['war']:7.4f} {m['macro_f1']:7.4f}")

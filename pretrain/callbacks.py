@@ -90,11 +90,17 @@ class LastCheckpoint(StepCallback):
             return
         self.received = signum
         self._save(trainer, f"signal {signal.Signals(signum).name}")
-        if signum == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero and SLURMEnvironment.detect():
+        if (
+            signum == getattr(signal, "SIGUSR1", None)
+            and trainer.is_global_zero
+            and SLURMEnvironment.detect()
+        ):
             _slurm_requeue()
         trainer.should_stop = True
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         # SIGTERM can land after this callback's on_train_batch_end but before Lightning checks the
         # flag and raises; the step is complete by then, so save it on the way out
         if isinstance(exception, SIGTERMException):
@@ -165,8 +171,10 @@ class EMA(StepCallback):
 
     def start(self, model: torch.nn.Module) -> None:
         """Begin the average at the current weights of `model` (floating-point entries in fp32)."""
-        self.ema = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-                    for k, v in model.state_dict().items()}
+        self.ema = {
+            k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+            for k, v in model.state_dict().items()
+        }
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
@@ -186,11 +194,15 @@ class EMA(StepCallback):
         if self.stepped(trainer):
             self.update(pl_module.model, trainer.global_step)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         if self.ema is not None:
             checkpoint["ema_state_dict"] = {f"model.{k}": v for k, v in self.ema.items()}
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         stored = checkpoint.get("ema_state_dict")
         if stored is None:
             return
@@ -203,8 +215,10 @@ class EMA(StepCallback):
     def _restore(self, stored: dict[str, torch.Tensor]) -> None:
         missing, unexpected = sorted(set(self.ema) - set(stored)), sorted(set(stored) - set(self.ema))
         if missing or unexpected:
-            raise KeyError(f"checkpoint['ema_state_dict'] does not fit the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+            raise KeyError(
+                f"checkpoint['ema_state_dict'] does not fit the model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
         for name, value in stored.items():
             self.ema[name].copy_(value)
 
@@ -271,14 +285,18 @@ class ReconstructionImages(StepCallback):
     `num_samples` clips of the batch, as a PNG under `<out_dir>/step<N>.png`, also sent to every
     logger that takes images (W&B, TensorBoard)."""
 
-    def __init__(self, out_dir: str | Path, every_n_steps: int, num_samples: int = 2, num_frames: int = 4) -> None:
+    def __init__(
+        self, out_dir: str | Path, every_n_steps: int, num_samples: int = 2, num_frames: int = 4
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.num_frames = num_frames
         self.saved: list[Path] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step % self.every_n_steps or not self.stepped(trainer):
             return
@@ -333,11 +351,15 @@ def reconstruction_figure(recon: dict[str, torch.Tensor], num_frames: int = 4, t
                 img = recon[key][i, f].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
                 axes[i, col].imshow(img)
                 if i == 0:
-                    axes[i, col].set_title(f"{key.removeprefix('video_') if key != 'video' else 'orig'} t{int(f)}", fontsize=6)
+                    axes[i, col].set_title(
+                        f"{key.removeprefix('video_') if key != 'video' else 'orig'} t{int(f)}", fontsize=6
+                    )
                 col += 1
         for key in ("fbank", "fbank_masked", "fbank_recon"):
             # time on x, mel bins upwards, as spectrograms are read
-            axes[i, col].imshow(recon[key][i].float().cpu().T.numpy(), origin="lower", aspect="auto", cmap="magma")
+            axes[i, col].imshow(
+                recon[key][i].float().cpu().T.numpy(), origin="lower", aspect="auto", cmap="magma"
+            )
             if i == 0:
                 axes[i, col].set_title(key, fontsize=6)
             col += 1

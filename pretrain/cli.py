@@ -18,7 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain.train:main", "pretrain a masked AV autoencoder from a YAML config"),
     "info": ("pretrain.info:main", "print parameter counts and FLOPs of a model config"),
     "export": ("finetune.export:main", "export encoders from a checkpoint to safetensors + JSON"),
-    "import-hicmae": ("finetune.hicmae_import:main", "convert a HiCMAE checkpoint (pretrained or fine-tuned) to an export"),
+    "import-hicmae": (
+        "finetune.hicmae_import:main",
+        "convert a HiCMAE checkpoint (pretrained or fine-tuned) to an export",
+    ),
     "embed": ("finetune.embed:main", "print or save the clip embedding of a video file"),
     "finetune": ("finetune.train:main", "probe or fine-tune an exported encoder on a protocol"),
     "zeroshot": ("finetune.zeroshot:main", "zero-shot classification with class text prompts"),

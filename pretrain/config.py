@@ -37,8 +37,10 @@ def config_root() -> Path:
     spec = importlib.util.find_spec(PACKAGED_CONFIGS)
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    raise ConfigError(f"the configs that ship with emomae are missing (no {CHECKOUT_CONFIGS} and no "
-                      f"{PACKAGED_CONFIGS} package): reinstall emomae, or pass a YAML file path")
+    raise ConfigError(
+        f"the configs that ship with emomae are missing (no {CHECKOUT_CONFIGS} and no "
+        f"{PACKAGED_CONFIGS} package): reinstall emomae, or pass a YAML file path"
+    )
 
 
 def config_names(kind: str) -> list[str]:
@@ -57,12 +59,18 @@ def resolve_config_path(spec: str | Path, kind: str | None) -> Path:
     named = config_root() / kind / f"{path.name}.yaml"
     if named.is_file():
         return named
-    raise ConfigError(f"unknown {KIND_WORDS.get(kind, kind + ' config')} {str(spec)!r}: expected a YAML file "
-                      f"or one of {config_names(kind)}")
+    raise ConfigError(
+        f"unknown {KIND_WORDS.get(kind, kind + ' config')} {str(spec)!r}: expected a YAML file "
+        f"or one of {config_names(kind)}"
+    )
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                kind: str | None = None) -> DictConfig:
+def load_config(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    kind: str | None = None,
+) -> DictConfig:
     """Merge schema defaults <- YAML file (after its `base:` chain) <- `key=value` overrides, and
     return the merged DictConfig (typed by the schema).
 
@@ -120,7 +128,9 @@ def _merge(cfg: DictConfig, layer: Any, where: str) -> DictConfig:
         return OmegaConf.merge(cfg, layer)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
-        raise ConfigError(f"invalid config key or value {key!r} from {where}: {err.msg if hasattr(err, 'msg') else err}") from err
+        raise ConfigError(
+            f"invalid config key or value {key!r} from {where}: {err.msg if hasattr(err, 'msg') else err}"
+        ) from err
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

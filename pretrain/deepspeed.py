@@ -19,8 +19,14 @@ CONFIG_DIR = config_root() / "deepspeed"  # the checkout's configs/, or the inst
 # strategy name in the run config -> YAML file under configs/deepspeed
 STRATEGY_FILES = {"deepspeed_stage_2": "zero2.yaml", "deepspeed_stage_3": "zero3.yaml"}
 # keys the run config owns; a YAML that sets them would silently disagree with the Trainer
-_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping", "bf16", "fp16")
+_OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+)
 
 
 class DeepSpeedConfigError(ValueError):
@@ -70,7 +76,9 @@ def build_deepspeed_config(
         raise DeepSpeedConfigError("DeepSpeed config needs zero_optimization.stage (2 or 3)")
     if precision not in ("bf16-mixed", "bf16-true", "32", "32-true"):
         # fp16 needs loss scaling, which the bf16 default exists to avoid (docs/pretrain.md)
-        raise DeepSpeedConfigError(f"trainer.precision {precision!r} is not supported with DeepSpeed; use bf16-mixed or 32")
+        raise DeepSpeedConfigError(
+            f"trainer.precision {precision!r} is not supported with DeepSpeed; use bf16-mixed or 32"
+        )
     config = {
         **body,
         "train_micro_batch_size_per_gpu": int(micro_batch),
@@ -89,7 +97,10 @@ def validate(config: dict[str, Any], world_size: int = 1) -> None:
 
     # DeepSpeed derives the world size from torch.distributed when it is up; otherwise it assumes 1,
     # so check the batch arithmetic ourselves and hand it a single-rank view.
-    single = dict(config, train_batch_size=config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"])
+    single = dict(
+        config,
+        train_batch_size=config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"],
+    )
     try:
         DeepSpeedConfig(single)
     except Exception as err:  # pydantic ValidationError or DeepSpeed's own assertions

@@ -68,8 +68,11 @@ def print_probes(pretrained: dict, random: dict, normalised: dict, finetuned: di
         mean, std = s[mode][metric]
         return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
 
-    rows = [("linear probe, random encoder", random), ("linear probe, pretrained", pretrained),
-            ("  same, speaker-normalised", normalised)]
+    rows = [
+        ("linear probe, random encoder", random),
+        ("linear probe, pretrained", pretrained),
+        ("  same, speaker-normalised", normalised),
+    ]
     if finetuned is not None:
         rows.append(("full fine-tuning, pretrained", finetuned))
     print("\nUAR % on held-out speakers (5 folds, mean ± std; chance 16.7):")
@@ -85,18 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--speakers", type=int, default=10)
     parser.add_argument("--clips", type=int, default=5, help="clips per speaker and class")
-    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo config's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default: the demo config's)"
+    )
     parser.add_argument("--finetune", action="store_true", help="also run full fine-tuning (slower)")
     args = parser.parse_args(argv)
     out = args.out
     start = time.perf_counter()
 
     if not (out / "synth" / "manifest.csv").is_file():
-        run("synth", "--out", str(out / "synth"), f"num_speakers={args.speakers}",
-            f"clips_per_speaker_class={args.clips}", "frame_size=64")
-    run("shards", str(out / "synth" / "manifest.csv"), str(out / "shards"), "--workers", "2", "--no-progress",
-        "--captions", str(out / "synth" / "captions.jsonl"),
-        "num_frames=8", "frame_stride=4", "img_size=64", "samples_per_shard=64")
+        run(
+            "synth",
+            "--out",
+            str(out / "synth"),
+            f"num_speakers={args.speakers}",
+            f"clips_per_speaker_class={args.clips}",
+            "frame_size=64",
+        )
+    run(
+        "shards",
+        str(out / "synth" / "manifest.csv"),
+        str(out / "shards"),
+        "--workers",
+        "2",
+        "--no-progress",
+        "--captions",
+        str(out / "synth" / "captions.jsonl"),
+        "num_frames=8",
+        "frame_stride=4",
+        "img_size=64",
+        "samples_per_shard=64",
+    )
 
     pretrain_dir = out / "pretrain"
     overrides = [f"data.shards={out / 'shards'}", f"run_dir={pretrain_dir}"]
@@ -106,24 +128,41 @@ def main(argv: list[str] | None = None) -> int:
     run("export", str(pretrain_dir / "checkpoints" / "last.ckpt"), str(out / "export"))
 
     probe_cfg = str(REPO / "configs" / "finetune" / "synth.yaml")
-    common = [f"encoder={out / 'export'}", f"protocol.manifest={out / 'synth' / 'manifest.csv'}",
-              f"protocol.shards={out / 'shards'}", f"out_dir={out / 'finetune'}", "fold=all"]
+    common = [
+        f"encoder={out / 'export'}",
+        f"protocol.manifest={out / 'synth' / 'manifest.csv'}",
+        f"protocol.shards={out / 'shards'}",
+        f"out_dir={out / 'finetune'}",
+        "fold=all",
+    ]
     run("finetune", probe_cfg, *common, "head=linear", "run_name=linear-pretrained")
     run("finetune", probe_cfg, *common, "head=linear", "random_init=true", "run_name=linear-random")
     # the same cached features, z-scored per speaker (docs/finetune.md, speaker_norm)
-    run("finetune", probe_cfg, *common, "head=linear", "speaker_norm=true", "run_name=linear-speaker-norm",
-        f"cache_dir={out / 'finetune' / 'linear-pretrained' / 'cache'}")
+    run(
+        "finetune",
+        probe_cfg,
+        *common,
+        "head=linear",
+        "speaker_norm=true",
+        "run_name=linear-speaker-norm",
+        f"cache_dir={out / 'finetune' / 'linear-pretrained' / 'cache'}",
+    )
     finetuned = None
     if args.finetune:
         run("finetune", probe_cfg, *common, "head=finetune", "run_name=finetune-pretrained")
         finetuned = probe_summary(out / "finetune" / "finetune-pretrained" / "results.json")
 
     print_losses(pretrain_dir)
-    print_probes(probe_summary(out / "finetune" / "linear-pretrained" / "results.json"),
-                 probe_summary(out / "finetune" / "linear-random" / "results.json"),
-                 probe_summary(out / "finetune" / "linear-speaker-norm" / "results.json"), finetuned)
-    print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min; everything is under {out}/ "
-          f"(results tables: {out}/finetune/*/results.md, confusion matrices: {out}/finetune/*/*.png)")
+    print_probes(
+        probe_summary(out / "finetune" / "linear-pretrained" / "results.json"),
+        probe_summary(out / "finetune" / "linear-random" / "results.json"),
+        probe_summary(out / "finetune" / "linear-speaker-norm" / "results.json"),
+        finetuned,
+    )
+    print(
+        f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min; everything is under {out}/ "
+        f"(results tables: {out}/finetune/*/results.md, confusion matrices: {out}/finetune/*/*.png)"
+    )
     return 0
 
 

@@ -155,7 +155,11 @@ class VideoPatchEmbed(nn.Module):
     def forward(self, video: Tensor) -> Tensor:
         """video: (B, T, 3, H, W) float -> (B, T/t * H/p * W/p, D), tokens in (t, h, w) order."""
         # DeepSpeed's bf16 engine holds bf16 weights and runs without autocast: follow the weights
-        x = self.proj(rearrange(video, "b t c h w -> b c t h w").to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        x = (
+            self.proj(rearrange(video, "b t c h w -> b c t h w").to(self.proj.weight.dtype))
+            .flatten(2)
+            .transpose(1, 2)
+        )
         x = x + self.pos_embed.to(x.dtype)
         return x if self.modality_token is None else x + self.modality_token
 
@@ -185,7 +189,9 @@ class FusionEncoder(nn.Module):
         rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
 
         def stack() -> nn.ModuleList:
-            return nn.ModuleList(CrossSelfBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r) for r in rates)
+            return nn.ModuleList(
+                CrossSelfBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, r) for r in rates
+            )
 
         self.video_blocks, self.audio_blocks = stack(), stack()
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)

@@ -14,7 +14,6 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 _aten = torch.ops.aten
 
 
-
 def _as_registered(op):
     """The registry's formula for `op`, marked so FlopCounterMode does not wrap it a second time (the
     registered formulas already turn tensors into shapes)."""
@@ -28,9 +27,12 @@ def _as_registered(op):
 
 
 CPU_ATTENTION_FORMULAS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _as_registered(_aten._scaled_dot_product_flash_attention),
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        _as_registered(_aten._scaled_dot_product_flash_attention_backward),
+    _aten._scaled_dot_product_flash_attention_for_cpu: _as_registered(
+        _aten._scaled_dot_product_flash_attention
+    ),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_registered(
+        _aten._scaled_dot_product_flash_attention_backward
+    ),
 }
 
 

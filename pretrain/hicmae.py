@@ -81,8 +81,9 @@ def checkpoint_kind(state: Mapping[str, object], where: str = "checkpoint") -> s
     return "finetune" if is_finetune else "pretrain"
 
 
-def convert_state(hicmae_state: Mapping[str, Tensor], target: Mapping[str, Tensor],
-                  where: str = "checkpoint") -> dict[str, Tensor]:
+def convert_state(
+    hicmae_state: Mapping[str, Tensor], target: Mapping[str, Tensor], where: str = "checkpoint"
+) -> dict[str, Tensor]:
     """HiCMAE state dict -> emomae state dict with the keys and shapes of `target` (an emomae
     module's state_dict, or any mapping of name -> tensor with `.shape`).
 
@@ -98,7 +99,9 @@ def convert_state(hicmae_state: Mapping[str, Tensor], target: Mapping[str, Tenso
         elif name not in target:
             unexpected.append(f"{key} -> {name}")
         elif tuple(target[name].shape) != tuple(tensor.shape):
-            shapes.append(f"{key}: checkpoint {tuple(tensor.shape)} vs emomae {name} {tuple(target[name].shape)}")
+            shapes.append(
+                f"{key}: checkpoint {tuple(tensor.shape)} vs emomae {name} {tuple(target[name].shape)}"
+            )
         else:
             out[name] = tensor
     missing = sorted(set(target) - set(out) - {emomae_name(k) for k in hicmae_state})
@@ -108,7 +111,9 @@ def convert_state(hicmae_state: Mapping[str, Tensor], target: Mapping[str, Tenso
     if unmapped:
         problems.append(f"{len(unmapped)} key(s) that are not HiCMAE's: {sorted(unmapped)[:5]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} key(s) with no place in this emomae model: {sorted(unexpected)[:5]}")
+        problems.append(
+            f"{len(unexpected)} key(s) with no place in this emomae model: {sorted(unexpected)[:5]}"
+        )
     if missing:
         problems.append(f"{len(missing)} emomae tensor(s) the checkpoint lacks: {missing[:5]}")
     if problems:
@@ -176,6 +181,9 @@ def model_config_from_checkpoint(state: Mapping[str, Tensor], args: object | Non
     }
     if "decoder.norm.weight" in state:  # pretraining checkpoint: the decoders' shape too
         decoder_width = int(state["decoder.norm.weight"].shape[0])
-        fields |= {"decoder_width": decoder_width, "decoder_heads": max(1, decoder_width // HEAD_DIM),
-                   "decoder_depth": _count_blocks(state, "decoder.blocks")}
+        fields |= {
+            "decoder_width": decoder_width,
+            "decoder_heads": max(1, decoder_width // HEAD_DIM),
+            "decoder_depth": _count_blocks(state, "decoder.blocks"),
+        }
     return fields

@@ -64,7 +64,11 @@ class InjectConfig:
             if not ok:
                 raise ValueError(f"inject.{key}={getattr(self, key)!r}: expected {what}")
 
-        need(bool(self.paths) and set(self.paths) <= set(ALIGN_PATHS), "paths", f"a non-empty subset of {ALIGN_PATHS}")
+        need(
+            bool(self.paths) and set(self.paths) <= set(ALIGN_PATHS),
+            "paths",
+            f"a non-empty subset of {ALIGN_PATHS}",
+        )
         need(set(self.path_weights) <= set(ALIGN_PATHS), "path_weights", f"keys among {ALIGN_PATHS}")
         need(0.0 <= self.caption_ratio <= 1.0, "caption_ratio", "a share in [0, 1]")
         need(self.text_view in ("full", "masked"), "text_view", "'full' or 'masked'")
@@ -80,7 +84,9 @@ def caption_ids(captions: list[str], device: torch.device | str = "cpu") -> Tens
     return torch.tensor([int(text_key(c)[:15], 16) for c in captions], dtype=torch.int64, device=device)
 
 
-def caption_infonce(av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale: Tensor, gather: bool = True) -> Tensor:
+def caption_infonce(
+    av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale: Tensor, gather: bool = True
+) -> Tensor:
     """Symmetric InfoNCE between AV and caption embeddings over the captioned rows only: the
     contrastive loss's `paired_logits` + `symmetric_infonce` (pretrain/losses.py) with `valid` as the
     presence flags and the caption ids as the same-text exclusion.
@@ -110,15 +116,31 @@ class InjectModule(PretrainModule):
     from the optimizer, the gradients and the checkpoint; `text_heads.*` are saved with the model.
     """
 
-    def __init__(self, model_cfg: ModelConfig, objective_cfg, optim_cfg, run_config: dict | None = None, *,
-                 inject_cfg: InjectConfig, init: str | None = None, text_cache_dir: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        objective_cfg,
+        optim_cfg,
+        run_config: dict | None = None,
+        *,
+        inject_cfg: InjectConfig,
+        init: str | None = None,
+        text_cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model_cfg, objective_cfg, optim_cfg, run_config, init=init, **kwargs)
         inject_cfg.check()
         self.inject_cfg = inject_cfg
-        self.text = FrozenTextEncoder(inject_cfg.text_encoder, cache_dir=inject_cfg.text_cache_dir or text_cache_dir)
-        self.text_heads = TextHeads(model_cfg.width, self.text.dim, inject_cfg.temperature,
-                                    inject_cfg.learnable_temperature, inject_cfg.paths)
+        self.text = FrozenTextEncoder(
+            inject_cfg.text_encoder, cache_dir=inject_cfg.text_cache_dir or text_cache_dir
+        )
+        self.text_heads = TextHeads(
+            model_cfg.width,
+            self.text.dim,
+            inject_cfg.temperature,
+            inject_cfg.learnable_temperature,
+            inject_cfg.paths,
+        )
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()} | {"text_heads.logit_scale"}
@@ -127,8 +149,13 @@ class InjectModule(PretrainModule):
         from pretrain.optim import build_optimizer
 
         # `self` holds both trainable parts (model.*, text_heads.*); the text encoder is not a submodule
-        optimizer, scheduler = build_optimizer(self, self.optim_cfg, self.peak_lr, self.final_lr, self.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        optimizer, scheduler = build_optimizer(
+            self, self.optim_cfg, self.peak_lr, self.final_lr, self.max_steps
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     def on_fit_start(self) -> None:
         self.text.to(self.device)
@@ -136,7 +163,9 @@ class InjectModule(PretrainModule):
     def on_train_end(self) -> None:
         self.text.flush()
 
-    def align_features(self, video: Tensor, fbank: Tensor, enc: EncoderOutput, has_caption: Tensor) -> dict[str, Tensor]:
+    def align_features(
+        self, video: Tensor, fbank: Tensor, enc: EncoderOutput, has_caption: Tensor
+    ) -> dict[str, Tensor]:
         """Projected, normalised `(B, text_dim)` per path. With `text_view=full` the captioned rows
         are re-encoded on all tokens; uncaptioned rows are zeros (they are masked out of the loss)."""
         if self.inject_cfg.text_view == "masked" or not bool(has_caption.any()):
@@ -168,7 +197,9 @@ class InjectModule(PretrainModule):
         scale = self.text_heads.scale()
         text_loss = stage1_loss.new_zeros(())
         for path, z in self.align_features(video, fbank, enc, has_caption).items():
-            terms[f"text_{path}"] = caption_infonce(z, text.to(z.dtype), ids, has_caption, scale, cfg.gather_negatives)
+            terms[f"text_{path}"] = caption_infonce(
+                z, text.to(z.dtype), ids, has_caption, scale, cfg.gather_negatives
+            )
             text_loss = text_loss + cfg.path_weights.get(path, 1.0) * terms[f"text_{path}"]
         terms["text"], terms["stage1"] = text_loss, stage1_loss
         loss = cfg.stage1_weight * stage1_loss + cfg.text_weight * text_loss
@@ -243,7 +274,9 @@ def concat_batches(a: dict, b: dict) -> dict:
             out[key] = torch.cat([value, b[key]]) if isinstance(value, Tensor) else list(value) + list(b[key])
     if "target" in a or "target" in b:  # regression targets of one stream only: NaN rows for the other
         width = (a.get("target") if "target" in a else b["target"]).shape[1]
-        rows = [x["target"] if "target" in x else torch.full((len(x["key"]), width), math.nan) for x in (a, b)]
+        rows = [
+            x["target"] if "target" in x else torch.full((len(x["key"]), width), math.nan) for x in (a, b)
+        ]
         out["target"] = torch.cat(rows)
     return out
 
@@ -268,12 +301,20 @@ class CaptionMixDataModule(AVDataModule):
                 return self._captioned_loader()
             return super().train_dataloader()
         cfg = self.cfg
-        plain = pretrain_pipeline(self._urls(cfg.train_groups), dataclasses.replace(cfg.stream(True), batch_size=plain_rows),
-                                  sample_filter=self.filters["train"], log_dir=cfg.error_log_dir, **self._ranks())
+        plain = pretrain_pipeline(
+            self._urls(cfg.train_groups),
+            dataclasses.replace(cfg.stream(True), batch_size=plain_rows),
+            sample_filter=self.filters["train"],
+            log_dir=cfg.error_log_dir,
+            **self._ranks(),
+        )
         mix = CaptionMix(plain, self._captioned_stream(caption_rows))
-        return StreamLoader(mix, on_iter=self._begin_train_epoch,
-                            on_batch=None if self.trainer is not None else self._consumed,
-                            **self._loader_kwargs(persistent=False))
+        return StreamLoader(
+            mix,
+            on_iter=self._begin_train_epoch,
+            on_batch=None if self.trainer is not None else self._consumed,
+            **self._loader_kwargs(persistent=False),
+        )
 
     def _captioned_stream(self, rows: int):
         cfg = self.cfg
@@ -282,24 +323,43 @@ class CaptionMixDataModule(AVDataModule):
         urls = resolve_shards(source, groups)
         keys = captioned_keys(urls)
         if not keys:
-            raise ValueError(f"inject.caption_ratio={self.inject_cfg.caption_ratio} but no sample of {source} has a "
-                             "caption (`txt` member): write shards with `emomae shards --captions FILE` or add "
-                             "them with `emomae merge-captions`")
+            raise ValueError(
+                f"inject.caption_ratio={self.inject_cfg.caption_ratio} but no sample of {source} has a "
+                "caption (`txt` member): write shards with `emomae shards --captions FILE` or add "
+                "them with `emomae merge-captions`"
+            )
         # a different seed: the captioned stream must not replay the plain stream's order
         stream_cfg = dataclasses.replace(cfg.stream(True), batch_size=rows, seed=cfg.seed + 7919)
-        return pretrain_pipeline(urls, stream_cfg, sample_filter=partial(_in_keys, keys=keys, inner=self.filters["train"]),
-                                 log_dir=cfg.error_log_dir, **self._ranks())
+        return pretrain_pipeline(
+            urls,
+            stream_cfg,
+            sample_filter=partial(_in_keys, keys=keys, inner=self.filters["train"]),
+            log_dir=cfg.error_log_dir,
+            **self._ranks(),
+        )
 
     def _captioned_loader(self) -> StreamLoader:
-        return StreamLoader(self._captioned_stream(self.cfg.batch_size), on_iter=self._begin_train_epoch,
-                            on_batch=None if self.trainer is not None else self._consumed,
-                            **self._loader_kwargs(persistent=False))
+        return StreamLoader(
+            self._captioned_stream(self.cfg.batch_size),
+            on_iter=self._begin_train_epoch,
+            on_batch=None if self.trainer is not None else self._consumed,
+            **self._loader_kwargs(persistent=False),
+        )
 
 
-
-def build_stage2(cfg: Any, run_config: dict, **module_kwargs: Any) -> tuple[InjectModule, CaptionMixDataModule]:
+def build_stage2(
+    cfg: Any, run_config: dict, **module_kwargs: Any
+) -> tuple[InjectModule, CaptionMixDataModule]:
     """Module and datamodule of a `stage: inject` run (`cfg`: pretrain.train.PretrainConfig)."""
     text_cache = str(Path(cfg.run_dir) / "text_cache")
-    module = InjectModule(cfg.model, cfg.objective, cfg.optim, run_config, inject_cfg=cfg.inject, init=cfg.init,
-                          text_cache_dir=text_cache, **module_kwargs)
+    module = InjectModule(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        run_config,
+        inject_cfg=cfg.inject,
+        init=cfg.init,
+        text_cache_dir=text_cache,
+        **module_kwargs,
+    )
     return module, CaptionMixDataModule(cfg.data, cfg.inject)

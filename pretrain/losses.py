@@ -43,8 +43,12 @@ def note_fp32(what: str, why: str, *tensors: Tensor) -> None:
         return
     low = (torch.bfloat16, torch.float16)
     devices = {t.device.type for t in tensors} or {"cpu"}
-    autocast = any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
-                   and torch.get_autocast_dtype(d) in low for d in devices)
+    autocast = any(
+        torch.amp.is_autocast_available(d)
+        and torch.is_autocast_enabled(d)
+        and torch.get_autocast_dtype(d) in low
+        for d in devices
+    )
     if autocast or any(t.dtype in low for t in tensors):
         _FP32_NOTED.add(what)
         log.warning("low-precision run: %s computes in fp32 on purpose (%s)", what, why)
@@ -70,8 +74,11 @@ def frame_difference(tubelets: Tensor) -> Tensor:
 def video_target(patches: Tensor, tubelet: int, norm_pix: bool = True, frame_diff: bool = True) -> Tensor:
     """patches: (B, N, tubelet * p * p * 3) of de-normalised [0, 1] pixels in (t, p, p, c) order ->
     target of the same shape."""
-    note_fp32("video reconstruction target", "per-patch mean/std and frame differences of [0, 1] pixels "
-              "need more than bf16's 8-bit mantissa", patches)
+    note_fp32(
+        "video reconstruction target",
+        "per-patch mean/std and frame differences of [0, 1] pixels need more than bf16's 8-bit mantissa",
+        patches,
+    )
     b, n, d = patches.shape
     x = patches.reshape(b, n, tubelet, d // (tubelet * 3), 3).float()
     if norm_pix:
@@ -101,7 +108,9 @@ def mse_over_present(pred: Tensor, target: Tensor, present: Tensor | None = None
     """Mean squared error of `pred` against `target`, both (B, N, D) (the masked tokens, as the
     reconstruction passes them), averaged over every element; `present` (B,) bool: averaged over the
     samples flagged present only (0 when there are none), None: over all samples."""
-    note_fp32("reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target)
+    note_fp32(
+        "reconstruction MSE", "a mean over ~1e5-1e6 squared errors loses digits in a bf16 sum", pred, target
+    )
     if present is None:
         return F.mse_loss(pred.float(), target.float())
     errors = F.mse_loss(pred.float(), target.float(), reduction="none")
@@ -177,10 +186,13 @@ class GatheredInfoNCE(nn.Module):
         a_to_b, b_to_a, offset, _ = self.scored(a, b, present)
         return a_to_b, b_to_a, offset
 
-    def scored(self, a: Tensor, b: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    def scored(
+        self, a: Tensor, b: Tensor, present: Tensor | None
+    ) -> tuple[Tensor, Tensor, int, Tensor | None]:
         """`logits` and the (W*B,) presence of their columns (None without `present`)."""
-        return paired_logits(a, b, self.logit_scale.float().clamp(max=math.log(100.0)).exp(), present,
-                             self.gather_negatives)
+        return paired_logits(
+            a, b, self.logit_scale.float().clamp(max=math.log(100.0)).exp(), present, self.gather_negatives
+        )
 
     def forward(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> Tensor:
         """`present` (B,) bool: pairs that take part (see the module docstring); None: all of them."""
@@ -191,21 +203,34 @@ class GatheredInfoNCE(nn.Module):
         return loss[0] if single else loss
 
 
-def paired_logits(a: Tensor, b: Tensor, scale: Tensor, present: Tensor | None = None, gather: bool = True,
-                  ids: Tensor | None = None) -> tuple[Tensor, Tensor, int, Tensor | None]:
+def paired_logits(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    present: Tensor | None = None,
+    gather: bool = True,
+    ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
     """a, b: (B, L, D) paired features (L2-normalised here, in fp32), `scale` the logit multiplier
     (1 / temperature) -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B), column of the local
     batch's first row, (W*B,) presence of the columns or None without `present`). Row i's positive is
     column offset + i; with `gather=False` the columns are the local batch only and offset is 0.
     `present` (B,) bool: the columns of absent pairs (on any rank) are -inf, no candidate. `ids` (B,)
     int: a column with the same id as the row (other than its positive) is -inf too, not a negative."""
-    note_fp32("contrastive logits (outside autocast)", "1 / temperature (14 at 0.07) scales the cosine "
-              "similarities, and bf16's 8-bit mantissa would blur the logits", a, b)
+    note_fp32(
+        "contrastive logits (outside autocast)",
+        "1 / temperature (14 at 0.07) scales the cosine "
+        "similarities, and bf16's 8-bit mantissa would blur the logits",
+        a,
+        b,
+    )
     pairs = F.normalize(torch.stack([a, b], dim=-2).float(), dim=-1)  # (B, L, 2, D)
     everyone, offset = gather_with_grad(pairs) if gather else (pairs, 0)
     # autocast would run the einsum in bf16, whose 8-bit mantissa blurs logits at temperature 0.07
     device = a.device.type
-    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    no_autocast = (
+        torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    )
     with no_autocast:
         scale = scale.float()
         a_to_b = scale * torch.einsum("bld,cld->lbc", pairs[:, :, 0], everyone[:, :, 1])
@@ -224,8 +249,9 @@ def paired_logits(a: Tensor, b: Tensor, scale: Tensor, present: Tensor | None = 
     return a_to_b.masked_fill(absent, -math.inf), b_to_a.masked_fill(absent, -math.inf), offset, columns
 
 
-def symmetric_infonce(a_to_b: Tensor, b_to_a: Tensor, offset: int, columns: Tensor | None,
-                      present: Tensor | None = None) -> Tensor:
+def symmetric_infonce(
+    a_to_b: Tensor, b_to_a: Tensor, offset: int, columns: Tensor | None, present: Tensor | None = None
+) -> Tensor:
     """The symmetric InfoNCE of `paired_logits`' output -> (L,) one loss per level. With `present`,
     absent rows are no anchors and the kept rows are weighed by `sample_weights` among all ranks'
     columns (the module docstring: the rank mean is the mean over every rank's kept pairs)."""

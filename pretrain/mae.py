@@ -231,7 +231,9 @@ class MaskedAVAutoencoder(nn.Module):
         video_tgt, audio_tgt = self.targets(video_uint8, fbank)
         return {
             "recon_video": mse_over_present(video_pred, gather_tokens(video_tgt, video_mask.ids_masked)),
-            "recon_audio": mse_over_present(audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present),
+            "recon_audio": mse_over_present(
+                audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present
+            ),
         }
 
     def contrastive_pairs(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
@@ -244,7 +246,9 @@ class MaskedAVAutoencoder(nn.Module):
                 levels[f"contrastive_l{level}"] = (enc.video_layers[level - 1], enc.audio_layers[level - 1])
         return levels
 
-    def forward_contrastive(self, enc: EncoderOutput, audio_present: Tensor | None = None) -> dict[str, Tensor]:
+    def forward_contrastive(
+        self, enc: EncoderOutput, audio_present: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum; clips without
         audio (`audio_present` False) are neither anchors nor negatives."""
         total, per_level = self.contrastive(self.contrastive_pairs(enc), audio_present)
@@ -277,7 +281,9 @@ class MaskedAVAutoencoder(nn.Module):
         video_mask, audio_mask = masks
         enc = self.forward_encoder(normalize_video(video_uint8), fbank, video_mask, audio_mask)
         video_pred, audio_pred = self.forward_decoder(enc, video_mask, audio_mask)
-        terms = self.forward_loss(video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask, audio_present)
+        terms = self.forward_loss(
+            video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask, audio_present
+        )
         loss = terms["recon_video"] + terms["recon_audio"]
         if self.contrastive_levels:
             terms |= self.forward_contrastive(enc, audio_present)
@@ -291,8 +297,12 @@ class MaskedAVAutoencoder(nn.Module):
         back to pixel/fbank units with the true patches' statistics (targets are normalised per patch).
         -> video (B, T, 3, H, W) in [0, 1], fbank (B, F, M)."""
         obj, t = self.objective, self.cfg.tubelet
-        note_fp32("reconstruction pictures", "predictions are mapped back to pixels with fp32 patch statistics",
-                  out.video_pred, out.audio_pred)
+        note_fp32(
+            "reconstruction pictures",
+            "predictions are mapped back to pixels with fp32 patch statistics",
+            out.video_pred,
+            out.audio_pred,
+        )
         video_patches, audio_patches = self.patchify(video_uint8.float() / 255.0, fbank.float())
         b, nm = out.video_pred.shape[:2]
         truth = gather_tokens(video_patches, out.video_mask.ids_masked).view(b, nm, t, -1, 3)

@@ -30,10 +30,14 @@ class Mask:
         hidden ids are each in ascending position order, the order of `x[~mask]` and `x[mask]`.
         Every row must hide the same number of tokens, so batches stay rectangular."""
         if mask.ndim != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"a mask must be (B, N) bool with True = hidden, got {tuple(mask.shape)} {mask.dtype}")
+            raise ValueError(
+                f"a mask must be (B, N) bool with True = hidden, got {tuple(mask.shape)} {mask.dtype}"
+            )
         hidden = mask.sum(1)
         if mask.shape[0] and not bool((hidden == hidden[0]).all()):
-            raise ValueError(f"every row of a mask must hide the same number of tokens, got {hidden.tolist()}")
+            raise ValueError(
+                f"every row of a mask must hide the same number of tokens, got {hidden.tolist()}"
+            )
         # a stable sort on the flag lists visible positions first, each group in ascending order
         order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
         keep = mask.shape[1] - int(hidden[0]) if mask.shape[0] else mask.shape[1]

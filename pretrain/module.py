@@ -66,8 +66,13 @@ class PretrainModule(pl.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def forward(self, video: Tensor, fbank: Tensor, generator: torch.Generator | None = None,
-                audio_present: Tensor | None = None) -> MAEOutput:
+    def forward(
+        self,
+        video: Tensor,
+        fbank: Tensor,
+        generator: torch.Generator | None = None,
+        audio_present: Tensor | None = None,
+    ) -> MAEOutput:
         return self.model(video, fbank, generator=generator, audio_present=audio_present)
 
     def mask_generator(self) -> torch.Generator:
@@ -93,12 +98,19 @@ class PretrainModule(pl.LightningModule):
         self.log_dict({f"loss/{k}": v for k, v in out.terms.items()}, batch_size=batch_size)
         if audio_present is not None:  # a tensor: logged without waiting for the device
             self.log("train/audio_samples", audio_present.sum().float(), batch_size=batch_size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size
+        )
         return out.loss
 
     def configure_optimizers(self) -> dict:
-        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.peak_lr, self.final_lr, self.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        optimizer, scheduler = build_optimizer(
+            self.model, self.optim_cfg, self.peak_lr, self.final_lr, self.max_steps
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     # -- pictures ---------------------------------------------------------------------------------
 
@@ -129,8 +141,12 @@ class PretrainModule(pl.LightningModule):
         finally:
             model.train(was_training)
         return {
-            "video": video.float() / 255.0, "video_masked": video_masked, "video_recon": video_recon,
-            "fbank": fbank.float(), "fbank_masked": fbank_masked, "fbank_recon": fbank_recon,
+            "video": video.float() / 255.0,
+            "video_masked": video_masked,
+            "video_recon": video_recon,
+            "fbank": fbank.float(),
+            "fbank_masked": fbank_masked,
+            "fbank_recon": fbank_recon,
         }
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ def scaled_lr(cfg: OptimConfig, effective_batch: int) -> tuple[float, float]:
     return peak, final
 
 
-def param_groups(model: nn.Module, weight_decay: float, extra_no_weight_decay: list[str] | tuple = ()) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, extra_no_weight_decay: list[str] | tuple = ()
+) -> list[dict]:
     """Two AdamW groups: decay for matrices, none for 1-D params, biases and the model's own
     `no_weight_decay()` names (mask, modality and position tokens).
 

@@ -198,12 +198,20 @@ class TextHeads(nn.Module):
     Ships with exports of stage-2 models (`text_heads.safetensors`) because zero-shot needs them.
     """
 
-    def __init__(self, width: int, text_dim: int, temperature: float = 0.07, learn_temperature: bool = True,
-                 paths: tuple[str, ...] | list[str] = ALIGN_PATHS):
+    def __init__(
+        self,
+        width: int,
+        text_dim: int,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        paths: tuple[str, ...] | list[str] = ALIGN_PATHS,
+    ):
         super().__init__()
         unknown = sorted(set(paths) - set(ALIGN_PATHS))
         if unknown:
-            raise ValueError(f"TextHeads: unknown alignment paths {unknown}; expected a subset of {ALIGN_PATHS}")
+            raise ValueError(
+                f"TextHeads: unknown alignment paths {unknown}; expected a subset of {ALIGN_PATHS}"
+            )
         self.width, self.text_dim = width, text_dim
         # only the trained paths get a head: an unused head would stall DDP's gradient reduction
         in_dim = {"video": width, "audio": width, "fused": 2 * width}
@@ -217,7 +225,9 @@ class TextHeads(nn.Module):
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """pooled: output of `pool_paths` -> L2-normalised `(B, text_dim)` per path present."""
-        return {path: F.normalize(self.proj[path](x), dim=-1) for path, x in pooled.items() if path in self.proj}
+        return {
+            path: F.normalize(self.proj[path](x), dim=-1) for path, x in pooled.items() if path in self.proj
+        }
 
     def scale(self) -> torch.Tensor:
         # Clamp as CLIP does: a runaway scale (> 100) makes the softmax one-hot and training unstable.

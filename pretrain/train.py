@@ -72,7 +72,9 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/pretrain"
     seed: int = 0
-    stage: str = "mae"  # mae (stage 1) | inject (stage 2: caption alignment, pretrain/inject.py, docs/vaemo.md)
+    stage: str = (
+        "mae"  # mae (stage 1) | inject (stage 2: caption alignment, pretrain/inject.py, docs/vaemo.md)
+    )
     # weights to start from (weights only; resume= restores a whole run): a .ckpt of `emomae pretrain`
     # (stage 2 starts from stage 1) or a folder of `emomae import-hicmae` (HiCMAE's pretrained model)
     init: str | None = None
@@ -105,8 +107,10 @@ class PretrainSummary:
         )
         if self.corrupt.get("samples") or self.corrupt.get("shards"):
             c = self.corrupt
-            text += (f"\n  skipped: {c['samples']} corrupt samples, {c['shards']} shard read errors "
-                     f"({c['samples_lost']} samples missing from shards that ended early); see {c['log_dir']}")
+            text += (
+                f"\n  skipped: {c['samples']} corrupt samples, {c['shards']} shard read errors "
+                f"({c['samples_lost']} samples missing from shards that ended early); see {c['log_dir']}"
+            )
         return text
 
 
@@ -115,8 +119,12 @@ def corrupt_summary(log_dir: str | Path) -> dict[str, Any]:
     from data_pipelines.stream import read_corrupt_logs
 
     events = read_corrupt_logs(log_dir) if Path(log_dir).is_dir() else []
-    return {"samples": sum(e["kind"] == "sample" for e in events), "shards": sum(e["kind"] == "shard" for e in events),
-            "samples_lost": sum(int(e.get("lost") or 0) for e in events), "log_dir": str(log_dir)}
+    return {
+        "samples": sum(e["kind"] == "sample" for e in events),
+        "shards": sum(e["kind"] == "shard" for e in events),
+        "samples_lost": sum(int(e.get("lost") or 0) for e in events),
+        "log_dir": str(log_dir),
+    }
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -136,7 +144,9 @@ def check(cfg: PretrainConfig) -> None:
         if name not in LOGGERS:
             raise ConfigError(f"logging.logger: unknown logger {name!r}; choose from {LOGGERS}")
     if not cfg.data.shards:
-        raise ConfigError("data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern")
+        raise ConfigError(
+            "data.shards is empty: set it to a shard directory (with index.json) or a .tar pattern"
+        )
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
     try:
@@ -154,8 +164,10 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError(str(err)) from err
     schedule = cfg.optim.schedule_steps or t.max_steps
     if cfg.optim.warmup_steps >= schedule and schedule > 1:
-        raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below the schedule length "
-                          f"({schedule}: optim.schedule_steps, else trainer.max_steps)")
+        raise ConfigError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below the schedule length "
+            f"({schedule}: optim.schedule_steps, else trainer.max_steps)"
+        )
     if t.ckpt_every_n_steps < 1:
         raise ConfigError(f"trainer.ckpt_every_n_steps must be >= 1, got {t.ckpt_every_n_steps}")
     try:
@@ -197,9 +209,11 @@ def check_data_follows_model(cfg: PretrainConfig) -> None:
     for key in ("num_frames", "img_size", "fbank_frames", "mel_bins"):
         data_value, model_value = getattr(cfg.data, key), getattr(cfg.model, key)
         if data_value != model_value:
-            raise ConfigError(f"data.{key}={data_value} but model.{key}={model_value}: the loader must produce the "
-                              f"model's input; set data.{key}={model_value} (or leave it to the config's "
-                              f"${{model.{key}}})")
+            raise ConfigError(
+                f"data.{key}={data_value} but model.{key}={model_value}: the loader must produce the "
+                f"model's input; set data.{key}={model_value} (or leave it to the config's "
+                f"${{model.{key}}})"
+            )
 
 
 def shard_geometry_errors(cfg: PretrainConfig, sampling: dict) -> list[str]:
@@ -222,14 +236,20 @@ def shard_geometry_notes(model: ModelConfig, sampling: dict) -> list[str]:
     if sampling.get("img_size") is not None and sampling["img_size"] < model.img_size:
         notes.append(f"{sampling['img_size']} px frames are upsampled to the model's {model.img_size} px")
     if None not in (sampling.get("num_frames"), sampling.get("frame_stride"), sampling.get("sample_rate")):
-        window = round(sampling["num_frames"] * sampling["frame_stride"] / sampling["grid_fps"] * sampling["sample_rate"])
+        window = round(
+            sampling["num_frames"] * sampling["frame_stride"] / sampling["grid_fps"] * sampling["sample_rate"]
+        )
         audio_frames = num_fbank_frames(window, sampling["sample_rate"])
         if abs(audio_frames - model.fbank_frames) > 0.05 * model.fbank_frames:
-            notes.append(f"a window's audio is {audio_frames} fbank frames, cut or padded to the model's {model.fbank_frames}")
+            notes.append(
+                f"a window's audio is {audio_frames} fbank frames, cut or padded to the model's {model.fbank_frames}"
+            )
     stored_bins = sampling.get("fbank_mel_bins")
     if stored_bins is not None and stored_bins != model.mel_bins:
-        notes.append(f"the stored fbank.npy has {stored_bins} mel bins, the model takes {model.mel_bins}, so the "
-                     "loader computes the fbank from the audio (slower)")
+        notes.append(
+            f"the stored fbank.npy has {stored_bins} mel bins, the model takes {model.mel_bins}, so the "
+            "loader computes the fbank from the audio (slower)"
+        )
     return notes
 
 
@@ -253,12 +273,16 @@ def shards_for_run(cfg: PretrainConfig) -> dict | None:
     if sampling is None:
         return cfg.shard_sampling
     where = f"the shards in {Path(sampling['source']).parent} (per {Path(sampling['source']).name})"
-    advice = (f"shards for this model: `emomae shards <manifest.csv> <out_dir> {shard_options_for(cfg.model, sampling)}`"
-              " and data.shards=<out_dir>")
+    advice = (
+        f"shards for this model: `emomae shards <manifest.csv> <out_dir> {shard_options_for(cfg.model, sampling)}`"
+        " and data.shards=<out_dir>"
+    )
     problems = shard_geometry_errors(cfg, sampling)
     if problems:
-        raise ConfigError(f"{where} do not fit this run: {'; '.join(problems)}. Write {advice}, or pick a model that "
-                          "fits these shards")
+        raise ConfigError(
+            f"{where} do not fit this run: {'; '.join(problems)}. Write {advice}, or pick a model that "
+            "fits these shards"
+        )
     notes = shard_geometry_notes(cfg.model, sampling)
     if notes:
         print(f"emomae pretrain: note: {where}: {'; '.join(notes)}; {advice}", file=sys.stderr)
@@ -270,7 +294,10 @@ def announce_pipe_commands(cfg: PretrainConfig) -> None:
     commands = pipe_commands(shard_url_specs(cfg))
     if commands:
         shown = "; ".join(commands[:3]) + (f"; ... ({len(commands)} commands)" if len(commands) > 3 else "")
-        print(f"emomae pretrain: data.allow_pipe_urls=true, shards are read by running: {shown}", file=sys.stderr)
+        print(
+            f"emomae pretrain: data.allow_pipe_urls=true, shards are read by running: {shown}",
+            file=sys.stderr,
+        )
 
 
 def loggers_of(logging: LoggingConfig) -> list[str]:
@@ -327,8 +354,14 @@ def build_loggers(cfg: PretrainConfig, run_dir: Path, resolved: dict) -> list:
                 if _is_global_zero():
                     id_file.write_text(run_id)
             logger = WandbLogger(
-                project=cfg.logging.project, entity=cfg.logging.entity, name=cfg.logging.run_name or run_dir.name,
-                save_dir=str(run_dir), id=run_id, resume="allow", tags=list(cfg.logging.tags), config=resolved,
+                project=cfg.logging.project,
+                entity=cfg.logging.entity,
+                name=cfg.logging.run_name or run_dir.name,
+                save_dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+                tags=list(cfg.logging.tags),
+                config=resolved,
             )
             out.append(logger)
     return out
@@ -351,8 +384,12 @@ def build_strategy(cfg: PretrainConfig, precision: str, world_size: int):
 
         yaml_path = t.deepspeed_config or CONFIG_DIR / STRATEGY_FILES[t.strategy]
         ds = build_deepspeed_config(
-            yaml_path, micro_batch=cfg.data.batch_size, accumulate=t.accumulate_grad_batches,
-            world_size=world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
+            yaml_path,
+            micro_batch=cfg.data.batch_size,
+            accumulate=t.accumulate_grad_batches,
+            world_size=world_size,
+            grad_clip=cfg.optim.grad_clip,
+            precision=precision,
         )
         return deepspeed_strategy(ds)
     return "auto"
@@ -369,14 +406,20 @@ def build_callbacks(cfg: PretrainConfig, run_dir: Path) -> list:
     callbacks = [
         # "step" as the monitor keeps the newest ckpt_keep step checkpoints; last.ckpt is always written
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-            every_n_train_steps=t.ckpt_every_n_steps, save_last=True, save_top_k=t.ckpt_keep,
-            monitor="step", mode="max",
+            dirpath=ckpt_dir,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every_n_steps,
+            save_last=True,
+            save_top_k=t.ckpt_keep,
+            monitor="step",
+            mode="max",
         ),
         ThroughputMonitor(
             batch_size_fn=lambda b: b["video"].shape[0],
             length_fn=lambda b: b["video"].shape[0] * tokens_per_clip,  # input tokens (visible + masked)
-            window_size=max(2, min(50, t.log_every_n_steps)), separator="/",
+            window_size=max(2, min(50, t.log_every_n_steps)),
+            separator="/",
         ),
         MemoryMonitor(),
         ReconstructionImages(run_dir / "images", cfg.logging.image_every_n_steps, cfg.logging.image_samples),
@@ -411,14 +454,25 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
     # the world size decides the lr (blr x global batch / 256), so the Trainer comes first
     world_size = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
     trainer_kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=precision,
-        strategy=build_strategy(cfg, precision, world_size), max_steps=t.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=precision,
+        strategy=build_strategy(cfg, precision, world_size),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
         # DeepSpeed clips inside its engine (gradient_clipping in its config)
         gradient_clip_val=None if t.strategy.startswith("deepspeed") else cfg.optim.grad_clip,
-        callbacks=build_callbacks(cfg, run_dir), enable_progress_bar=t.progress_bar,
-        default_root_dir=run_dir, deterministic=t.deterministic, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_model_summary=True, use_distributed_sampler=False,  # shards are split by the data pipeline
+        callbacks=build_callbacks(cfg, run_dir),
+        enable_progress_bar=t.progress_bar,
+        default_root_dir=run_dir,
+        deterministic=t.deterministic,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=True,
+        use_distributed_sampler=False,  # shards are split by the data pipeline
     )
     peak_lr, final_lr = scaled_lr(cfg.optim, cfg.data.batch_size * t.accumulate_grad_batches * world_size)
     resolved = resolved_dict(cfg, precision=precision, lr=peak_lr, min_lr=final_lr)
@@ -431,7 +485,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         save_config(OmegaConf.create(resolved), run_dir / "config.yaml")
 
     schedule_steps = cfg.optim.schedule_steps or t.max_steps
-    module_kwargs = dict(peak_lr=peak_lr, final_lr=final_lr, max_steps=schedule_steps, seed=cfg.seed, compile=t.compile)
+    module_kwargs = dict(
+        peak_lr=peak_lr, final_lr=final_lr, max_steps=schedule_steps, seed=cfg.seed, compile=t.compile
+    )
     if cfg.stage == "inject":
         from pretrain.inject import build_stage2
 
@@ -458,8 +514,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainSummary:
         interrupted = signal.Signals(signal_cb.received).name
     last = run_dir / "checkpoints" / "last.ckpt"
     summary = PretrainSummary(
-        run_dir=str(run_dir), steps=trainer.global_step, seconds=time.perf_counter() - start,
-        last_checkpoint=str(last) if last.exists() else None, interrupted_by=interrupted,
+        run_dir=str(run_dir),
+        steps=trainer.global_step,
+        seconds=time.perf_counter() - start,
+        last_checkpoint=str(last) if last.exists() else None,
+        interrupted_by=interrupted,
         losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")},
         corrupt=corrupt_summary(cfg.data.error_log_dir),
     )
@@ -495,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         "overridden by key=value pairs, e.g. `emomae pretrain configs/pretrain/base.yaml "
         "data.shards=/data/vox2 trainer.devices=4 optim.blr=3e-4`.",
     )
-    parser.add_argument("config", help="YAML run config, or the name of a shipped one: demo, tiny, small, base, "
-                        "large, inject_<size> (configs/pretrain/)")
+    parser.add_argument(
+        "config",
+        help="YAML run config, or the name of a shipped one: demo, tiny, small, base, "
+        "large, inject_<size> (configs/pretrain/)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     args = parser.parse_intermixed_args(argv)

@@ -21,7 +21,9 @@ def test_without_cuda_it_refuses_and_creates_nothing(tmp_path):
     out = tmp_path / "gpu_check"
     # no GPU visible, whatever this machine has
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", EMOMAE_PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr and "torch.cuda.is_available() is False" in proc.stderr
     assert "PASS" not in proc.stdout and "FAIL" not in proc.stdout

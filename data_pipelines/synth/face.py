@@ -23,8 +23,9 @@ def _paint(img: np.ndarray, cover: np.ndarray, color) -> None:
     img += color
 
 
-def _band(img: np.ndarray, a: np.ndarray, b: np.ndarray, cy: np.ndarray, rx: float, top: float,
-          bottom: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _band(
+    img: np.ndarray, a: np.ndarray, b: np.ndarray, cy: np.ndarray, rx: float, top: float, bottom: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Views of the image rows that can hold face units [top, bottom] in a chunk of frames (margin:
     roll, anti-aliasing); painting only those is most of the renderer's speed."""
     size = img.shape[1]
@@ -33,8 +34,15 @@ def _band(img: np.ndarray, a: np.ndarray, b: np.ndarray, cy: np.ndarray, rx: flo
     return img[:, r0:r1], a[:, r0:r1], b[:, r0:r1]
 
 
-def render_face(spk: dict, clip: dict, mouth: np.ndarray, size: int, fps: float, cfg: SynthConfig,
-                rng: np.random.Generator) -> np.ndarray:
+def render_face(
+    spk: dict,
+    clip: dict,
+    mouth: np.ndarray,
+    size: int,
+    fps: float,
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Draw the talking face. `mouth`: (T,) speech envelope per frame. Returns (T, S, S, 3) uint8."""
     f = clip["face"]
     frames = len(mouth)
@@ -42,8 +50,9 @@ def render_face(spk: dict, clip: dict, mouth: np.ndarray, size: int, fps: float,
     ph = rng.uniform(0, 2 * np.pi, 4)
     hz = rng.uniform(0.15, 0.5, 2)
     sway = cfg.head_motion * size
-    cx = size * (0.5 + spk["offset"][0]) + sway * (0.7 * np.sin(2 * np.pi * hz[0] * t + ph[0])
-                                                  + 0.3 * np.sin(3.4 * np.pi * hz[0] * t + ph[1]))
+    cx = size * (0.5 + spk["offset"][0]) + sway * (
+        0.7 * np.sin(2 * np.pi * hz[0] * t + ph[0]) + 0.3 * np.sin(3.4 * np.pi * hz[0] * t + ph[1])
+    )
     cy = size * (0.53 + spk["offset"][1]) + 0.6 * sway * np.sin(2 * np.pi * hz[1] * t + ph[2])
     roll = (cfg.head_motion / 0.03) * 0.04 * np.sin(1.6 * np.pi * hz[1] * t + ph[3])
     blink = np.ones(frames)
@@ -96,10 +105,19 @@ def render_face(spk: dict, clip: dict, mouth: np.ndarray, size: int, fps: float,
             _paint(part, _soft(np.maximum(np.hypot(ea - ex, eb - eye_y) - 0.075, sclera), px), (55, 40, 30))
             # Brow: a thick segment; tilt < 0 pulls the inner end down and towards the nose.
             ia = side * (spk["eye_dx"] - 0.13 + 0.05 * min(f["brow_tilt"], 0.0))
-            ib, oa, ob = brow_y - 0.07 * f["brow_tilt"], side * (spk["eye_dx"] + 0.2), brow_y + 0.02 * f["brow_tilt"]
-            u = np.clip(((ea - ia) * (oa - ia) + (eb - ib) * (ob - ib)) / ((oa - ia) ** 2 + (ob - ib) ** 2), 0, 1)
-            _paint(part, _soft(np.hypot(ea - ia - u * (oa - ia), eb - ib - u * (ob - ib)) - bt, px),
-                   np.array(spk["hair"], np.float32) * 0.8)
+            ib, oa, ob = (
+                brow_y - 0.07 * f["brow_tilt"],
+                side * (spk["eye_dx"] + 0.2),
+                brow_y + 0.02 * f["brow_tilt"],
+            )
+            u = np.clip(
+                ((ea - ia) * (oa - ia) + (eb - ib) * (ob - ib)) / ((oa - ia) ** 2 + (ob - ib) ** 2), 0, 1
+            )
+            _paint(
+                part,
+                _soft(np.hypot(ea - ia - u * (oa - ia), eb - ib - u * (ob - ib)) - bt, px),
+                np.array(spk["hair"], np.float32) * 0.8,
+            )
 
         # Mouth: a lip band around a midline bent by mouth_curve, opened by the speech envelope.
         centre = spk["mouth_y"] * asp
@@ -112,7 +130,11 @@ def render_face(spk: dict, clip: dict, mouth: np.ndarray, size: int, fps: float,
         top, bottom = mid - 0.35 * o * arc, mid + 0.65 * o * arc
         lip = spk["lip"] * (1 - 0.6 * f["lip_press"]) * np.sqrt(arc) + 0.008
         side_d = np.abs(ma) - mw
-        _paint(part, _soft(np.maximum.reduce([side_d, top - lip - mb, mb - bottom - lip]), px), skin * [0.8, 0.5, 0.5])
+        _paint(
+            part,
+            _soft(np.maximum.reduce([side_d, top - lip - mb, mb - bottom - lip]), px),
+            skin * [0.8, 0.5, 0.5],
+        )
         inside = np.maximum.reduce([side_d + 0.02, top - mb, mb - bottom])
         _paint(part, _soft(inside, px), (60, 20, 25))
         _paint(part, _soft(np.maximum(inside, mb - top - 0.35 * (bottom - top)), px), (225, 220, 205))

@@ -14,44 +14,136 @@ CLASSES: tuple[str, ...] = dataset_info("crema-d").classes  # ANG DIS FEA HAP NE
 
 # The confusion design: which face and which voice each class gets. Classes sharing a group are
 # drawn from the same distribution in that modality, so only the other modality separates them.
-FACE_GROUP = {"ANG": "frown", "DIS": "frown", "FEA": "worried", "SAD": "worried", "HAP": "smile", "NEU": "neutral"}
-VOICE_GROUP = {"ANG": "aroused", "HAP": "aroused", "DIS": "subdued", "SAD": "subdued", "FEA": "trembling",
-               "NEU": "plain"}
+FACE_GROUP = {
+    "ANG": "frown",
+    "DIS": "frown",
+    "FEA": "worried",
+    "SAD": "worried",
+    "HAP": "smile",
+    "NEU": "neutral",
+}
+VOICE_GROUP = {
+    "ANG": "aroused",
+    "HAP": "aroused",
+    "DIS": "subdued",
+    "SAD": "subdued",
+    "FEA": "trembling",
+    "NEU": "plain",
+}
 
 # Face prototypes at full intensity. brow_tilt < 0: inner ends down (drawn together); mouth_curve > 0:
 # corners up; lip_press thins the lips and damps the articulation; mouth_rest: opening between syllables.
 FACES: dict[str, dict[str, float]] = {
-    "neutral": dict(brow_raise=0.0, brow_tilt=0.0, eye_open=1.0, mouth_curve=0.0, mouth_width=1.0, lip_press=0.0,
-                    mouth_rest=0.0),
-    "frown": dict(brow_raise=-1.0, brow_tilt=-1.0, eye_open=0.6, mouth_curve=-0.3, mouth_width=0.8, lip_press=0.8,
-                  mouth_rest=0.0),
-    "worried": dict(brow_raise=0.8, brow_tilt=1.0, eye_open=1.25, mouth_curve=-0.9, mouth_width=1.05, lip_press=0.2,
-                    mouth_rest=0.3),
-    "smile": dict(brow_raise=0.3, brow_tilt=0.0, eye_open=0.7, mouth_curve=1.0, mouth_width=1.25, lip_press=0.0,
-                  mouth_rest=0.6),
+    "neutral": dict(
+        brow_raise=0.0,
+        brow_tilt=0.0,
+        eye_open=1.0,
+        mouth_curve=0.0,
+        mouth_width=1.0,
+        lip_press=0.0,
+        mouth_rest=0.0,
+    ),
+    "frown": dict(
+        brow_raise=-1.0,
+        brow_tilt=-1.0,
+        eye_open=0.6,
+        mouth_curve=-0.3,
+        mouth_width=0.8,
+        lip_press=0.8,
+        mouth_rest=0.0,
+    ),
+    "worried": dict(
+        brow_raise=0.8,
+        brow_tilt=1.0,
+        eye_open=1.25,
+        mouth_curve=-0.9,
+        mouth_width=1.05,
+        lip_press=0.2,
+        mouth_rest=0.3,
+    ),
+    "smile": dict(
+        brow_raise=0.3,
+        brow_tilt=0.0,
+        eye_open=0.7,
+        mouth_curve=1.0,
+        mouth_width=1.25,
+        lip_press=0.0,
+        mouth_rest=0.6,
+    ),
 }
 # Voice prototypes: loudness (dB re. the loudest), pitch shift and accent range (semitones), spectral
 # tilt (harmonic k has amplitude k^-tilt: low = tense/bright), jitter (relative f0 noise), tremor
 # (semitones at ~5.5 Hz), breathiness (aspiration share) and contour (pitch slope per syllable, st).
 VOICES: dict[str, dict[str, float]] = {
-    "plain": dict(loudness_db=-8.0, pitch_st=0.0, range_st=1.5, tilt=1.2, jitter=0.004, tremor_st=0.0, breath=0.08,
-                  contour=-1.0),
-    "aroused": dict(loudness_db=0.0, pitch_st=5.0, range_st=4.0, tilt=0.7, jitter=0.004, tremor_st=0.0, breath=0.04,
-                    contour=1.5),
-    "trembling": dict(loudness_db=-5.0, pitch_st=8.0, range_st=2.0, tilt=1.3, jitter=0.02, tremor_st=0.8, breath=0.3,
-                      contour=0.5),
-    "subdued": dict(loudness_db=-14.0, pitch_st=-3.0, range_st=0.6, tilt=1.9, jitter=0.012, tremor_st=0.0,
-                    breath=0.2, contour=-2.0),
+    "plain": dict(
+        loudness_db=-8.0,
+        pitch_st=0.0,
+        range_st=1.5,
+        tilt=1.2,
+        jitter=0.004,
+        tremor_st=0.0,
+        breath=0.08,
+        contour=-1.0,
+    ),
+    "aroused": dict(
+        loudness_db=0.0,
+        pitch_st=5.0,
+        range_st=4.0,
+        tilt=0.7,
+        jitter=0.004,
+        tremor_st=0.0,
+        breath=0.04,
+        contour=1.5,
+    ),
+    "trembling": dict(
+        loudness_db=-5.0,
+        pitch_st=8.0,
+        range_st=2.0,
+        tilt=1.3,
+        jitter=0.02,
+        tremor_st=0.8,
+        breath=0.3,
+        contour=0.5,
+    ),
+    "subdued": dict(
+        loudness_db=-14.0,
+        pitch_st=-3.0,
+        range_st=0.6,
+        tilt=1.9,
+        jitter=0.012,
+        tremor_st=0.0,
+        breath=0.2,
+        contour=-2.0,
+    ),
 }
 # Size of one unit of `expression_jitter` per parameter (so one jitter value suits them all).
-FACE_SCALE = dict(brow_raise=1.0, brow_tilt=1.0, eye_open=0.4, mouth_curve=1.0, mouth_width=0.3, lip_press=0.8,
-                  mouth_rest=0.5)
-VOICE_SCALE = dict(loudness_db=10.0, pitch_st=5.0, range_st=2.0, tilt=0.8, jitter=0.01, tremor_st=0.5, breath=0.2,
-                   contour=1.5)
-SKIN = np.array([[255, 224, 196], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36], [92, 56, 30]],
-                dtype=np.float32)
-HAIR = np.array([[20, 15, 10], [60, 40, 25], [110, 75, 40], [200, 170, 110], [150, 60, 30], [120, 120, 120]],
-                dtype=np.float32)
+FACE_SCALE = dict(
+    brow_raise=1.0,
+    brow_tilt=1.0,
+    eye_open=0.4,
+    mouth_curve=1.0,
+    mouth_width=0.3,
+    lip_press=0.8,
+    mouth_rest=0.5,
+)
+VOICE_SCALE = dict(
+    loudness_db=10.0,
+    pitch_st=5.0,
+    range_st=2.0,
+    tilt=0.8,
+    jitter=0.01,
+    tremor_st=0.5,
+    breath=0.2,
+    contour=1.5,
+)
+SKIN = np.array(
+    [[255, 224, 196], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36], [92, 56, 30]],
+    dtype=np.float32,
+)
+HAIR = np.array(
+    [[20, 15, 10], [60, 40, 25], [110, 75, 40], [200, 170, 110], [150, 60, 30], [120, 120, 120]],
+    dtype=np.float32,
+)
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -88,18 +180,35 @@ class SynthConfig:
                 raise ValueError(f"SynthConfig.{key}={getattr(self, key)!r}: expected {what}")
 
         need(self.seed >= 0, "seed", "a non-negative integer")
-        need(self.num_speakers >= 1 and self.clips_per_speaker_class >= 1, "num_speakers", ">= 1 speakers and clips")
-        need(2 <= self.folds <= self.num_speakers, "folds", f"2 <= folds <= num_speakers ({self.num_speakers})")
+        need(
+            self.num_speakers >= 1 and self.clips_per_speaker_class >= 1,
+            "num_speakers",
+            ">= 1 speakers and clips",
+        )
+        need(
+            2 <= self.folds <= self.num_speakers, "folds", f"2 <= folds <= num_speakers ({self.num_speakers})"
+        )
         # decord 0.6.0 misreads frames 48 or 72 pixels wide (it counts the row padding as channels);
         # decode.py works around it, but the dataset should open in any decord reader.
-        need(self.frame_size >= 32 and self.frame_size % 2 == 0 and self.frame_size not in (48, 72), "frame_size",
-             "an even size >= 32 (yuv420p), not 48 or 72 (decord 0.6.0 misreads those widths)")
+        need(
+            self.frame_size >= 32 and self.frame_size % 2 == 0 and self.frame_size not in (48, 72),
+            "frame_size",
+            "an even size >= 32 (yuv420p), not 48 or 72 (decord 0.6.0 misreads those widths)",
+        )
         need(0 < self.fps <= 120, "fps", "0 < fps <= 120")
         need(0.5 <= self.seconds <= 60, "seconds", "0.5 <= seconds <= 60")
         need(self.sample_rate in AAC_RATES, "sample_rate", f"one of the AAC rates {AAC_RATES}")
-        need(0 <= self.intensity_min <= self.intensity_max, "intensity_min", "0 <= intensity_min <= intensity_max")
+        need(
+            0 <= self.intensity_min <= self.intensity_max,
+            "intensity_min",
+            "0 <= intensity_min <= intensity_max",
+        )
         need(self.face_gain > 0, "face_gain", "a positive factor on the face's expression displacement")
-        need(self.noise_dbfs_min <= self.noise_dbfs_max < 0, "noise_dbfs_min", "noise_dbfs_min <= noise_dbfs_max < 0")
+        need(
+            self.noise_dbfs_min <= self.noise_dbfs_max < 0,
+            "noise_dbfs_min",
+            "noise_dbfs_min <= noise_dbfs_max < 0",
+        )
         need(self.video_codec in ("libx264", "mpeg4"), "video_codec", "'libx264' or 'mpeg4'")
         need(0 <= self.caption_emotion_rate <= 1, "caption_emotion_rate", "a share in [0, 1]")
         need(self.workers >= 0, "workers", ">= 0")
@@ -109,7 +218,7 @@ def speaker_traits(cfg: SynthConfig, s: int) -> dict:
     """Identity of speaker `s`: looks, base pitch, vocal tract and habits (fixed by seed and index)."""
     rng = np.random.default_rng([cfg.seed, 0, s])
     female = bool(rng.random() < 0.5)
-    mix = lambda table: (table[rng.integers(len(table))] * 0.7 + table[rng.integers(len(table))] * 0.3)  # noqa: E731
+    mix = lambda table: table[rng.integers(len(table))] * 0.7 + table[rng.integers(len(table))] * 0.3  # noqa: E731
     return {
         "speaker": f"spk{s:03d}",
         "female": female,
@@ -139,7 +248,10 @@ def clip_params(cfg: SynthConfig, spk: dict, label: int, rng: np.random.Generato
     j = cfg.expression_jitter
 
     def blend(proto: dict, neutral: dict, scale: dict, gain: float = 1.0) -> dict:
-        return {p: neutral[p] + gain * k * (proto[p] - neutral[p]) + j * scale[p] * rng.standard_normal() for p in proto}
+        return {
+            p: neutral[p] + gain * k * (proto[p] - neutral[p]) + j * scale[p] * rng.standard_normal()
+            for p in proto
+        }
 
     face = blend(FACES[FACE_GROUP[name]], FACES["neutral"], FACE_SCALE, cfg.face_gain)
     face["brow_raise"] += spk["rest_brow"]
@@ -154,7 +266,9 @@ def clip_params(cfg: SynthConfig, spk: dict, label: int, rng: np.random.Generato
     voice["breath"] = min(voice["breath"], 0.6)
     voice["tilt"] = max(voice["tilt"], 0.3)
     return {
-        "label": label, "label_name": name, "intensity": k,
+        "label": label,
+        "label_name": name,
+        "intensity": k,
         "face": {p: round(v, 4) for p, v in face.items()},
         "voice": {p: round(v, 5) for p, v in voice.items()},
         # Speaking rate is a speaker habit, not a class cue: the lips show the syllable rhythm, so a

@@ -14,7 +14,9 @@ class ClipProgress:
     line per tenth of the job and one at the end, e.g. `synth: 36/72 clips (50 %), 4.1 clips/s, 9 s left`.
     `enabled=False` counts silently (library calls of `generate`)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, desc: str = "synth", enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, stream: TextIO | None = None, desc: str = "synth", enabled: bool = True
+    ) -> None:
         self.total, self.desc, self.done, self.enabled = total, desc, 0, enabled
         self.stream = stream if stream is not None else sys.stdout
         self.every = max(1, math.ceil(total / 10))
@@ -36,9 +38,13 @@ class ClipProgress:
     def line(self) -> str:
         took = time.perf_counter() - self._start
         rate = self.done / took if took > 0 else 0.0
-        left = f", {(self.total - self.done) / rate:.0f} s left" if rate > 0 and self.done < self.total else ""
-        return (f"{self.desc}: {self.done}/{self.total} clips ({100 * self.done / max(self.total, 1):.0f} %), "
-                f"{rate:.1f} clips/s{left}")
+        left = (
+            f", {(self.total - self.done) / rate:.0f} s left" if rate > 0 and self.done < self.total else ""
+        )
+        return (
+            f"{self.desc}: {self.done}/{self.total} clips ({100 * self.done / max(self.total, 1):.0f} %), "
+            f"{rate:.1f} clips/s{left}"
+        )
 
     def close(self) -> None:
         if self._bar is not None:

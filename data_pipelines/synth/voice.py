@@ -6,11 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 # (F1, F2, F3) in Hz of an adult male vocal tract; speakers scale them by their tract factor.
-VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010], [570, 840, 2410], [300, 870, 2240]],
-                  dtype=np.float64)
+VOWELS = np.array(
+    [[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010], [570, 840, 2410], [300, 870, 2240]],
+    dtype=np.float64,
+)
 
 
-def synth_voice(spk: dict, clip: dict, seconds: float, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synth_voice(
+    spk: dict, clip: dict, seconds: float, sr: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Source-filter speech: harmonics of a prosodic f0 contour shaped by per-syllable formants.
 
     Returns `wave` (N,) float32 in [-1, 1] and the syllable energy envelope `env` (N,) in [0, 1].
@@ -39,9 +43,16 @@ def synth_voice(spk: dict, clip: dict, seconds: float, sr: int, rng: np.random.G
     nucleus = ok & (tau < 0.8)  # the last fifth of a syllable is a closure
     env = np.where(nucleus, accent[idx] * np.sin(np.pi * np.clip(tau, 0, 0.8) / 0.8) ** 0.7, 0.0)
 
-    semis = (v["pitch_st"] + target[idx] + v["contour"] * (tau - 0.4) - 1.5 * (t / seconds - 0.5)
-             + v["tremor_st"] * np.sin(2 * np.pi * 5.5 * t + rng.uniform(0, 2 * np.pi)))
-    wobble = np.interp(t, np.arange(int(seconds * 200) + 2) / 200, rng.standard_normal(int(seconds * 200) + 2))
+    semis = (
+        v["pitch_st"]
+        + target[idx]
+        + v["contour"] * (tau - 0.4)
+        - 1.5 * (t / seconds - 0.5)
+        + v["tremor_st"] * np.sin(2 * np.pi * 5.5 * t + rng.uniform(0, 2 * np.pi))
+    )
+    wobble = np.interp(
+        t, np.arange(int(seconds * 200) + 2) / 200, rng.standard_normal(int(seconds * 200) + 2)
+    )
     f0 = spk["f0"] * 2 ** (semis / 12) * (1 + v["jitter"] * wobble)
     phase = 2 * np.pi * np.cumsum(f0) / sr
 

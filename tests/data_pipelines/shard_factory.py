@@ -16,23 +16,40 @@ from torchvision.io import encode_jpeg
 SAMPLE_RATE = 16000
 
 
-def make_sample(key: str, num_frames: int = 4, size: int = 32, seconds: float = 0.64, label=None,
-                caption: str | None = None, seed: int = 0) -> dict:
+def make_sample(
+    key: str,
+    num_frames: int = 4,
+    size: int = 32,
+    seconds: float = 0.64,
+    label=None,
+    caption: str | None = None,
+    seed: int = 0,
+) -> dict:
     """One sample: `num_frames` JPEG frames of size x size, a mono int16 wav, the JSON metadata."""
     g = torch.Generator().manual_seed(seed)
     sample = {"__key__": key}
     base = torch.randint(0, 256, (3, 1, 1), generator=g, dtype=torch.uint8)
     for t in range(num_frames):
-        frame = (base.int() + torch.randint(-20, 20, (3, size, size), generator=g)).clamp(0, 255).to(torch.uint8)
+        frame = (
+            (base.int() + torch.randint(-20, 20, (3, size, size), generator=g)).clamp(0, 255).to(torch.uint8)
+        )
         sample[f"f{t:02d}.jpg"] = encode_jpeg(frame, quality=90).numpy().tobytes()
     n = int(seconds * SAMPLE_RATE)
     rng = np.random.default_rng(seed)
-    audio = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / SAMPLE_RATE) + 0.05 * rng.standard_normal(n))
+    audio = 0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / SAMPLE_RATE) + 0.05 * rng.standard_normal(n)
     buf = io.BytesIO()
     sf.write(buf, (audio * 32767).astype(np.int16), SAMPLE_RATE, format="WAV", subtype="PCM_16")
     sample["wav"] = buf.getvalue()
-    meta = {"key": key, "clip_key": key.rsplit("_w", 1)[0], "window": 0, "label": label, "num_frames": num_frames,
-            "sample_rate": SAMPLE_RATE, "audio_samples": n, "speaker": f"spk{seed % 3}"}
+    meta = {
+        "key": key,
+        "clip_key": key.rsplit("_w", 1)[0],
+        "window": 0,
+        "label": label,
+        "num_frames": num_frames,
+        "sample_rate": SAMPLE_RATE,
+        "audio_samples": n,
+        "speaker": f"spk{seed % 3}",
+    }
     sample["json"] = json.dumps(meta).encode()
     if caption is not None:
         sample["txt"] = caption.encode()
@@ -49,9 +66,17 @@ def without_audio(sample: dict) -> dict:
     return sample | {"wav": buf.getvalue(), "json": json.dumps(meta).encode()}
 
 
-def write_shard_dir(out: Path, sizes: list[int], group: str = "all", num_frames: int = 4, size: int = 32,
-                    seconds: float = 0.64, labelled: bool = True, first_index: int = 0,
-                    no_audio: frozenset[int] = frozenset()) -> list[str]:
+def write_shard_dir(
+    out: Path,
+    sizes: list[int],
+    group: str = "all",
+    num_frames: int = 4,
+    size: int = 32,
+    seconds: float = 0.64,
+    labelled: bool = True,
+    first_index: int = 0,
+    no_audio: frozenset[int] = frozenset(),
+) -> list[str]:
     """Shards `<group>-%06d.tar` holding `sizes[i]` samples each plus index.json; returns their paths.
 
     Keys are `c{global index:04d}_w000`; label = index % 6 when `labelled`; the samples whose global
@@ -63,8 +88,9 @@ def write_shard_dir(out: Path, sizes: list[int], group: str = "all", num_frames:
         name = f"{group}-{i:06d}.tar"
         with wds.TarWriter(str(out / name)) as sink:
             for _ in range(n):
-                sample = make_sample(f"c{k:04d}_w000", num_frames, size, seconds,
-                                     label=(k % 6) if labelled else None, seed=k)
+                sample = make_sample(
+                    f"c{k:04d}_w000", num_frames, size, seconds, label=(k % 6) if labelled else None, seed=k
+                )
                 sink.write(without_audio(sample) if k in no_audio else sample)
                 k += 1
         urls.append(str(out / name))

@@ -13,7 +13,9 @@ from data_pipelines.augment import (
 
 
 def clip(t: int = 4, h: int = 48, w: int = 40, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (t, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (t, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def gen(seed: int) -> torch.Generator:

@@ -12,8 +12,18 @@ from shard_factory import keys_of, make_sample, write_shard_dir
 from data_pipelines.datamodule import AVDataModule, DataConfig
 from pretrain.config import load_config
 
-SMALL = dict(num_frames=4, img_size=24, fbank_frames=64, batch_size=3, epoch_length=5, shuffle_buffer=6,
-             crop_scale=[0.5, 1.0], hflip=0.5, audio_gain_db=2.0, seed=7)
+SMALL = dict(
+    num_frames=4,
+    img_size=24,
+    fbank_frames=64,
+    batch_size=3,
+    epoch_length=5,
+    shuffle_buffer=6,
+    crop_scale=[0.5, 1.0],
+    hflip=0.5,
+    audio_gain_db=2.0,
+    seed=7,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,13 @@ def shard_dir(tmp_path_factory):
 
 
 def module(shard_dir, **over) -> AVDataModule:
-    cfg = dict(SMALL, shards=str(shard_dir), train_groups=["fold0"], val_groups=["fold1"], test_groups=["fold0", "fold1"])
+    cfg = dict(
+        SMALL,
+        shards=str(shard_dir),
+        train_groups=["fold0"],
+        val_groups=["fold1"],
+        test_groups=["fold0", "fold1"],
+    )
     return AVDataModule({**cfg, **over}, rank=0, world_size=1)
 
 
@@ -109,8 +125,16 @@ class KeyRecorder(pl.LightningModule):
 
 
 def trainer(tmp_path, **kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def test_lightning_checkpoint_resume_continues_the_data_stream(shard_dir, tmp_path):
@@ -121,7 +145,9 @@ def test_lightning_checkpoint_resume_continues_the_data_stream(shard_dir, tmp_pa
     saved = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=True)
     assert saved["AVDataModule"]["batches"] == 3
     resumed = KeyRecorder()
-    trainer(tmp_path).fit(resumed, datamodule=module(shard_dir, num_workers=0), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    trainer(tmp_path).fit(
+        resumed, datamodule=module(shard_dir, num_workers=0), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt"
+    )
     assert resumed.seen == full.seen[3:]
 
 
@@ -149,8 +175,17 @@ def test_data_config_loads_from_yaml_with_overrides(tmp_path, shard_dir):
 def test_datamodule_streams_the_builtin_dataset_shards_exactly_once(synth_shards):
     index = json.loads((synth_shards / "index.json").read_text())
     groups = sorted({s["group"] for s in index["shards"]})
-    cfg = dict(shards=str(synth_shards), train_groups=groups[1:], test_groups=groups, num_frames=8, img_size=48,
-               fbank_frames=128, batch_size=4, epoch_length=2, num_workers=0)
+    cfg = dict(
+        shards=str(synth_shards),
+        train_groups=groups[1:],
+        test_groups=groups,
+        num_frames=8,
+        img_size=48,
+        fbank_frames=128,
+        batch_size=4,
+        epoch_length=2,
+        num_workers=0,
+    )
     seen = []
     for rank in range(2):
         dm = AVDataModule(cfg, rank=rank, world_size=2)

@@ -175,7 +175,9 @@ def test_frame_directory_spanning_its_wav_is_read_at_frames_per_audio_second(tmp
     (w,) = clip.windows
     assert w.frame_indices == [0, 4, 8, 12]
     assert [int(f.mean()) for f in w.frames] == [0, 40, 80, 120]
-    with pytest.raises(DecodeError, match=r"frames has no paired audio and no frame rate: add an `fps` column"):
+    with pytest.raises(
+        DecodeError, match=r"frames has no paired audio and no frame rate: add an `fps` column"
+    ):
         decode_clip(frames, SamplingConfig(num_frames=4, frame_stride=4, img_size=16))
 
 

@@ -28,13 +28,23 @@ from data_pipelines.samples import CorruptSampleError
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
 
-GPU_CHECK = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run it on a GPU machine)")
+GPU_CHECK = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU check: needs CUDA (run it on a GPU machine)"
+)
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU_CHECK)]
 
 # synth_shards hold 8 frames of 64 x 64: a 48 px crop/resize makes every pixel step run.
-TRAIN = StreamConfig(batch_size=4, num_frames=8, img_size=48, fbank=FbankConfig(fbank_frames=64),
-                     video_aug=VideoAugConfig(img_size=48, crop_scale=(0.3, 1.0), hflip=0.5, color_jitter=0.4),
-                     audio_gain_db=3.0, shuffle_buffer=8, epoch_length=3, seed=5)
+TRAIN = StreamConfig(
+    batch_size=4,
+    num_frames=8,
+    img_size=48,
+    fbank=FbankConfig(fbank_frames=64),
+    video_aug=VideoAugConfig(img_size=48, crop_scale=(0.3, 1.0), hflip=0.5, color_jitter=0.4),
+    audio_gain_db=3.0,
+    shuffle_buffer=8,
+    epoch_length=3,
+    seed=5,
+)
 
 
 def bytes_mode(cfg: StreamConfig) -> StreamConfig:
@@ -62,8 +72,11 @@ def test_pretrain_bytes_path_gives_the_decoding_paths_batches(synth_shards, devi
     urls = shard_urls(synth_shards)
     classic = list(DataLoader(pretrain_pipeline(urls, TRAIN, rank=0, world_size=1), batch_size=None))
     # through a real worker: the bytes travel in shared memory
-    shipped = list(DataLoader(pretrain_pipeline(urls, bytes_mode(TRAIN), rank=0, world_size=1), batch_size=None,
-                              num_workers=1))
+    shipped = list(
+        DataLoader(
+            pretrain_pipeline(urls, bytes_mode(TRAIN), rank=0, world_size=1), batch_size=None, num_workers=1
+        )
+    )
     decode = DeviceFrameDecoder(device)
     assert len(shipped) == len(classic) == TRAIN.epoch_length
     for got, want in zip(shipped, classic):
@@ -106,8 +119,11 @@ def test_the_header_gives_the_decoded_frame_size_and_rejects_damaged_files(synth
     frame = make_sample("k", num_frames=1, size=40)["f00.jpg"]
     decoded = decode_jpeg(torch.frombuffer(bytearray(frame), dtype=torch.uint8))
     assert jpeg_frame_size(frame) == tuple(decoded.shape[1:]) == (40, 40)
-    for damaged, reason in ((b"garbage", "not a JPEG"), (frame[: len(frame) // 2], "truncated"),
-                            (frame[:2] + b"\xff\xda" + frame[-2:], "no readable frame header")):
+    for damaged, reason in (
+        (b"garbage", "not a JPEG"),
+        (frame[: len(frame) // 2], "truncated"),
+        (frame[:2] + b"\xff\xda" + frame[-2:], "no readable frame header"),
+    ):
         with pytest.raises(CorruptSampleError, match=reason):
             jpeg_frame_size(damaged)
 
@@ -116,7 +132,7 @@ def damaged_inside(frame: bytes) -> bytes:
     """Frame size and end marker intact, a bogus Huffman table after them: only decoding can tell
     (libjpeg-turbo skips most garbage inside the scan data with a warning, so that would not do)."""
     table = frame.index(b"\xff\xc4", frame.index(b"\xff\xc0"))  # a DHT segment after the frame header
-    return frame[:table + 5] + b"\xff" * 16 + frame[table + 21:]  # its 16 code counts
+    return frame[: table + 5] + b"\xff" * 16 + frame[table + 21 :]  # its 16 code counts
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +151,22 @@ def shard_with_bad_frames(tmp_path_factory):
 def test_bad_jpegs_in_bytes_mode_are_dropped_and_named(shard_with_bad_frames, tmp_path, device):
     cfg = StreamConfig(batch_size=6, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=64))
     classic = next(iter(eval_pipeline([shard_with_bad_frames], cfg, rank=0, world_size=1, shard_sizes=[6])))
-    batch = next(iter(eval_pipeline([shard_with_bad_frames], bytes_mode(cfg), rank=0, world_size=1,
-                                    shard_sizes=[6], log_dir=tmp_path)))
+    batch = next(
+        iter(
+            eval_pipeline(
+                [shard_with_bad_frames],
+                bytes_mode(cfg),
+                rank=0,
+                world_size=1,
+                shard_sizes=[6],
+                log_dir=tmp_path,
+            )
+        )
+    )
     # the worker rejects the garbage frame by its header, naming the sample
-    assert [(e["key"], "not a JPEG" in e["reason"]) for e in read_corrupt_logs(tmp_path)] == [("c0001_w000", True)]
+    assert [(e["key"], "not a JPEG" in e["reason"]) for e in read_corrupt_logs(tmp_path)] == [
+        ("c0001_w000", True)
+    ]
     assert batch["stream"]["corrupt"] == 1 and len(batch["key"]) == 5
     decode = DeviceFrameDecoder(device)
     video = decode(batch)["video"]
@@ -152,8 +180,19 @@ def test_bad_jpegs_in_bytes_mode_are_dropped_and_named(shard_with_bad_frames, tm
 
 
 def data_module(shards, **over) -> AVDataModule:
-    cfg = dict(shards=str(shards), train_groups=["fold0"], val_groups=["fold1"], num_frames=8, img_size=48,
-               fbank_frames=64, batch_size=4, epoch_length=2, shuffle_buffer=4, num_workers=0, hflip=0.5)
+    cfg = dict(
+        shards=str(shards),
+        train_groups=["fold0"],
+        val_groups=["fold1"],
+        num_frames=8,
+        img_size=48,
+        fbank_frames=64,
+        batch_size=4,
+        epoch_length=2,
+        shuffle_buffer=4,
+        num_workers=0,
+        hflip=0.5,
+    )
     return AVDataModule({**cfg, **over}, rank=0, world_size=1)
 
 
@@ -186,7 +225,9 @@ def test_gpu_check_datamodule_decodes_train_and_val_batches_on_cuda(synth_shards
 
 def test_the_bytes_path_carries_the_missing_audio_flag_and_blank_fbank(tmp_path):
     urls = write_shard_dir(tmp_path, [5], no_audio=frozenset({1, 3}))
-    cfg = StreamConfig(batch_size=5, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32))
+    cfg = StreamConfig(
+        batch_size=5, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32)
+    )
     (classic,) = list(eval_pipeline(urls, cfg, rank=0, world_size=1))
     (shipped,) = list(eval_pipeline(urls, bytes_mode(cfg), rank=0, world_size=1))
     assert shipped["audio_present"].tolist() == [True, False, True, False, True]

@@ -24,10 +24,26 @@ from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
 from data_pipelines.synthetic import write_mp4
 
 # 4 frames 8 grid steps apart per window, 2 windows: 8 sampled frames (0.32 s apart) per clip.
-REAL_CFG = ShardConfig(num_frames=4, frame_stride=8, img_size=32, max_windows=2, samples_per_shard=32,
-                       group_by="none", precompute_fbank=False, face="auto")
-CFG = ShardConfig(num_frames=4, frame_stride=8, img_size=48, max_windows=1, samples_per_shard=64,
-                  group_by="none", precompute_fbank=False, face="auto")
+REAL_CFG = ShardConfig(
+    num_frames=4,
+    frame_stride=8,
+    img_size=32,
+    max_windows=2,
+    samples_per_shard=32,
+    group_by="none",
+    precompute_fbank=False,
+    face="auto",
+)
+CFG = ShardConfig(
+    num_frames=4,
+    frame_stride=8,
+    img_size=48,
+    max_windows=1,
+    samples_per_shard=64,
+    group_by="none",
+    precompute_fbank=False,
+    face="auto",
+)
 HAAR = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
 
@@ -72,7 +88,11 @@ def real_tracks(real_shards) -> dict[str, dict]:
             seen += 1
             inside += ref[0] <= cx <= ref[2] and ref[1] <= cy <= ref[3]
         results[f"{Path(path).parent.name}/{Path(path).name}"] = {
-            "share": windows[0]["face"]["clip_share"], "frames": len(indices), "haar_frames": seen, "inside": inside}
+            "share": windows[0]["face"]["clip_share"],
+            "frames": len(indices),
+            "haar_frames": seen,
+            "inside": inside,
+        }
     return results
 
 
@@ -80,13 +100,17 @@ def test_anchors_are_the_896_ssd_centres_of_the_short_range_model():
     anchors = blazeface_anchors()
     assert anchors.shape == (896, 2)
     assert np.allclose(anchors[0], [0.5 / 16, 0.5 / 16]) and np.allclose(anchors[1], anchors[0])  # 2 per cell
-    assert np.allclose(anchors[512], [0.5 / 8, 0.5 / 8]) and np.allclose(anchors[512:518], anchors[512])  # 6 per cell
+    assert np.allclose(anchors[512], [0.5 / 8, 0.5 / 8]) and np.allclose(
+        anchors[512:518], anchors[512]
+    )  # 6 per cell
     assert np.allclose(anchors[-1], [7.5 / 8, 7.5 / 8])
     full = blazeface_anchors(FULL_RANGE)
     assert full.shape == (2304, 2) and np.allclose(full[1], [1.5 / 48, 0.5 / 48])
 
 
-def test_the_face_is_found_on_at_least_90_percent_of_the_sampled_frames_of_every_real_clip(real_shards, real_tracks):
+def test_the_face_is_found_on_at_least_90_percent_of_the_sampled_frames_of_every_real_clip(
+    real_shards, real_tracks
+):
     assert real_shards[1]["totals"]["clips"] == 35 and real_shards[1]["totals"]["skipped"] == {}
     assert len(real_tracks) == 35
     low = {k: r["share"] for k, r in real_tracks.items() if r["share"] < 0.9}
@@ -130,7 +154,9 @@ def still_clip(path: Path, frames: np.ndarray, seconds: float = 1.6) -> Path:
 
 def two_faces(realdata_dir: Path) -> np.ndarray:
     """Frames of a 512 px face beside the same frames of a 224 px face, on one 736 x 512 canvas."""
-    big = decord.VideoReader(str(realdata_dir / "hdtf_sadtalker" / "RD_Radio2_000.mp4")).get_batch(range(0, 40, 4))
+    big = decord.VideoReader(str(realdata_dir / "hdtf_sadtalker" / "RD_Radio2_000.mp4")).get_batch(
+        range(0, 40, 4)
+    )
     small = decord.VideoReader(str(realdata_dir / "voxceleb2_pcavs" / "00015.mp4")).get_batch(range(0, 40, 4))
     canvas = np.zeros((10, 512, 736, 3), np.uint8)
     canvas[:, :, :512] = big.asnumpy()
@@ -144,7 +170,11 @@ FAR_OFFSET = (700, 300)  # where the GRID frame sits on the 1280 x 720 canvas
 def far_face(realdata_dir: Path) -> np.ndarray:
     """GRID frames (360 x 288, a 128 px face) on a 1280 x 720 canvas: the face a tenth of the frame's
     width, as far as RAVDESS's speakers and too small for the short-range model."""
-    grid = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg")).get_batch(range(0, 40, 4)).asnumpy()
+    grid = (
+        decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))
+        .get_batch(range(0, 40, 4))
+        .asnumpy()
+    )
     canvas = np.full((10, 720, 1280, 3), 200, np.uint8)
     x, y = FAR_OFFSET
     canvas[:, y : y + 288, x : x + 360] = grid
@@ -156,9 +186,15 @@ def face_shards(realdata_dir, tmp_path_factory) -> tuple[Path, dict, str]:
     """face=auto shards of 4 real clips (GRID 360 x 288, VoxCeleb2 224, HDTF 512, 844 px), a clip
     with no face (smooth noise), one with two faces, and one real clip whose manifest bbox wins."""
     tmp = tmp_path_factory.mktemp("face_shards")
-    rows = [r for r in scan_folder(realdata_dir) if r.key.endswith(("bbaf2n", "00015", "RD_Radio2_000", "examples-2"))]
+    rows = [
+        r
+        for r in scan_folder(realdata_dir)
+        if r.key.endswith(("bbaf2n", "00015", "RD_Radio2_000", "examples-2"))
+    ]
     noise = np.random.default_rng(0).integers(0, 255, (4, 18, 24, 3), np.uint8)
-    noise = np.stack([np.asarray(Image.fromarray(f).resize((240, 180), Image.Resampling.BICUBIC)) for f in noise])
+    noise = np.stack(
+        [np.asarray(Image.fromarray(f).resize((240, 180), Image.Resampling.BICUBIC)) for f in noise]
+    )
     rows.append(ManifestRow("noface", str(still_clip(tmp / "noface.mp4", noise))))
     rows.append(ManifestRow("twofaces", str(still_clip(tmp / "twofaces.mp4", two_faces(realdata_dir)))))
     rows.append(ManifestRow("farface", str(still_clip(tmp / "farface.mp4", far_face(realdata_dir)))))
@@ -195,7 +231,9 @@ def test_face_auto_crops_the_face_and_records_each_frames_box_in_the_json(face_s
     assert len(meta["face"]["boxes"]) == 4
     x0, y0, x1, y1 = meta["face"]["boxes"][0]
     assert x1 - x0 == pytest.approx(y1 - y0) and 100 < x1 - x0 < 250  # a face square, not the 288 px frame
-    source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[meta["frame_indices"][0]].asnumpy()
+    source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[
+        meta["frame_indices"][0]
+    ].asnumpy()
     expected = crop_resize(source, 48, tuple(meta["face"]["boxes"][0]))
     stored = np.asarray(Image.open(io.BytesIO(grid["f00.jpg"])))
     centre_crop = crop_resize(source, 48)
@@ -240,7 +278,9 @@ def test_a_manifest_bbox_overrides_face_auto(face_shards, realdata_dir):
     boxed = samples_of(out)["boxed"]
     meta = json.loads(boxed["json"])
     assert "face" not in meta
-    source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[meta["frame_indices"][0]].asnumpy()
+    source = decord.VideoReader(str(realdata_dir / "grid_lipnet" / "bbaf2n.mpg"))[
+        meta["frame_indices"][0]
+    ].asnumpy()
     stored = np.asarray(Image.open(io.BytesIO(boxed["f00.jpg"])))
     assert np.abs(stored.astype(int) - crop_resize(source, 48, (0, 0, 120, 120))).mean() < 8
 
@@ -255,7 +295,9 @@ def test_provenance_names_the_detector_its_sha256_and_the_settings(face_shards):
     assert face["clips"] == 6  # every written clip but the one with a manifest bbox
     assert face["share_below_1"] == {}  # the face is on every sampled frame of each
     shas = {m["file"]: m["sha256"] for m in face["detector"]["models"]}
-    assert shas["face_detection_full_range.tflite"] == hashlib.sha256(FULL_RANGE.path.read_bytes()).hexdigest()
+    assert (
+        shas["face_detection_full_range.tflite"] == hashlib.sha256(FULL_RANGE.path.read_bytes()).hexdigest()
+    )
     assert face["full_range"] == ["farface"]
 
 
@@ -271,8 +313,22 @@ def test_the_built_in_synthetic_faces_shard_with_face_auto(synth_manifest, tmp_p
 def test_preview_writes_a_contact_sheet_of_n_clips_and_no_shards(face_shards, tmp_path, capsys):
     _, _, manifest = face_shards
     out = tmp_path / "preview"
-    assert main([str(manifest), str(out), "--preview", "3", "--face", "auto", "num_frames=4", "frame_stride=8",
-                 "img_size=48"]) == 0
+    assert (
+        main(
+            [
+                str(manifest),
+                str(out),
+                "--preview",
+                "3",
+                "--face",
+                "auto",
+                "num_frames=4",
+                "frame_stride=8",
+                "img_size=48",
+            ]
+        )
+        == 0
+    )
     sheet = Image.open(out / "preview.png")
     assert sheet.height >= 2 * 192 and sheet.width >= 2 * 2 * 192  # 3 tiles in 2 columns
     assert not list(out.glob("*.tar"))

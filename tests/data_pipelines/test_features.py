@@ -49,12 +49,26 @@ def test_short_audio_is_zero_padded_before_normalising_and_long_audio_is_cut():
 
 
 def test_kaldi_settings_are_the_reference_recipe():
-    assert KALDI_FBANK_ARGS == dict(htk_compat=True, window_type="hanning", frame_length=25.0, frame_shift=10.0,
-                                    use_energy=False, dither=0.0)
+    assert KALDI_FBANK_ARGS == dict(
+        htk_compat=True,
+        window_type="hanning",
+        frame_length=25.0,
+        frame_shift=10.0,
+        use_energy=False,
+        dither=0.0,
+    )
     wave = sine(1000) + 0.01 * torch.randn(int(2.56 * SR), generator=torch.Generator().manual_seed(0))
     ours = kaldi_fbank(wave)
-    reference = kaldi.fbank((wave - wave.mean()).unsqueeze(0), htk_compat=True, sample_frequency=SR, use_energy=False,
-                            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    reference = kaldi.fbank(
+        (wave - wave.mean()).unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=SR,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
     assert torch.equal(ours, reference)
     # No dither: deterministic. Mean removed: a DC offset changes nothing.
     assert torch.equal(kaldi_fbank(wave), ours)
@@ -126,12 +140,16 @@ def test_loader_fast_fbank_matches_torchaudio_on_speech_like_audio_and_spec_augm
     g = torch.Generator().manual_seed(3)
     # Harmonics with a slow envelope plus noise and a DC offset: every mel bin carries energy.
     t = torch.arange(int(2.56 * SR)) / SR
-    voice = sum(torch.sin(2 * math.pi * 140 * k * t) / k for k in range(1, 30)) * (0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t))
+    voice = sum(torch.sin(2 * math.pi * 140 * k * t) / k for k in range(1, 30)) * (
+        0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t)
+    )
     wave = 0.05 * voice + 0.01 * torch.randn(len(t), generator=g) + 0.05
     cfg = FbankConfig(freq_mask=20, time_mask=40)
     aug = SpecAugment(cfg.freq_mask, cfg.time_mask)
     assert torch.allclose(fast_fbank(wave, cfg), waveform_to_fbank(wave, cfg), atol=1e-4)
-    assert torch.allclose(fast_fbank(wave, cfg, aug, seed=9), waveform_to_fbank(wave, cfg, aug, seed=9), atol=1e-4)
+    assert torch.allclose(
+        fast_fbank(wave, cfg, aug, seed=9), waveform_to_fbank(wave, cfg, aug, seed=9), atol=1e-4
+    )
 
 
 def test_stored_float16_log_mel_with_a_gain_matches_the_fbank_of_the_scaled_waveform():

@@ -23,8 +23,15 @@ from data_pipelines.synthetic import SynthConfig, generate
 SR = 16000
 SECONDS = 3.0
 # 64 frames one grid step apart: every 1/25 s of a 2.56 s window, so each frame has its own audio slice.
-SYNC_CFG = ShardConfig(num_frames=64, frame_stride=1, img_size=64, max_windows=1, samples_per_shard=64,
-                       group_by="none", precompute_fbank=False)
+SYNC_CFG = ShardConfig(
+    num_frames=64,
+    frame_stride=1,
+    img_size=64,
+    max_windows=1,
+    samples_per_shard=64,
+    group_by="none",
+    precompute_fbank=False,
+)
 
 
 def to_frame_folder(mp4: Path, folder: Path) -> Path:
@@ -49,12 +56,25 @@ def build_sources(tmp_path_factory):
     def build(fps: int) -> tuple[int, Path, Path]:
         if fps not in built:
             out = tmp_path_factory.mktemp(f"sync{fps}")
-            mp4_manifest = generate(out / "synth", SynthConfig(seed=3, num_speakers=2, folds=2, clips_per_speaker_class=1,
-                                                               frame_size=64, fps=fps, seconds=SECONDS, workers=1))
+            mp4_manifest = generate(
+                out / "synth",
+                SynthConfig(
+                    seed=3,
+                    num_speakers=2,
+                    folds=2,
+                    clips_per_speaker_class=1,
+                    frame_size=64,
+                    fps=fps,
+                    seconds=SECONDS,
+                    workers=1,
+                ),
+            )
             rows = []
             for row in read_manifest(mp4_manifest):
                 wav = to_frame_folder(Path(row.video), out / "frames" / row.key)
-                rows.append(ManifestRow(row.key, str(out / "frames" / row.key), str(wav), speaker=row.speaker))
+                rows.append(
+                    ManifestRow(row.key, str(out / "frames" / row.key), str(wav), speaker=row.speaker)
+                )
             built[fps] = fps, mp4_manifest, write_manifest(rows, out / "frames.csv")
         return built[fps]
 
@@ -77,8 +97,10 @@ def shard_windows(shard_dir: Path) -> list[tuple[dict, np.ndarray, np.ndarray]]:
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
         for key in sorted(members):
             s = members[key]
-            frames = [np.asarray(Image.open(io.BytesIO(s[n])).convert("L"), np.float32)
-                      for n in sorted(n for n in s if n.endswith(".jpg"))]
+            frames = [
+                np.asarray(Image.open(io.BytesIO(s[n])).convert("L"), np.float32)
+                for n in sorted(n for n in s if n.endswith(".jpg"))
+            ]
             audio, _ = sf.read(io.BytesIO(s["wav"]), dtype="float32")
             out.append((json.loads(s["json"]), np.stack(frames), audio))
     return sorted(out, key=lambda item: item[0]["key"])
@@ -88,7 +110,7 @@ def lip_audio_sync(frames: np.ndarray, audio: np.ndarray) -> float:
     """docs/synthetic.md's measure: the mouth region's per-frame distance to its median look against
     the audio RMS over each frame's 1/25 s, Pearson r."""
     s = frames.shape[-1]
-    mouth = frames[:, int(0.64 * s):int(0.84 * s), int(0.36 * s):int(0.64 * s)]
+    mouth = frames[:, int(0.64 * s) : int(0.84 * s), int(0.36 * s) : int(0.64 * s)]
     activity = np.abs(mouth - np.median(mouth, axis=0, keepdims=True)).mean((1, 2))
     loudness = np.sqrt((audio.reshape(len(frames), -1) ** 2).mean(-1))
     return float(np.corrcoef(activity, loudness)[0, 1])
@@ -130,7 +152,9 @@ def test_thirty_fps_folders_read_at_25_fps_lose_the_sync(build_sources, tmp_path
     r_at25 = np.mean([lip_audio_sync(f, a) for _, f, a in at25])
     print(f"30 fps folders read at 25 fps: r = {r_at25:.3f}")
     assert r_at25 < 0.5, r_at25
-    assert all(m["duration"] == pytest.approx(SECONDS * 30 / 25, abs=1e-3) for m, _, _ in at25)  # 3.6 s, wrong
+    assert all(
+        m["duration"] == pytest.approx(SECONDS * 30 / 25, abs=1e-3) for m, _, _ in at25
+    )  # 3.6 s, wrong
     assert all(m["fps_source"] == "manifest" for m, _, _ in at25)
 
 
@@ -138,14 +162,18 @@ def write_numbered_frames(folder: Path, n: int) -> None:
     """Frames `1.jpg ... n.jpg` (no zero padding), frame i filled with grey level 10 * i (mod 250)."""
     folder.mkdir()
     for i in range(n):
-        Image.fromarray(np.full((16, 16, 3), 10 * i % 250, np.uint8)).save(folder / f"{i + 1}.jpg", quality=100)
+        Image.fromarray(np.full((16, 16, 3), 10 * i % 250, np.uint8)).save(
+            folder / f"{i + 1}.jpg", quality=100
+        )
 
 
 def test_frames_sort_in_natural_order(tmp_path):
     write_numbered_frames(tmp_path / "f", 12)
     wav = tmp_path / "a.wav"
     sf.write(wav, np.full(SR * 12 // 25, 0.1, np.float32), SR)
-    (w,) = decode_clip(tmp_path / "f", SamplingConfig(num_frames=12, frame_stride=1, img_size=16), audio=wav).windows
+    (w,) = decode_clip(
+        tmp_path / "f", SamplingConfig(num_frames=12, frame_stride=1, img_size=16), audio=wav
+    ).windows
     levels = [round(f.mean() / 10) for f in w.frames]
     assert levels == list(range(12))  # 2.jpg before 10.jpg
 
@@ -154,10 +182,16 @@ def test_manifest_fps_wins_over_the_audio_duration(tmp_path):
     write_numbered_frames(tmp_path / "f", 30)
     wav = tmp_path / "a.wav"
     sf.write(wav, np.full(SR * 2, 0.1, np.float32), SR)  # 2 s of audio: 15 fps by duration
-    clip = decode_clip(tmp_path / "f", SamplingConfig(num_frames=4, frame_stride=1, img_size=16), audio=wav, fps=30)
+    clip = decode_clip(
+        tmp_path / "f", SamplingConfig(num_frames=4, frame_stride=1, img_size=16), audio=wav, fps=30
+    )
     assert (clip.source_fps, clip.fps_source, clip.duration) == (30.0, "manifest", 1.0)
-    assert decode_clip(tmp_path / "f", SamplingConfig(num_frames=4, frame_stride=1, img_size=16),
-                       audio=wav).source_fps == 15.0
+    assert (
+        decode_clip(
+            tmp_path / "f", SamplingConfig(num_frames=4, frame_stride=1, img_size=16), audio=wav
+        ).source_fps
+        == 15.0
+    )
 
 
 def test_a_frame_rate_outside_5_to_120_fps_is_an_error_naming_the_folder(tmp_path):
@@ -165,7 +199,9 @@ def test_a_frame_rate_outside_5_to_120_fps_is_an_error_naming_the_folder(tmp_pat
     wav = tmp_path / "a.wav"
     sf.write(wav, np.full(SR // 5, 0.1, np.float32), SR)  # 0.2 s for 30 frames: 150 fps
     cfg = SamplingConfig(num_frames=4, frame_stride=1, img_size=16)
-    with pytest.raises(DecodeError, match=r"clip7: frame rate 150.00 fps \(30 frames / 0.200 s of audio\) is outside 5-120"):
+    with pytest.raises(
+        DecodeError, match=r"clip7: frame rate 150.00 fps \(30 frames / 0.200 s of audio\) is outside 5-120"
+    ):
         decode_clip(tmp_path / "clip7", cfg, audio=wav)
     with pytest.raises(DecodeError, match=r"clip7: frame rate 2.00 fps \(manifest fps\)"):
         decode_clip(tmp_path / "clip7", cfg, audio=wav, fps=2)
@@ -184,7 +220,9 @@ def test_a_frame_folder_without_audio_or_fps_is_skipped_with_a_message_to_add_fp
 def test_a_frame_folder_with_fps_but_no_audio_needs_allow_missing_audio(tmp_path):
     write_numbered_frames(tmp_path / "clip9", 25)
     cfg = SamplingConfig(num_frames=4, frame_stride=4, img_size=16)
-    with pytest.raises(DecodeError, match=r"clip9: no audio \(the frame directory has no `audio` file\); pass --allow"):
+    with pytest.raises(
+        DecodeError, match=r"clip9: no audio \(the frame directory has no `audio` file\); pass --allow"
+    ):
         decode_clip(tmp_path / "clip9", cfg, fps=25)
     clip = decode_clip(tmp_path / "clip9", cfg, fps=25, allow_missing_audio=True)
     (w,) = clip.windows

@@ -66,8 +66,16 @@ TOL_FLOAT16 = 1.5e-3
 def hicmae_fbank(waveform: torch.Tensor) -> torch.Tensor:
     """HiCMAE's audio input for one clip's waveform: (N,) float -> (256, 128), normalised."""
     wave = waveform.reshape(1, -1).float()
-    fbank = kaldi.fbank(wave - wave.mean(), htk_compat=True, sample_frequency=SR, use_energy=False,
-                        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    fbank = kaldi.fbank(
+        wave - wave.mean(),
+        htk_compat=True,
+        sample_frequency=SR,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
     missing = TARGET_FRAMES - fbank.shape[0]
     fbank = F.pad(fbank, (0, 0, 0, missing)) if missing > 0 else fbank[:TARGET_FRAMES]
     return (fbank - NORM_MEAN) / (NORM_STD * 2)
@@ -92,7 +100,7 @@ def hicmae_test_indices(n: int, chunk: int, num_segments: int = 2) -> list[int]:
     every += [every[-1]] * max(0, NUM_FRAMES - len(every))
     step = max((len(every) - NUM_FRAMES) / (num_segments - 1), 0)
     start = int(chunk * step)
-    return every[start:start + NUM_FRAMES]
+    return every[start : start + NUM_FRAMES]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -165,19 +173,23 @@ def test_loader_audio_of_a_shard_sample_equals_hicmae_fbank(tmp_path, real_audio
 
     # fps: the folder is 25 fps by construction; the real track may be shorter than 6 s, and a folder's
     # rate would otherwise follow its audio's duration.
-    samples = clip_samples(ManifestRow(key="clip", video=str(frames), audio=str(tmp_path / "audio.wav"), fps=25),
-                           ShardConfig(img_size=16))
+    samples = clip_samples(
+        ManifestRow(key="clip", video=str(frames), audio=str(tmp_path / "audio.wav"), fps=25),
+        ShardConfig(img_size=16),
+    )
     assert len(samples) == max(1, num_source_frames // (NUM_FRAMES * STRIDE))
     decoder = SampleDecoder(StreamConfig(img_size=16), train=False)
     for sample in samples:
         meta = json.loads(sample["json"])
         start = round(meta["start"] * SR)
-        expected = hicmae_fbank(reference_wave[start:start + round(2.56 * SR)])
+        expected = hicmae_fbank(reference_wave[start : start + round(2.56 * SR)])
         from_npy = decoder.audio_features(dict(sample), meta)
         from_wav = decoder.audio_features({k: v for k, v in sample.items() if k != "fbank.npy"}, meta)
         for got, tol, name in ((from_wav, TOL_FAST, "wav member"), (from_npy, TOL_FLOAT16, "fbank.npy")):
             diff = (got - expected).abs().max().item()
-            assert diff <= tol, f"window {meta['window']}, {name}: max |emomae - HiCMAE| = {diff:.2e} > {tol:.0e}"
+            assert diff <= tol, (
+                f"window {meta['window']}, {name}: max |emomae - HiCMAE| = {diff:.2e} > {tol:.0e}"
+            )
         # The real frames are the reference's every-4th-frame too (padding: see the sampling tests).
         every_4th = list(range(round(meta["start"] * GRID_FPS), num_source_frames, STRIDE))[:NUM_FRAMES]
         assert meta["frame_indices"][: len(every_4th)] == every_4th
@@ -187,7 +199,9 @@ def test_loader_audio_of_a_shard_sample_equals_hicmae_fbank(tmp_path, real_audio
 
 
 def test_normalize_video_equals_hicmae_imagenet_normalisation():
-    video = torch.randint(0, 256, (2, 16, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    video = torch.randint(
+        0, 256, (2, 16, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     video[0, 0, :, 0, 0], video[0, 0, :, 0, 1] = 0, 255  # both ends of the range
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 1, 3, 1, 1)
@@ -196,7 +210,9 @@ def test_normalize_video_equals_hicmae_imagenet_normalisation():
     assert got.dtype == torch.float32 and got.shape == video.shape
     assert (got - expected).abs().max().item() <= 1e-6
     # HiCMAE's loaders hand the model (B, 3, T, H, W); the same numbers, channel and time swapped.
-    hicmae_layout = (video.permute(0, 2, 1, 3, 4).float() / 255 - mean.view(1, 3, 1, 1, 1)) / std.view(1, 3, 1, 1, 1)
+    hicmae_layout = (video.permute(0, 2, 1, 3, 4).float() / 255 - mean.view(1, 3, 1, 1, 1)) / std.view(
+        1, 3, 1, 1, 1
+    )
     assert torch.allclose(got.permute(0, 2, 1, 3, 4), hicmae_layout, atol=1e-6, rtol=0)
     # A channel mix-up (BGR, or mean/std of the wrong channel) would be far outside the tolerance.
     assert (normalize_video(video.flip(2)) - expected).abs().max() > 0.1
@@ -210,8 +226,10 @@ def emomae_windows(n: int) -> list[tuple[list[int], int]]:
     decode.py does for frame folders)."""
     span = NUM_FRAMES * STRIDE / GRID_FPS
     starts = np.arange(n) / GRID_FPS
-    return [sample_frame_indices(starts, n / GRID_FPS, s, NUM_FRAMES, STRIDE)
-            for s in window_starts(n / GRID_FPS, span, None)]
+    return [
+        sample_frame_indices(starts, n / GRID_FPS, s, NUM_FRAMES, STRIDE)
+        for s in window_starts(n / GRID_FPS, span, None)
+    ]
 
 
 @pytest.mark.parametrize("n", [64, 65, 100, 127, 128, 150, 257, 640])
@@ -231,7 +249,7 @@ def test_short_clip_takes_every_4th_frame_then_pads(n):
     """Fewer than 64 frames: one window. The real frames are the reference's; the padding differs by
     design: emomae repeats the clip's last frame (n - 1), HiCMAE's test clips repeat the last
     sampled frame (4 floor((n - 1) / 4)); they agree when n - 1 is a multiple of 4."""
-    (idx, padded), = emomae_windows(n)
+    ((idx, padded),) = emomae_windows(n)
     real = len(range(0, n, STRIDE))
     reference = hicmae_test_indices(n, 0)
     assert reference == hicmae_test_indices(n, 1)  # both test clips of a short video are the same clip

@@ -347,5 +347,7 @@ def test_fps_column_round_trips_and_may_be_absent_or_empty(tmp_path):
 def test_a_bad_fps_is_an_error_naming_the_line_and_key(tmp_path, bad):
     path = tmp_path / "m.csv"
     path.write_text(f"key,video,audio,fps\nclip1,frames/clip1,a.wav,{bad}\n")
-    with pytest.raises(ManifestError, match=rf"m\.csv:2: fps of 'clip1' must be a positive number .*got '{bad}'"):
+    with pytest.raises(
+        ManifestError, match=rf"m\.csv:2: fps of 'clip1' must be a positive number .*got '{bad}'"
+    ):
         read_manifest(path)

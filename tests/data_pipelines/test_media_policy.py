@@ -80,7 +80,9 @@ def truncated(realdata_dir, tmp_path_factory) -> tuple[Path, dict, str]:
     tmp = tmp_path_factory.mktemp("truncated")
     mkv = remux(realdata_dir / CLIP, tmp / "whole.mkv")
     rows = [ManifestRow(f"mkv{p}", str(cut(mkv, tmp / f"mkv{p}.mkv", p / 100))) for p in (10, 48, 98)]
-    rows += [ManifestRow(f"mp4{p}", str(cut(realdata_dir / CLIP, tmp / f"mp4{p}.mp4", p / 100))) for p in (48, 98)]
+    rows += [
+        ManifestRow(f"mp4{p}", str(cut(realdata_dir / CLIP, tmp / f"mp4{p}.mp4", p / 100))) for p in (48, 98)
+    ]
     rows.append(ManifestRow("whole", str(mkv)))
     manifest = write_manifest(rows, tmp / "manifest.csv")
     out = tmp / "shards"
@@ -170,7 +172,10 @@ def test_silent_tracks_are_kept_flagged_and_counted_by_default(realdata_dir, tmp
     metas = metas_by_clip(tmp_path / "out")
     assert sorted(metas) == ["hiss", "speech", "zeros"]
     assert {k: {m["audio_silent"] for m in ms} for k, ms in metas.items()} == {
-        "speech": {False}, "zeros": {True}, "hiss": {True}}
+        "speech": {False},
+        "zeros": {True},
+        "hiss": {True},
+    }
     assert index["totals"]["silent_audio"] == 2 and index["totals"]["skipped"] == {}
     assert "2 silent audio tracks (kept, flagged audio_silent)" in capsys.readouterr().out
 
@@ -178,8 +183,18 @@ def test_silent_tracks_are_kept_flagged_and_counted_by_default(realdata_dir, tmp
 def test_silent_audio_skip_from_the_command_line_skips_and_counts_them(realdata_dir, tmp_path, capsys):
     manifest = write_manifest(silent_rows(realdata_dir, tmp_path), tmp_path / "m.csv")
     out = tmp_path / "out"
-    argv = [str(manifest), str(out), "--workers", "1", "--no-progress", "--silent-audio", "skip",
-            "num_frames=8", "img_size=32", "group_by=none"]
+    argv = [
+        str(manifest),
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--silent-audio",
+        "skip",
+        "num_frames=8",
+        "img_size=32",
+        "group_by=none",
+    ]
     assert main(argv) == 0
     assert sorted(metas_by_clip(out)) == ["speech"]
     errors = errors_of(out)
@@ -216,9 +231,20 @@ def test_a_clip_without_audio_is_skipped_and_the_message_names_the_flag(video_on
     assert "1 clips without audio (skipped; --allow-missing-audio keeps them)" in capsys.readouterr().out
 
 
-def test_allow_missing_audio_writes_zero_audio_of_the_normal_length_flagged_audio_missing(video_only, tmp_path):
-    argv = [str(video_only), str(tmp_path), "--workers", "1", "--no-progress", "--allow-missing-audio",
-            "num_frames=8", "img_size=32", "group_by=none"]
+def test_allow_missing_audio_writes_zero_audio_of_the_normal_length_flagged_audio_missing(
+    video_only, tmp_path
+):
+    argv = [
+        str(video_only),
+        str(tmp_path),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--allow-missing-audio",
+        "num_frames=8",
+        "img_size=32",
+        "group_by=none",
+    ]
     assert main(argv) == 0
     samples = read_samples(tmp_path)
     mute = {k: s for k, s in samples.items() if k.startswith("mute_")}
@@ -236,9 +262,11 @@ def test_allow_missing_audio_writes_zero_audio_of_the_normal_length_flagged_audi
     # Today's loader reads both kinds to the same fbank shape, from the wav and from fbank.npy.
     loader = SampleDecoder(StreamConfig(img_size=32), train=False)
     (mute_sample, *_), (speech_sample, *_) = mute.values(), speech.values()
-    shapes = {tuple(loader.audio_features(raw, json.loads(s["json"])).shape)
-              for s in (mute_sample, speech_sample)
-              for raw in (s, {k: v for k, v in s.items() if k != "fbank.npy"})}
+    shapes = {
+        tuple(loader.audio_features(raw, json.loads(s["json"])).shape)
+        for s in (mute_sample, speech_sample)
+        for raw in (s, {k: v for k, v in s.items() if k != "fbank.npy"})
+    }
     assert len(shapes) == 1, shapes
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["totals"]["missing_audio"] == 1 and index["totals"]["errors"] == 0

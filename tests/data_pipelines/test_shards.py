@@ -88,7 +88,11 @@ def test_corrupt_file_is_listed_in_errors_and_counted_while_the_rest_is_written(
     assert "cannot read video" in errors[0]["reason"]
     assert index["totals"]["errors"] == 1
     assert errors[0]["kind"] == "broken" and index["totals"]["skipped"] == {"broken": 1}
-    assert (index["totals"]["partial_clips"], index["totals"]["silent_audio"], index["totals"]["missing_audio"]) == (0, 0, 0)
+    assert (
+        index["totals"]["partial_clips"],
+        index["totals"]["silent_audio"],
+        index["totals"]["missing_audio"],
+    ) == (0, 0, 0)
 
 
 def test_index_and_provenance_describe_the_shards(real_shards):

@@ -28,9 +28,17 @@ from data_pipelines.stream import (
     read_corrupt_logs,
 )
 
-CFG = StreamConfig(batch_size=4, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=64),
-                   video_aug=VideoAugConfig(img_size=32, crop_scale=(0.5, 1.0), hflip=0.5), audio_gain_db=3.0,
-                   shuffle_buffer=8, epoch_length=5, seed=0)
+CFG = StreamConfig(
+    batch_size=4,
+    num_frames=4,
+    img_size=32,
+    fbank=FbankConfig(fbank_frames=64),
+    video_aug=VideoAugConfig(img_size=32, crop_scale=(0.5, 1.0), hflip=0.5),
+    audio_gain_db=3.0,
+    shuffle_buffer=8,
+    epoch_length=5,
+    seed=0,
+)
 SEVEN_UNEVEN = [5, 3, 4, 6, 2, 5, 3]  # 28 samples; 6 slots do not divide 7 shards
 
 
@@ -88,7 +96,12 @@ def test_exact_once_split_covers_every_position_once_for_any_slot_count():
                 covered.update((piece["url"], i) for i in range(piece["start"], stop))
         assert covered == Counter((u, i) for u, n in zip(urls, sizes) for i in range(n)), (sizes, slots)
         # Every shard is read to its end by exactly one slot (stale index counts lose nothing).
-        to_end = Counter(p["url"] for s in range(slots) for p in exact_once_split(urls, sizes, s, slots) if p["stop"] is None)
+        to_end = Counter(
+            p["url"]
+            for s in range(slots)
+            for p in exact_once_split(urls, sizes, s, slots)
+            if p["stop"] is None
+        )
         assert to_end == Counter(urls)
 
 
@@ -115,13 +128,18 @@ def test_pretrain_yields_exactly_epoch_length_full_batches(seven_shards):
 
 def test_pretrain_stream_depends_only_on_seed_epoch_and_rank(seven_shards):
     def run(epoch=0, rank=0, seed=0):
-        stream = pretrain_pipeline(seven_shards, StreamConfig(**{**CFG.__dict__, "seed": seed}), rank=rank, world_size=2)
+        stream = pretrain_pipeline(
+            seven_shards, StreamConfig(**{**CFG.__dict__, "seed": seed}), rank=rank, world_size=2
+        )
         stream.epoch = epoch
         return batches(stream, workers=2)
 
     first, again = run(), run()
     assert keys(first) == keys(again)
-    assert all(torch.equal(a["video"], b["video"]) and torch.equal(a["fbank"], b["fbank"]) for a, b in zip(first, again))
+    assert all(
+        torch.equal(a["video"], b["video"]) and torch.equal(a["fbank"], b["fbank"])
+        for a, b in zip(first, again)
+    )
     assert keys(run(epoch=1)) != keys(first)
     assert keys(run(rank=1)) != keys(first)
     assert keys(run(seed=1)) != keys(first)
@@ -209,7 +227,10 @@ def test_sample_filter_selects_samples_without_counting_them_as_corrupt(seven_sh
         return meta["speaker"] == name
 
     keep = partial(speaker_is, name="spk1")
-    out = batches(eval_pipeline(seven_shards, CFG, rank=0, world_size=1, sample_filter=keep, log_dir=tmp_path), workers=2)
+    out = batches(
+        eval_pipeline(seven_shards, CFG, rank=0, world_size=1, sample_filter=keep, log_dir=tmp_path),
+        workers=2,
+    )
     expected = [k for i, k in enumerate(keys_of(SEVEN_UNEVEN)) if i % 3 == 1]
     assert sorted(keys(out)) == expected
     assert read_corrupt_logs(tmp_path) == [] and all(b["stream"]["corrupt"] == 0 for b in out)
@@ -256,7 +277,13 @@ def test_pcm16_wav_fast_path_reads_what_soundfile_reads():
     rng = np.random.default_rng(0)
     for channels, subtype in ((1, "PCM_16"), (2, "PCM_16"), (1, "FLOAT")):
         buf = io.BytesIO()
-        sf.write(buf, rng.uniform(-0.9, 0.9, (1000, channels)).astype(np.float32), 16000, format="WAV", subtype=subtype)
+        sf.write(
+            buf,
+            rng.uniform(-0.9, 0.9, (1000, channels)).astype(np.float32),
+            16000,
+            format="WAV",
+            subtype=subtype,
+        )
         fast, rate = read_pcm16_wav(buf.getvalue())
         if subtype == "FLOAT":
             assert fast is None  # left to soundfile
@@ -290,7 +317,9 @@ def test_stored_fbank_gives_the_batches_of_the_wav_path_in_eval_and_pretrain_mod
     plain = [make_sample(f"c{i:02d}_w000", label=i % 3, seed=i) for i in range(8)]
     wav_only = write_samples(tmp_path / "wav-000000.tar", plain)
     stored = write_samples(tmp_path / "npy-000000.tar", [with_stored_fbank(s) for s in plain])
-    masked = dataclasses.replace(CFG, fbank=FbankConfig(fbank_frames=64, freq_mask=12, time_mask=10), epoch_length=2)
+    masked = dataclasses.replace(
+        CFG, fbank=FbankConfig(fbank_frames=64, freq_mask=12, time_mask=10), epoch_length=2
+    )
     for cfg, pipeline in ((CFG, eval_pipeline), (masked, pretrain_pipeline)):  # pretrain: gain + SpecAugment
         with caplog.at_level(logging.INFO, logger="emomae.data"):
             caplog.clear()
@@ -334,7 +363,10 @@ def test_garbage_stored_fbank_is_a_counted_corrupt_sample_not_a_silent_fallback(
 def test_the_audio_present_flag_and_a_blank_fbank_reach_the_batch_for_clips_without_audio(tmp_path):
     no_audio = frozenset({1, 4, 5})
     urls = write_shard_dir(tmp_path, [4, 4], no_audio=no_audio)
-    for stream in (eval_pipeline(urls, CFG, rank=0, world_size=1), pretrain_pipeline(urls, CFG, rank=0, world_size=1)):
+    for stream in (
+        eval_pipeline(urls, CFG, rank=0, world_size=1),
+        pretrain_pipeline(urls, CFG, rank=0, world_size=1),
+    ):
         out = batches(stream, workers=0)
         for batch in out:
             present = batch["audio_present"]

@@ -26,8 +26,15 @@ from data_pipelines.stream import (
     read_shard,
 )
 
-CFG = StreamConfig(batch_size=2, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=64), shuffle_buffer=4,
-                   epoch_length=4, seed=0)
+CFG = StreamConfig(
+    batch_size=2,
+    num_frames=4,
+    img_size=32,
+    fbank=FbankConfig(fbank_frames=64),
+    shuffle_buffer=4,
+    epoch_length=4,
+    seed=0,
+)
 
 
 def cut_before_sample(url: str, key: str) -> None:
@@ -53,9 +60,16 @@ def cut_shards(tmp_path) -> tuple[list[str], list[str]]:
 
 def test_a_shard_cut_at_a_member_boundary_is_reported_against_index_json_in_eval(cut_shards, tmp_path):
     urls, left = cut_shards
-    cfg = StreamConfig(**{**CFG.__dict__, "batch_size": 4})  # the short shard's samples end in a partial batch
-    out = list(DataLoader(eval_pipeline(urls, cfg, rank=0, world_size=1, log_dir=tmp_path / "log"),
-                          batch_size=None, num_workers=2))
+    cfg = StreamConfig(
+        **{**CFG.__dict__, "batch_size": 4}
+    )  # the short shard's samples end in a partial batch
+    out = list(
+        DataLoader(
+            eval_pipeline(urls, cfg, rank=0, world_size=1, log_dir=tmp_path / "log"),
+            batch_size=None,
+            num_workers=2,
+        )
+    )
     assert sorted(k for b in out for k in b["key"]) == left
     events = read_corrupt_logs(tmp_path / "log")
     assert [(e["kind"], e["url"], e["lost"]) for e in events] == [("shard", urls[1], 3)]
@@ -65,8 +79,13 @@ def test_a_shard_cut_at_a_member_boundary_is_reported_against_index_json_in_eval
 
 def test_a_shard_cut_at_a_member_boundary_is_counted_in_pretraining(cut_shards, tmp_path):
     urls, _ = cut_shards
-    out = list(DataLoader(pretrain_pipeline(urls[1:], CFG, rank=0, world_size=1, log_dir=tmp_path / "log"),
-                          batch_size=None, num_workers=0))
+    out = list(
+        DataLoader(
+            pretrain_pipeline(urls[1:], CFG, rank=0, world_size=1, log_dir=tmp_path / "log"),
+            batch_size=None,
+            num_workers=0,
+        )
+    )
     events = read_corrupt_logs(tmp_path / "log")
     assert events and all(e["kind"] == "shard" and e["lost"] == 3 for e in events)
     assert out[-1]["stream"]["corrupt"] == len(events)  # every read of the short shard is counted

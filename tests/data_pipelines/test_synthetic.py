@@ -85,23 +85,29 @@ def test_manifest_labels_speakers_and_folds_are_right_and_speaker_disjoint(synth
     assert len(rows) == 6 * 6 * 2
     assert all((synth_manifest.parent / r["video"]).is_file() and r["audio"] == "" for r in rows)
     assert all(CLASSES[int(r["label"])] == r["label_name"] for r in rows)
-    assert Counter((r["speaker"], r["label_name"]) for r in rows) == {(f"spk{s:03d}", c): 2 for s in range(6)
-                                                                     for c in CLASSES}
+    assert Counter((r["speaker"], r["label_name"]) for r in rows) == {
+        (f"spk{s:03d}", c): 2 for s in range(6) for c in CLASSES
+    }
     fold_of = {}
     for r in rows:
-        assert fold_of.setdefault(r["speaker"], r["fold"]) == r["fold"], f"speaker {r['speaker']} in two folds"
+        assert fold_of.setdefault(r["speaker"], r["fold"]) == r["fold"], (
+            f"speaker {r['speaker']} in two folds"
+        )
     assert sorted({int(f) for f in fold_of.values()}) == [0, 1, 2, 3, 4]
     assert {s: int(f) for s, f in fold_of.items()} == speaker_folds([r["speaker"] for r in rows], 5, seed=0)
     params = _jsonl(synth_manifest.parent / "params.jsonl")
     assert [(p["key"], p["label"], p["speaker"]) for p in params] == [
-        (r["key"], int(r["label"]), r["speaker"]) for r in rows]
+        (r["key"], int(r["label"]), r["speaker"]) for r in rows
+    ]
 
 
 def test_same_seed_reproduces_files_and_params_and_other_seed_changes_them(tmp_path):
     tiny = dict(num_speakers=2, folds=2, clips_per_speaker_class=1, frame_size=32, seconds=1.0)
 
     def digest(out: Path) -> dict[str, str]:
-        files = sorted(out.glob("clips/*.mp4")) + [out / n for n in ("manifest.csv", "params.jsonl", "captions.jsonl")]
+        files = sorted(out.glob("clips/*.mp4")) + [
+            out / n for n in ("manifest.csv", "params.jsonl", "captions.jsonl")
+        ]
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
     first = digest(generate(tmp_path / "a", SynthConfig(seed=1, workers=1, **tiny)).parent)
@@ -116,8 +122,20 @@ def test_same_seed_reproduces_files_and_params_and_other_seed_changes_them(tmp_p
 
 def test_cli_writes_a_dataset_from_overrides_with_44k_audio_and_mpeg4(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["--out", str(out), "num_speakers=2", "folds=2", "clips_per_speaker_class=1", "frame_size=32",
-                 "seconds=1.2", "sample_rate=44100", "video_codec=mpeg4", "workers=1"])
+    code = main(
+        [
+            "--out",
+            str(out),
+            "num_speakers=2",
+            "folds=2",
+            "clips_per_speaker_class=1",
+            "frame_size=32",
+            "seconds=1.2",
+            "sample_rate=44100",
+            "video_codec=mpeg4",
+            "workers=1",
+        ]
+    )
     assert code == 0
     assert "12 clips" in capsys.readouterr().out
     rows = _rows(out / "manifest.csv")
@@ -146,8 +164,10 @@ def test_bad_settings_fail_with_a_message_naming_the_key(tmp_path, capsys):
 
 def test_face_gain_scales_the_expression_and_leaves_identity_jitter_and_voice_alone():
     spk = speaker_traits(SynthConfig(), 3)
-    one, two = (clip_params(SynthConfig(face_gain=gain), spk, CLASSES.index("SAD"), np.random.default_rng(7))
-                for gain in (1.0, 2.0))
+    one, two = (
+        clip_params(SynthConfig(face_gain=gain), spk, CLASSES.index("SAD"), np.random.default_rng(7))
+        for gain in (1.0, 2.0)
+    )
     k, worried, neutral = one["intensity"], FACES["worried"], FACES["neutral"]
     for p in ("brow_raise", "brow_tilt", "mouth_curve"):  # never clipped for this class
         assert two["face"][p] - one["face"][p] == pytest.approx(k * (worried[p] - neutral[p]), abs=1e-3), p
@@ -161,8 +181,8 @@ def _face_features(gray: np.ndarray) -> np.ndarray:
     """Mean brow-band and mouth-band pixels over time, 4 x 4 pooled: (N, 64)."""
     mean = torch.from_numpy(gray.mean(1))[:, None]
     s = gray.shape[-1]
-    brow = mean[..., int(0.2 * s):int(0.5 * s), int(0.25 * s):int(0.75 * s)]
-    mouth = mean[..., int(0.62 * s):int(0.88 * s), int(0.3 * s):int(0.7 * s)]
+    brow = mean[..., int(0.2 * s) : int(0.5 * s), int(0.25 * s) : int(0.75 * s)]
+    mouth = mean[..., int(0.62 * s) : int(0.88 * s), int(0.3 * s) : int(0.7 * s)]
     return torch.cat([F.avg_pool2d(brow, 4).flatten(1), F.avg_pool2d(mouth, 4).flatten(1)], 1).numpy()
 
 
@@ -179,9 +199,18 @@ def _voice_features(audio: np.ndarray) -> np.ndarray:
         voiced = e > e.max() - 25
         semis = 12 * torch.log2(pitch[voiced])
         low, mid, high = p[voiced, 2:32].sum(1), p[voiced, 32:128].sum(1), p[voiced, 128:].sum(1)
-        out.append([e[voiced].mean(), e.quantile(0.95), semis.median(), semis.quantile(0.9) - semis.quantile(0.1),
-                    semis.diff().abs().median(), torch.log10(mid / low).mean(), torch.log10(high / low).mean(),
-                    voiced.float().mean()])
+        out.append(
+            [
+                e[voiced].mean(),
+                e.quantile(0.95),
+                semis.median(),
+                semis.quantile(0.9) - semis.quantile(0.1),
+                semis.diff().abs().median(),
+                torch.log10(mid / low).mean(),
+                torch.log10(high / low).mean(),
+                voiced.float().mean(),
+            ]
+        )
     return np.array(out, np.float32)
 
 
@@ -245,7 +274,7 @@ def test_each_modality_alone_beats_chance_and_audio_visual_beats_both(decoded):
 def test_mouth_opening_follows_speech_energy_frame_by_frame(decoded):
     rows, gray, audio = decoded
     s = gray.shape[-1]
-    mouth = gray[:, :, int(0.64 * s):int(0.84 * s), int(0.36 * s):int(0.64 * s)]
+    mouth = gray[:, :, int(0.64 * s) : int(0.84 * s), int(0.36 * s) : int(0.64 * s)]
     # How far the mouth region is from its typical look: lips parting show dark mouth and teeth,
     # whatever the skin tone (a sign-free measure, so dark and light faces count alike).
     activity = np.abs(mouth - np.median(mouth, axis=1, keepdims=True)).mean((2, 3))  # (N, T)

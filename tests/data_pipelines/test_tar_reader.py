@@ -11,7 +11,9 @@ from data_pipelines.tar_reader import ShardReadError, tar_samples
 
 
 def reference_samples(path: str) -> list[dict]:
-    return [{k: v for k, v in s.items() if k != "__local_path__"} for s in wds.tarfile_samples([{"url": path}])]
+    return [
+        {k: v for k, v in s.items() if k != "__local_path__"} for s in wds.tarfile_samples([{"url": path}])
+    ]
 
 
 def test_reader_groups_members_exactly_like_webdataset(tmp_path):
@@ -34,8 +36,11 @@ def test_reader_handles_gnu_long_names_ustar_prefixes_and_directories(tmp_path):
             info = tarfile.TarInfo(f"{long_dir[:90]}/sub")
             info.type = tarfile.DIRTYPE
             tf.addfile(info)
-            for name, data in ((f"{long_dir[:90]}/k1.json", b"{}"), (f"{long_dir[:90]}/k1.wav", b"RIFF"),
-                               (f"{long_dir[:90]}/k2.json", b"[]")):
+            for name, data in (
+                (f"{long_dir[:90]}/k1.json", b"{}"),
+                (f"{long_dir[:90]}/k1.wav", b"RIFF"),
+                (f"{long_dir[:90]}/k2.json", b"[]"),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))

@@ -19,18 +19,41 @@ REPO = Path(__file__).resolve().parents[2]
 CHANCE = 1 / 6  # six classes
 
 
-def test_attentive_probe_on_cached_float16_tokens_beats_chance_on_unseen_speakers(synth_manifest, synth_shards,
-                                                                                  tmp_path):
+def test_attentive_probe_on_cached_float16_tokens_beats_chance_on_unseen_speakers(
+    synth_manifest, synth_shards, tmp_path
+):
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "micro.yaml")))
-    export = save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test")
+    cfg = ModelConfig.from_dict(
+        OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "micro.yaml"))
+    )
+    export = save_export(
+        AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test"
+    )
     # per-speaker z-scored tokens, a higher learning rate than the recipe's, no label smoothing and 10
     # epochs: the probe learns what a random encoder's tokens carry in a few seconds per fold
-    assert main([str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={export}",
-                 f"protocol.manifest={synth_manifest}", f"protocol.shards={synth_shards}", f"out_dir={tmp_path}",
-                 "run_name=attentive", "head=attentive", "fold=all", "modalities=[av]", "speaker_norm=true",
-                 "recipes.attentive.epochs=10", "recipes.attentive.blr=5e-2", "recipes.attentive.label_smoothing=0",
-                 "accelerator=cpu", "num_workers=0", "speed_batches=1"]) == 0
+    assert (
+        main(
+            [
+                str(REPO / "configs" / "finetune" / "synth.yaml"),
+                f"encoder={export}",
+                f"protocol.manifest={synth_manifest}",
+                f"protocol.shards={synth_shards}",
+                f"out_dir={tmp_path}",
+                "run_name=attentive",
+                "head=attentive",
+                "fold=all",
+                "modalities=[av]",
+                "speaker_norm=true",
+                "recipes.attentive.epochs=10",
+                "recipes.attentive.blr=5e-2",
+                "recipes.attentive.label_smoothing=0",
+                "accelerator=cpu",
+                "num_workers=0",
+                "speed_batches=1",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "attentive"
     results = json.loads((run / "results.json").read_text())
     assert results["head"] == "attentive" and [f["fold"] for f in results["folds"]] == [0, 1, 2, 3, 4]
@@ -54,4 +77,6 @@ def test_attentive_probe_on_cached_float16_tokens_beats_chance_on_unseen_speaker
     uar = [round(f["test"]["av"]["uar"], 3) for f in results["folds"]]
     pooled = results["summary"]["av_pooled"]
     assert sum(map(sum, pooled["confusion"])) == 72  # every test clip of the dataset, once
-    assert pooled["uar"] > CHANCE + 0.1, f"pooled attentive-probe test UAR {pooled['uar']:.3f} (per fold {uar})"
+    assert pooled["uar"] > CHANCE + 0.1, (
+        f"pooled attentive-probe test UAR {pooled['uar']:.3f} (per fold {uar})"
+    )

@@ -20,8 +20,20 @@ from finetune.embed import main as embed_main
 from finetune.export import input_spec, read_export_config, save_export
 from pretrain.encoders import AVEncoder, ModelConfig
 
-TINY = dict(num_frames=4, img_size=32, fbank_frames=32, mel_bins=32, width=64, heads=2, depth=4, fusion_depth=1,
-            decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[2, 4])
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=32,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=4,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=1,
+    decoder_depth=3,
+    skip_layers=[2, 4],
+)
 CLIP = "grid_lipnet/bbaf2n.mpg"  # 360 x 288: the face is a small part of the frame
 
 
@@ -31,8 +43,16 @@ def face_export(realdata_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("face_export")
     rows = [r for r in scan_folder(realdata_dir / "grid_lipnet") if r.key.endswith("bbaf2n")]
     shards = tmp / "shards"
-    cfg = ShardConfig(num_frames=4, frame_stride=4, img_size=32, max_windows=1, group_by="none", face="auto",
-                      face_scale=1.5, precompute_fbank=False)
+    cfg = ShardConfig(
+        num_frames=4,
+        frame_stride=4,
+        img_size=32,
+        max_windows=1,
+        group_by="none",
+        face="auto",
+        face_scale=1.5,
+        precompute_fbank=False,
+    )
     write_shards(write_manifest(rows, tmp / "manifest.csv"), shards, cfg, workers=1, progress=False)
     torch.manual_seed(0)
     encoder = AVEncoder(ModelConfig(**TINY)).eval()
@@ -43,8 +63,14 @@ def face_export(realdata_dir, tmp_path_factory):
 def test_the_export_records_the_shards_face_step(face_export):
     export, _ = face_export
     face = read_export_config(export)["input"]["face"]
-    assert face == {"mode": "auto", "min_share": 0.5, "scale": 1.5, "smooth": 5,
-                    "detector": face["detector"], "sha256": model_sha256()}
+    assert face == {
+        "mode": "auto",
+        "min_share": 0.5,
+        "scale": 1.5,
+        "smooth": 5,
+        "detector": face["detector"],
+        "sha256": model_sha256(),
+    }
     assert "BlazeFace" in face["detector"]
 
 
@@ -63,10 +89,38 @@ def test_embed_feeds_the_face_crops_the_shards_hold(face_export, realdata_dir, t
     assert torch.equal(video[0], torch.from_numpy(faces).permute(0, 3, 1, 2))
     assert np.abs(faces.astype(int) - centre).mean() > 20
 
-    assert embed_main([str(realdata_dir / CLIP), "--encoder", str(export), "--max-windows", "1",
-                       "--out", str(tmp_path / "e.npy")]) == 0
-    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), embed_clip(encoder, video, fbank), rtol=1e-5, atol=1e-6)
-    assert embed_main([str(realdata_dir / CLIP), "--encoder", str(export), "--max-windows", "1", "--face", "none",
-                       "--out", str(tmp_path / "plain.npy")]) == 0
+    assert (
+        embed_main(
+            [
+                str(realdata_dir / CLIP),
+                "--encoder",
+                str(export),
+                "--max-windows",
+                "1",
+                "--out",
+                str(tmp_path / "e.npy"),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "e.npy"), embed_clip(encoder, video, fbank), rtol=1e-5, atol=1e-6
+    )
+    assert (
+        embed_main(
+            [
+                str(realdata_dir / CLIP),
+                "--encoder",
+                str(export),
+                "--max-windows",
+                "1",
+                "--face",
+                "none",
+                "--out",
+                str(tmp_path / "plain.npy"),
+            ]
+        )
+        == 0
+    )
     assert not np.allclose(np.load(tmp_path / "plain.npy"), np.load(tmp_path / "e.npy"))
     assert json.loads((export / "config.json").read_text())["input"]["face"]["mode"] == "auto"

@@ -18,8 +18,20 @@ from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 
 REPO = Path(__file__).resolve().parents[2]
 NO_AUDIO = frozenset({0, 3})  # sample indices written without audio
-TINY = dict(num_frames=4, img_size=32, fbank_frames=32, mel_bins=32, width=64, heads=2, depth=4, fusion_depth=1,
-            decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[2, 4])
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=32,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=4,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=1,
+    decoder_depth=3,
+    skip_layers=[2, 4],
+)
 
 
 def read_batch(out: Path, no_audio: frozenset[int]) -> dict:
@@ -28,7 +40,9 @@ def read_batch(out: Path, no_audio: frozenset[int]) -> dict:
     from shard_factory import write_shard_dir
 
     urls = write_shard_dir(out, [5], no_audio=no_audio)
-    cfg = StreamConfig(batch_size=5, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32))
+    cfg = StreamConfig(
+        batch_size=5, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32)
+    )
     (batch,) = list(eval_pipeline(urls, cfg, rank=0, world_size=1))
     return batch
 
@@ -51,7 +65,9 @@ def test_embedding_samples_without_audio_equals_the_video_only_missing_modality_
     assert embedded.shape == (5, 4 * TINY["width"])
     for i in range(5):
         modality = "video" if i in NO_AUDIO else "av"
-        expected = missing_modality_embedding(encoder, batch["video"][i : i + 1], batch["fbank"][i : i + 1], modality)
+        expected = missing_modality_embedding(
+            encoder, batch["video"][i : i + 1], batch["fbank"][i : i + 1], modality
+        )
         torch.testing.assert_close(embedded[i : i + 1], expected, msg=f"sample {i} ({modality})")
 
 
@@ -59,16 +75,23 @@ def test_embed_blanks_the_audio_of_each_flagged_window_whatever_fbank_it_carries
     batch = read_batch(tmp_path, frozenset())  # every window has real audio; two are flagged here
     video, fbank = batch["video"], batch["fbank"]
     present = torch.tensor([True, False, True, False, True])
-    per_window = torch.cat([missing_modality_embedding(encoder, video[i : i + 1], fbank[i : i + 1],
-                                                       "av" if present[i] else "video") for i in range(5)])
+    per_window = torch.cat(
+        [
+            missing_modality_embedding(
+                encoder, video[i : i + 1], fbank[i : i + 1], "av" if present[i] else "video"
+            )
+            for i in range(5)
+        ]
+    )
     clip = embed_clip(encoder, video, fbank, present)
     torch.testing.assert_close(torch.from_numpy(clip), per_window.mean(0))
     # the blanking changes the embedding: without the flags the audio would have counted
     assert not torch.allclose(torch.from_numpy(embed_clip(encoder, video, fbank)), per_window.mean(0))
 
 
-def test_emomae_embed_on_a_video_without_audio_blanks_its_audio_when_allowed(encoder, realdata_dir, tmp_path,
-                                                                            capsys):
+def test_emomae_embed_on_a_video_without_audio_blanks_its_audio_when_allowed(
+    encoder, realdata_dir, tmp_path, capsys
+):
     import av
     import numpy as np
 
@@ -85,17 +108,33 @@ def test_emomae_embed_on_a_video_without_audio_blanks_its_audio_when_allowed(enc
             if packet.dts is not None:
                 packet.stream = video_out
                 out.mux(packet)
-    export = save_export(encoder, encoder.cfg.to_dict(), input_spec({}, encoder.cfg.to_dict()), tmp_path / "export",
-                         "test")
+    export = save_export(
+        encoder, encoder.cfg.to_dict(), input_spec({}, encoder.cfg.to_dict()), tmp_path / "export", "test"
+    )
     spec = input_spec({}, encoder.cfg.to_dict())
 
     assert embed_main([str(mute), "--encoder", str(export)]) == 1
     assert "--allow-missing-audio" in capsys.readouterr().err
-    assert embed_main([str(mute), "--encoder", str(export), "--allow-missing-audio", "--out", str(tmp_path / "e.npy"),
-                       "--max-windows", "2"]) == 0
+    assert (
+        embed_main(
+            [
+                str(mute),
+                "--encoder",
+                str(export),
+                "--allow-missing-audio",
+                "--out",
+                str(tmp_path / "e.npy"),
+                "--max-windows",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "has no audio; its audio input is blanked" in capsys.readouterr().err
     video, fbank, has_audio = clip_inputs(source, spec, max_windows=2)  # the clip with its audio, same frames
     assert has_audio
     expected = missing_modality_embedding(encoder, video, fbank, "video").mean(0)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected.numpy(), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(expected.numpy(), window_embeddings(encoder, video, fbank).mean(0).numpy(), atol=1e-4)
+    assert not np.allclose(
+        expected.numpy(), window_embeddings(encoder, video, fbank).mean(0).numpy(), atol=1e-4
+    )

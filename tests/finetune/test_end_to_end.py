@@ -27,9 +27,18 @@ PRETRAIN_STEPS = 300
 
 
 def _finetune(out: Path, export: Path, manifest: Path, shards: Path, name: str, *extra: str) -> dict:
-    args = ["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={export}",
-            f"protocol.manifest={manifest}", f"protocol.shards={shards}", f"out_dir={out / 'runs'}",
-            f"run_name={name}", "num_workers=0", "speed_batches=1", *extra]
+    args = [
+        "finetune",
+        str(REPO / "configs" / "finetune" / "synth.yaml"),
+        f"encoder={export}",
+        f"protocol.manifest={manifest}",
+        f"protocol.shards={shards}",
+        f"out_dir={out / 'runs'}",
+        f"run_name={name}",
+        "num_workers=0",
+        "speed_batches=1",
+        *extra,
+    ]
     assert emomae(args) == 0
     return json.loads((out / "runs" / name / "results.json").read_text())
 
@@ -45,24 +54,49 @@ def downstream(write_test_shards, tmp_path_factory) -> dict:
     manifest = generate(out / "synth", SynthConfig(seed=0, **DOWNSTREAM_SIZE))
     shards = write_test_shards(manifest, out / "shards")
     run = out / "pretrain"
-    assert emomae(["pretrain", str(REPO / "configs" / "pretrain" / "demo.yaml"), f"data.shards={shards}",
-                   f"run_dir={run}", f"trainer.max_steps={PRETRAIN_STEPS}", "trainer.progress_bar=false",
-                   "data.num_workers=1", "logging.image_every_n_steps=0",
-                   f"trainer.ckpt_every_n_steps={PRETRAIN_STEPS}"]) == 0
+    assert (
+        emomae(
+            [
+                "pretrain",
+                str(REPO / "configs" / "pretrain" / "demo.yaml"),
+                f"data.shards={shards}",
+                f"run_dir={run}",
+                f"trainer.max_steps={PRETRAIN_STEPS}",
+                "trainer.progress_bar=false",
+                "data.num_workers=1",
+                "logging.image_every_n_steps=0",
+                f"trainer.ckpt_every_n_steps={PRETRAIN_STEPS}",
+            ]
+        )
+        == 0
+    )
     export = out / "export"
     assert emomae(["export", str(run / "checkpoints" / "last.ckpt"), str(export)]) == 0
     results = {
         "linear": _finetune(out, export, manifest, shards, "linear", "head=linear"),
-        "random": _finetune(out, export, manifest, shards, "random", "head=linear", "random_init=true",
-                            "modalities=[av]"),
+        "random": _finetune(
+            out, export, manifest, shards, "random", "head=linear", "random_init=true", "modalities=[av]"
+        ),
         "finetune": _finetune(out, export, manifest, shards, "finetune", "head=finetune", "fold=0"),
         # the same cached features, z-scored per speaker
-        "speaker_norm": _finetune(out, export, manifest, shards, "speaker_norm", "head=linear", "speaker_norm=true",
-                                  f"cache_dir={out / 'runs' / 'linear' / 'cache'}"),
+        "speaker_norm": _finetune(
+            out,
+            export,
+            manifest,
+            shards,
+            "speaker_norm",
+            "head=linear",
+            "speaker_norm=true",
+            f"cache_dir={out / 'runs' / 'linear' / 'cache'}",
+        ),
     }
-    print("test UAR per fold (validation-selected):",
-          {k: {m: [round(f["test"][m]["uar"], 3) for f in r["folds"]] for m in r["folds"][0]["test"]}
-           for k, r in results.items()})
+    print(
+        "test UAR per fold (validation-selected):",
+        {
+            k: {m: [round(f["test"][m]["uar"], 3) for f in r["folds"]] for m in r["folds"][0]["test"]}
+            for k, r in results.items()
+        },
+    )
     return {**results, "runs": out / "runs"}
 
 
@@ -75,8 +109,16 @@ def _uar(result: dict, modality: str = "av", fold: int | None = None) -> float:
 @pytest.mark.slow
 def test_finetune_run_directory_holds_tables_figures_config_and_commit(downstream):
     out = downstream["runs"] / "finetune"
-    for name in ("results.md", "results.json", "config.yaml", "run.json", "confusion_av.png", "recall_av.png",
-                 "fold0/confusion_video.png", "fold0/metrics.csv"):
+    for name in (
+        "results.md",
+        "results.json",
+        "config.yaml",
+        "run.json",
+        "confusion_av.png",
+        "recall_av.png",
+        "fold0/confusion_video.png",
+        "fold0/metrics.csv",
+    ):
         assert (out / name).is_file(), name
     assert "best epoch on TEST (papers' protocol" in (out / "results.md").read_text()
     assert "git_commit" in json.loads((out / "run.json").read_text())
@@ -95,15 +137,21 @@ def test_finetune_run_directory_holds_tables_figures_config_and_commit(downstrea
 @pytest.mark.slow
 def test_linear_probe_on_the_pretrained_encoder_beats_the_same_probe_on_a_random_one(downstream):
     pretrained, random = _uar(downstream["linear"]), _uar(downstream["random"])
-    assert pretrained > random + 0.05, f"5-fold linear-probe UAR: pretrained {pretrained:.3f}, random {random:.3f}"
+    assert pretrained > random + 0.05, (
+        f"5-fold linear-probe UAR: pretrained {pretrained:.3f}, random {random:.3f}"
+    )
 
 
 @pytest.mark.slow
 def test_speaker_normalised_features_lift_the_linear_probe(downstream):
     # measured: 5-fold av 0.700 vs 0.478, audio only 0.533 vs 0.367, video only 0.289 vs 0.172
     normalised, plain = downstream["speaker_norm"], downstream["linear"]
-    assert normalised["cache"]["seconds"] == plain["cache"]["seconds"], "the probe must reuse the cached features"
-    assert _uar(normalised) > _uar(plain) + 0.05, f"5-fold UAR: speaker-normalised {_uar(normalised):.3f}, plain {_uar(plain):.3f}"
+    assert normalised["cache"]["seconds"] == plain["cache"]["seconds"], (
+        "the probe must reuse the cached features"
+    )
+    assert _uar(normalised) > _uar(plain) + 0.05, (
+        f"5-fold UAR: speaker-normalised {_uar(normalised):.3f}, plain {_uar(plain):.3f}"
+    )
     assert "z-scored per speaker" in (downstream["runs"] / "speaker_norm" / "results.md").read_text()
 
 
@@ -112,11 +160,15 @@ def test_speaker_normalised_probe_uses_the_face_beside_the_voice(downstream):
     # measured, 5 folds: av 0.700, audio only 0.533, video only 0.289; SAD recall 22/30 vs 8/30
     normalised = downstream["speaker_norm"]
     av, audio, video = (_uar(normalised, m) for m in ("av", "audio", "video"))
-    assert av > audio + 0.05 and av > video + 0.2, f"5-fold UAR: av {av:.3f}, audio {audio:.3f}, video {video:.3f}"
+    assert av > audio + 0.05 and av > video + 0.2, (
+        f"5-fold UAR: av {av:.3f}, audio {audio:.3f}, video {video:.3f}"
+    )
     # the voice cannot tell SAD from DIS (both subdued), the face can (worried vs frown): the
     # audio-visual probe must recover SAD clips the audio-only evaluation calls DIS
     sad, dis = CLASSES.index("SAD"), CLASSES.index("DIS")
-    pooled = {m: sum(np.array(f["test"][m]["confusion"]) for f in normalised["folds"]) for m in ("av", "audio")}
+    pooled = {
+        m: sum(np.array(f["test"][m]["confusion"]) for f in normalised["folds"]) for m in ("av", "audio")
+    }
     assert pooled["av"][sad, dis] < pooled["audio"][sad, dis], pooled
     assert pooled["av"][sad, sad] > pooled["audio"][sad, sad], pooled
 
@@ -144,10 +196,24 @@ def test_the_audio_visual_model_beats_its_audio_only_evaluation(downstream):
 
 
 def test_embed_prints_one_vector_per_real_clip(realdata_dir, tmp_path, capsys):
-    cfg = ModelConfig(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=2,
-                      fusion_depth=1, decoder_width=32, decoder_heads=2, decoder_depth=2, skip_layers=[2])
+    cfg = ModelConfig(
+        num_frames=4,
+        img_size=32,
+        fbank_frames=64,
+        mel_bins=32,
+        width=64,
+        heads=2,
+        depth=2,
+        fusion_depth=1,
+        decoder_width=32,
+        decoder_heads=2,
+        decoder_depth=2,
+        skip_layers=[2],
+    )
     torch.manual_seed(0)
-    export = save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test")
+    export = save_export(
+        AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test"
+    )
     clip = realdata_dir / "grid_lipnet" / "bbaf2n.mpg"  # MPEG-1 + MP2 at 44.1 kHz: resampled to 16 kHz
     assert embed_main([str(clip), "--encoder", str(export), "--out", str(tmp_path / "e.npy")]) == 0
     emb = np.load(tmp_path / "e.npy")

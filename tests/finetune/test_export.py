@@ -28,8 +28,20 @@ from finetune.export import (
 from pretrain.encoders import AVEncoder, ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
 
-TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
-            decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=3,
+    skip_layers=[1, 3],
+)
 RUN_CONFIG = {"data": {"num_frames": 4, "img_size": 32}, "shard_sampling": {"frame_stride": 4}}
 
 
@@ -40,8 +52,12 @@ def _tiny_mae(seed: int = 0) -> MaskedAVAutoencoder:
 
 def _lightning_ckpt(path, mae: MaskedAVAutoencoder, model_cfg: dict | None = None):
     state = {f"model.{k}": v for k, v in mae.state_dict().items()}
-    ckpt = {"state_dict": state, "epoch": 0, "global_step": 3,
-            "emomae": {"model": model_cfg or ModelConfig(**TINY).to_dict(), "config": RUN_CONFIG}}
+    ckpt = {
+        "state_dict": state,
+        "epoch": 0,
+        "global_step": 3,
+        "emomae": {"model": model_cfg or ModelConfig(**TINY).to_dict(), "config": RUN_CONFIG},
+    }
     torch.save(ckpt, path)
     return path
 
@@ -49,7 +65,9 @@ def _lightning_ckpt(path, mae: MaskedAVAutoencoder, model_cfg: dict | None = Non
 def _inputs(batch: int = 2):
     torch.manual_seed(1)
     c = ModelConfig(**TINY)
-    return torch.randn(batch, c.num_frames, 3, c.img_size, c.img_size), torch.randn(batch, c.fbank_frames, c.mel_bins)
+    return torch.randn(batch, c.num_frames, 3, c.img_size, c.img_size), torch.randn(
+        batch, c.fbank_frames, c.mel_bins
+    )
 
 
 def test_lightning_export_round_trip_is_bit_identical(tmp_path):
@@ -62,8 +80,10 @@ def test_lightning_export_round_trip_is_bit_identical(tmp_path):
     video, fbank = _inputs()
     with torch.no_grad():
         want, got = mae.encoder.forward_features(video, fbank), loaded.forward_features(video, fbank)
-    for a, b in zip(want.video_layers + want.audio_layers + [want.fused_video, want.fused_audio],
-                    got.video_layers + got.audio_layers + [got.fused_video, got.fused_audio]):
+    for a, b in zip(
+        want.video_layers + want.audio_layers + [want.fused_video, want.fused_audio],
+        got.video_layers + got.audio_layers + [got.fused_video, got.fused_audio],
+    ):
         assert torch.equal(a, b)
     config = read_export_config(out)
     assert config["architecture"] == ModelConfig(**TINY).to_dict()
@@ -95,13 +115,28 @@ def _deepspeed_zero2_dir(root, state: dict[str, torch.Tensor], world_size: int, 
     folder.mkdir(parents=True)
     (root / "latest").write_text(tag)
     shapes = [OrderedDict((n, state[n].shape) for n in names)]
-    torch.save({"module": {}, BUFFER_NAMES: [], PARAM_SHAPES: shapes, "shared_params": {}, DS_VERSION: "0.19.8",
-                "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": RUN_CONFIG}},
-               folder / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": {},
+            BUFFER_NAMES: [],
+            PARAM_SHAPES: shapes,
+            "shared_params": {},
+            DS_VERSION: "0.19.8",
+            "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": RUN_CONFIG},
+        },
+        folder / "mp_rank_00_model_states.pt",
+    )
     for rank, part in enumerate(parts):
-        torch.save({OPTIMIZER_STATE_DICT: {ZERO_STAGE: 2, PARTITION_COUNT: world_size,
-                                           SINGLE_PARTITION_OF_FP32_GROUPS: [part.clone()]}},
-                   folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save(
+            {
+                OPTIMIZER_STATE_DICT: {
+                    ZERO_STAGE: 2,
+                    PARTITION_COUNT: world_size,
+                    SINGLE_PARTITION_OF_FP32_GROUPS: [part.clone()],
+                }
+            },
+            folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+        )
     return root
 
 
@@ -124,7 +159,9 @@ def test_wrong_architecture_checkpoint_names_the_mismatch(tmp_path):
     ckpt = _lightning_ckpt(tmp_path / "bad.ckpt", mae, model_cfg=ModelConfig(**wider).to_dict())
     with pytest.raises(ExportError, match=r"bad\.ckpt.*shape mismatch.*checkpoint \(64,\) vs model \(128,\)"):
         export(ckpt, tmp_path / "export")
-    deeper = _lightning_ckpt(tmp_path / "deeper.ckpt", mae, model_cfg=ModelConfig(**{**TINY, "depth": 4}).to_dict())
+    deeper = _lightning_ckpt(
+        tmp_path / "deeper.ckpt", mae, model_cfg=ModelConfig(**{**TINY, "depth": 4}).to_dict()
+    )
     with pytest.raises(ExportError, match=r"missing tensor\(s\), e\.g\. \['audio_blocks\.3\."):
         export(deeper, tmp_path / "export")
     # the CLI turns it into one line on stderr and exit code 1
@@ -165,8 +202,10 @@ def test_random_encoder_differs_from_export(tmp_path):
     fresh = AVEncoder(ModelConfig(**TINY)).eval()
     video, fbank = _inputs()
     with torch.no_grad():
-        assert not torch.equal(fresh.forward_features(video, fbank).fused_video,
-                               load_encoder(out).forward_features(video, fbank).fused_video)
+        assert not torch.equal(
+            fresh.forward_features(video, fbank).fused_video,
+            load_encoder(out).forward_features(video, fbank).fused_video,
+        )
 
 
 # --- the Hugging Face layout ---------------------------------------------------------------------
@@ -176,7 +215,7 @@ def _front_matter(readme) -> tuple[dict, str]:
     """(YAML front matter as a dict, the markdown after it) of a README.md."""
     text = readme.read_text()
     assert text.startswith("---\n"), text[:80]
-    head, sep, body = text[len("---\n"):].partition("\n---\n")
+    head, sep, body = text[len("---\n") :].partition("\n---\n")
     assert sep, "front matter block is not closed by a '---' line"
     return yaml.safe_load(head), body
 
@@ -207,8 +246,11 @@ def test_hf_layout_holds_the_same_export_and_loads_bit_identically(tmp_path):
     assert all(torch.equal(hf_tensors[k], our_tensors[k]) for k in our_tensors)
 
     meta, body = _front_matter(hf / "README.md")
-    assert meta == {"library_name": "emomae", "tags": ["audio-visual", "emotion-recognition", "masked-autoencoder"],
-                    "pipeline_tag": "feature-extraction"}  # no license unless one is given
+    assert meta == {
+        "library_name": "emomae",
+        "tags": ["audio-visual", "emotion-recognition", "masked-autoencoder"],
+        "pipeline_tag": "feature-extraction",
+    }  # no license unless one is given
     assert body.lstrip().startswith("# emomae audio-visual emotion encoder") and "## Source" not in body
     assert "## Architecture" in body and "| `width` | `64` |" in body
     # the hub's own card parser reads the same metadata
@@ -218,7 +260,10 @@ def test_hf_layout_holds_the_same_export_and_loads_bit_identically(tmp_path):
 
     video, fbank = _inputs()
     want = _outputs(mae.encoder, video, fbank)
-    from_hf, from_ours = _outputs(load_encoder(hf), video, fbank), _outputs(load_encoder(str(hf)), video, fbank)
+    from_hf, from_ours = (
+        _outputs(load_encoder(hf), video, fbank),
+        _outputs(load_encoder(str(hf)), video, fbank),
+    )
     assert len(from_hf) == len(want) == 3 + 3 + 2
     for a, b, c in zip(want, _outputs(load_encoder(ours), video, fbank), from_hf):
         assert torch.equal(a, b) and torch.equal(b, c)
@@ -230,21 +275,37 @@ def test_save_export_license_and_card_note(tmp_path):
     torch.manual_seed(0)
     encoder, _ = build_encoder(cfg.to_dict())
     note = "Converted from the HiCMAE-base release (https://example.org/hicmae), MIT licence."
-    hf = save_export(encoder, cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "hf", source="hicmae.pth",
-                     extra={"license": "cc-by-nc-4.0"}, layout="hf", card_note=note)
+    hf = save_export(
+        encoder,
+        cfg.to_dict(),
+        input_spec({}, cfg.to_dict()),
+        tmp_path / "hf",
+        source="hicmae.pth",
+        extra={"license": "cc-by-nc-4.0"},
+        layout="hf",
+        card_note=note,
+    )
     meta, body = _front_matter(hf / "README.md")
     assert meta["license"] == "cc-by-nc-4.0" and meta["library_name"] == "emomae"
     assert f"## Source\n\n{note}\n" in body
     assert read_export_config(hf)["license"] == "cc-by-nc-4.0"  # `extra` still lands in config.json
-    ours = save_export(encoder, cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "ours", source="hicmae.pth",
-                       card_note=note)
+    ours = save_export(
+        encoder,
+        cfg.to_dict(),
+        input_spec({}, cfg.to_dict()),
+        tmp_path / "ours",
+        source="hicmae.pth",
+        card_note=note,
+    )
     card = (ours / "MODEL_CARD.md").read_text()
     assert not card.startswith("---") and f"## Source\n\n{note}\n" in card
     assert card.index("## Source") < card.index("## Limitations")
     plain = save_export(encoder, cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "plain", source="x")
     assert "## Source" not in (plain / "MODEL_CARD.md").read_text()
     with pytest.raises(ExportError, match="unknown export layout 'onnx'"):
-        save_export(encoder, cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "bad", source="x", layout="onnx")
+        save_export(
+            encoder, cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "bad", source="x", layout="onnx"
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -253,14 +314,24 @@ def test_cli_layout_hf(tmp_path, capsys):
     ckpt = _lightning_ckpt(tmp_path / "last.ckpt", mae)
     assert main([str(ckpt), str(tmp_path / "hf"), "--layout", "hf"]) == 0
     assert f"exported encoder to {tmp_path / 'hf'}" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     assert _front_matter(tmp_path / "hf" / "README.md")[0]["pipeline_tag"] == "feature-extraction"
     video, fbank = _inputs()
-    for a, b in zip(_outputs(mae.encoder, video, fbank), _outputs(load_encoder(tmp_path / "hf"), video, fbank)):
+    for a, b in zip(
+        _outputs(mae.encoder, video, fbank), _outputs(load_encoder(tmp_path / "hf"), video, fbank)
+    ):
         assert torch.equal(a, b)
     # the default stays the emomae layout
     assert main([str(ckpt), str(tmp_path / "ours")]) == 0
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["MODEL_CARD.md", "config.json", "encoder.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "MODEL_CARD.md",
+        "config.json",
+        "encoder.safetensors",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main([str(ckpt), str(tmp_path / "x"), "--layout", "onnx"])
     assert exit_info.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
@@ -276,18 +347,31 @@ def test_every_exported_file_is_0644_in_both_layouts(tmp_path):
     state |= {f"text_heads.{k}": v for k, v in TextHeads(64, 16).state_dict().items()}
     run_config = {**RUN_CONFIG, "stage": "inject", "inject": {"text_encoder": "tiny-text"}}
     ckpt = tmp_path / "s2.ckpt"
-    torch.save({"state_dict": state, "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": run_config}}, ckpt)
+    torch.save(
+        {"state_dict": state, "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": run_config}}, ckpt
+    )
     old = os.umask(0o002)
     try:
         outs = {layout: export(ckpt, tmp_path / layout, layout=layout) for layout in ("emomae", "hf")}
     finally:
         os.umask(old)
     assert sorted(p.name for p in outs["hf"].iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "text_heads.safetensors"]
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "text_heads.safetensors",
+    ]
     assert sorted(p.name for p in outs["emomae"].iterdir()) == [
-        "MODEL_CARD.md", "config.json", "encoder.safetensors", "text_heads.safetensors"]
-    modes = {f"{layout}/{p.name}": oct(stat.S_IMODE(p.stat().st_mode)) for layout, out in outs.items()
-             for p in out.iterdir()}
+        "MODEL_CARD.md",
+        "config.json",
+        "encoder.safetensors",
+        "text_heads.safetensors",
+    ]
+    modes = {
+        f"{layout}/{p.name}": oct(stat.S_IMODE(p.stat().st_mode))
+        for layout, out in outs.items()
+        for p in out.iterdir()
+    }
     assert modes == dict.fromkeys(modes, "0o644")
 
 
@@ -302,13 +386,18 @@ def test_hub_id_offline_raises_an_export_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     for call in (load_encoder, resolve_export_dir, read_export_config):
-        with pytest.raises(ExportError, match=r"'emomae-test-nobody/emomae-base'.*hub id needs network access.*"
-                                              r"local export folder") as info:
+        with pytest.raises(
+            ExportError,
+            match=r"'emomae-test-nobody/emomae-base'.*hub id needs network access.*"
+            r"local export folder",
+        ) as info:
             call(hub_id)
         assert "LocalEntryNotFoundError" in str(info.value) or "Offline" in str(info.value)
     # a path that does not exist and is not shaped like a hub id keeps the plain "not an export" error
     for missing in ("no/such/export/dir", "../nothere"):
-        with pytest.raises(ExportError, match=r"no config\.json; is this a folder written by `emomae export`"):
+        with pytest.raises(
+            ExportError, match=r"no config\.json; is this a folder written by `emomae export`"
+        ):
             load_encoder(missing)
     # an existing local folder shaped like a hub id is a folder, never a download
     ckpt = _lightning_ckpt(tmp_path / "last.ckpt", _tiny_mae())

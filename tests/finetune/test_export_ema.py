@@ -22,12 +22,24 @@ from finetune.export import main as export_main
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 ENCODER = "model.encoder."
-TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
-            decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=3,
+    skip_layers=[1, 3],
+)
 
 
 def encoder_of(state: dict[str, torch.Tensor], prefix: str = ENCODER) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
 
 
 def assert_exported(out: Path, want: dict[str, torch.Tensor]) -> None:
@@ -46,10 +58,20 @@ def ema_run(synth_shards, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("ema") / "run"
     overrides = {
-        "data.shards": synth_shards, "run_dir": run_dir, "data.batch_size": 2, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "trainer.max_steps": 4, "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 4, "trainer.progress_bar": "false", "optim.warmup_steps": 1,
-        "optim.ema": "true", "optim.ema_decay": 0.5, "logging.logger": "[csv]", "logging.image_every_n_steps": 0,
+        "data.shards": synth_shards,
+        "run_dir": run_dir,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "trainer.max_steps": 4,
+        "trainer.log_every_n_steps": 1,
+        "trainer.ckpt_every_n_steps": 4,
+        "trainer.progress_bar": "false",
+        "optim.warmup_steps": 1,
+        "optim.ema": "true",
+        "optim.ema_decay": 0.5,
+        "logging.logger": "[csv]",
+        "logging.image_every_n_steps": 0,
     }
     assert emomae(["pretrain", DEMO, *(f"{k}={v}" for k, v in overrides.items())]) == 0
     return run_dir / "checkpoints" / "last.ckpt"
@@ -72,7 +94,9 @@ def test_export_ema_of_a_lightning_checkpoint_writes_the_averaged_encoder(ema_ru
     assert "exponential moving average" in (tmp_path / "hf" / "README.md").read_text()
 
 
-def test_export_without_ema_takes_the_trained_weights_and_notes_the_average_in_one_line(ema_run, tmp_path, capsys):
+def test_export_without_ema_takes_the_trained_weights_and_notes_the_average_in_one_line(
+    ema_run, tmp_path, capsys
+):
     assert export_main([str(ema_run), str(tmp_path / "trained")]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and str(ema_run) in notes[0] and "--ema" in notes[0]
@@ -134,8 +158,9 @@ def deepspeed_worker(out: Path) -> None:
     torch.manual_seed(0)
     model_cfg = ModelConfig(**TINY)
     model = LightningLayout(MaskedAVAutoencoder(model_cfg))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                      config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=config
+    )
     mae = engine.module._forward_module.model
     ema = EMA(0.5)
     ema.start(mae)
@@ -147,8 +172,13 @@ def deepspeed_worker(out: Path) -> None:
         engine.step()
         ema.update(mae, step)
         weights[step] = {k: v.detach().clone() for k, v in mae.state_dict().items()}
-    checkpoint = {"global_step": 3, "emomae": {"model": model_cfg.to_dict(), "config": {"optim": {"ema_decay": 0.5},
-                                                                                 "shard_sampling": {"frame_stride": 4}}}}
+    checkpoint = {
+        "global_step": 3,
+        "emomae": {
+            "model": model_cfg.to_dict(),
+            "config": {"optim": {"ema_decay": 0.5}, "shard_sampling": {"frame_stride": 4}},
+        },
+    }
     ema.on_save_checkpoint(None, None, checkpoint)
     engine.save_checkpoint(str(out / "last.ckpt"), tag="checkpoint", client_state=checkpoint)
     torch.save(weights, out / "weights.pt")
@@ -163,22 +193,40 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def deepspeed_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "deepspeed-worker", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "deepspeed-worker", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return out
 
 
-def test_deepspeed_zero2_bf16_ema_is_the_fp32_average_and_exports_from_the_client_state(deepspeed_run, tmp_path,
-                                                                                         capsys):
+def test_deepspeed_zero2_bf16_ema_is_the_fp32_average_and_exports_from_the_client_state(
+    deepspeed_run, tmp_path, capsys
+):
     weights = torch.load(deepspeed_run / "weights.pt", weights_only=True)
     assert weights[3]["encoder.video_embed.proj.weight"].dtype == torch.bfloat16  # DeepSpeed's bf16 module
     by_hand = {k: v.double() for k, v in weights[1].items()}  # the first update copies the weights
     for step in (2, 3):
         by_hand = {k: 0.5 * by_hand[k] + 0.5 * v.double() for k, v in weights[step].items()}
-    client = torch.load(deepspeed_run / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=True)
+    client = torch.load(
+        deepspeed_run / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=True
+    )
     stored = client["ema_state_dict"]
     for name, value in by_hand.items():
         assert stored[f"model.{name}"].dtype == torch.float32, name

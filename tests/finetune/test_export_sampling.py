@@ -19,15 +19,32 @@ from pretrain.mae import MaskedAVAutoencoder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_pipelines"))
 from shard_factory import write_shard_dir  # noqa: E402
 
-TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
-            decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=3,
+    skip_layers=[1, 3],
+)
 
 
 def checkpoint(path: Path, run_config: dict) -> Path:
     torch.manual_seed(0)
     mae = MaskedAVAutoencoder(ModelConfig(**TINY))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
-                "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": run_config}}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
+            "emomae": {"model": ModelConfig(**TINY).to_dict(), "config": run_config},
+        },
+        path,
+    )
     return path
 
 
@@ -51,8 +68,10 @@ def test_the_frame_stride_is_read_beside_the_shards_of_a_glob_pattern(tmp_path):
 
 
 def test_the_recorded_frame_stride_is_used_when_the_shards_are_out_of_reach(tmp_path):
-    run_config = {"data": {"shards": "/nowhere/vox2/all-{000000..000009}.tar"},
-                  "shard_sampling": {"frame_stride": 2, "sample_rate": 16000}}
+    run_config = {
+        "data": {"shards": "/nowhere/vox2/all-{000000..000009}.tar"},
+        "shard_sampling": {"frame_stride": 2, "sample_rate": 16000},
+    }
     out = export(checkpoint(tmp_path / "last.ckpt", run_config), tmp_path / "out")
     assert exported_stride(out) == 2
 
@@ -76,9 +95,17 @@ def test_a_frame_stride_option_that_contradicts_the_run_is_refused(tmp_path):
 def test_a_failed_export_leaves_no_owner_only_weights_file(tmp_path):
     old = os.umask(0o022)
     try:
-        with pytest.raises(TypeError):  # config.json cannot hold an object(): the export fails after the weights
-            save_export(AVEncoder(ModelConfig(**TINY)), ModelConfig(**TINY).to_dict(), {}, tmp_path / "out", "x",
-                        extra={"bad": object()})
+        with pytest.raises(
+            TypeError
+        ):  # config.json cannot hold an object(): the export fails after the weights
+            save_export(
+                AVEncoder(ModelConfig(**TINY)),
+                ModelConfig(**TINY).to_dict(),
+                {},
+                tmp_path / "out",
+                "x",
+                extra={"bad": object()},
+            )
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}

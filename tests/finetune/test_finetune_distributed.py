@@ -32,8 +32,15 @@ PROBE_TRAIN, PROBE_BATCH, PROBE_EPOCHS = 50, 15, 3
 
 
 def run_overrides(export: Path, manifest: Path, shards: Path, out: Path, *extra: str) -> list[str]:
-    return [f"encoder={export}", f"protocol.manifest={manifest}", f"protocol.shards={shards}", f"out_dir={out}",
-            "accelerator=cpu", "speed_batches=1", *extra]
+    return [
+        f"encoder={export}",
+        f"protocol.manifest={manifest}",
+        f"protocol.shards={shards}",
+        f"out_dir={out}",
+        "accelerator=cpu",
+        "speed_batches=1",
+        *extra,
+    ]
 
 
 def load_run(overrides: list[str], run_dir: Path):
@@ -59,8 +66,17 @@ def fold0_streams(run) -> dict:
     for epoch in range(2):
         stream.epoch = epoch
         epochs.append([list(b["key"]) for b in loader(stream, run.cfg.num_workers)])
-    evals = {part: [k for b in run.part_stream(8, split, part, windows) for k in b["key"]] for part in ("val", "test")}
-    return {"batch": batch, "steps": steps, "rank_batch": stream.cfg.batch_size, "train": epochs, "eval": evals}
+    evals = {
+        part: [k for b in run.part_stream(8, split, part, windows) for k in b["key"]]
+        for part in ("val", "test")
+    }
+    return {
+        "batch": batch,
+        "steps": steps,
+        "rank_batch": stream.cfg.batch_size,
+        "train": epochs,
+        "eval": evals,
+    }
 
 
 class RecordingHead(nn.Module):
@@ -87,12 +103,27 @@ def probe_rows() -> dict:
     gen = torch.Generator().manual_seed(0)
     targets = torch.randint(0, 3, (n,), generator=gen)
     x = torch.randn(n, 8, generator=gen) + torch.nn.functional.one_hot(targets, 8).float()
-    cache = FeatureCache([f"w{i}" for i in range(n)], [f"c{i}" for i in range(n)], targets.numpy(),
-                         {"av": {"x": x, "row": torch.arange(n, dtype=torch.float32)[:, None]}})
-    index = {"train": np.arange(PROBE_TRAIN), "val": np.arange(PROBE_TRAIN, PROBE_TRAIN + 10),
-             "test": np.arange(PROBE_TRAIN + 10, n)}
-    recipe = RecipeConfig(epochs=PROBE_EPOCHS, batch_size=PROBE_BATCH, blr=2.0, warmup_epochs=1, weight_decay=0.0,
-                          label_smoothing=0.0, mixup=0.0, cutmix=0.0)
+    cache = FeatureCache(
+        [f"w{i}" for i in range(n)],
+        [f"c{i}" for i in range(n)],
+        targets.numpy(),
+        {"av": {"x": x, "row": torch.arange(n, dtype=torch.float32)[:, None]}},
+    )
+    index = {
+        "train": np.arange(PROBE_TRAIN),
+        "val": np.arange(PROBE_TRAIN, PROBE_TRAIN + 10),
+        "test": np.arange(PROBE_TRAIN + 10, n),
+    }
+    recipe = RecipeConfig(
+        epochs=PROBE_EPOCHS,
+        batch_size=PROBE_BATCH,
+        blr=2.0,
+        warmup_epochs=1,
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+    )
     torch.manual_seed(0)
     head = RecordingHead()
     result = train_probe(head, cache, index, recipe, "classification", ["a", "b", "c"], [], ["av"], seed=0)
@@ -112,9 +143,18 @@ def split_worker(argv: list[str]) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
-    run = load_run(run_overrides(args.export, args.manifest, args.shards, args.out, "head=finetune", "num_workers=2",
-                                 "devices=2"), args.out / "run")
-    report = {"rank": run.rank, "world_size": run.world_size, "stream": fold0_streams(run), "probe": probe_rows()}
+    run = load_run(
+        run_overrides(
+            args.export, args.manifest, args.shards, args.out, "head=finetune", "num_workers=2", "devices=2"
+        ),
+        args.out / "run",
+    )
+    report = {
+        "rank": run.rank,
+        "world_size": run.world_size,
+        "stream": fold0_streams(run),
+        "probe": probe_rows(),
+    }
     reports = all_ranks([report])
     if rank == 0:
         (args.out / "ranks.json").write_text(json.dumps(reports))
@@ -131,9 +171,11 @@ def run_worker(argv: list[str]) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     common = run_overrides(args.export, args.manifest, args.shards, args.out, "devices=2", "num_workers=1")
-    for extra in (["out_dir=" + str(args.out / "eval_only"), "head=finetune", "eval_only=true", "fold=0"],
-                  ["run_name=linear", "head=linear", "recipes.linear.epochs=5"],
-                  ["run_name=finetune", "head=finetune", "fold=0", "recipes.finetune.epochs=1"]):
+    for extra in (
+        ["out_dir=" + str(args.out / "eval_only"), "head=finetune", "eval_only=true", "fold=0"],
+        ["run_name=linear", "head=linear", "recipes.linear.epochs=5"],
+        ["run_name=finetune", "head=finetune", "fold=0", "recipes.finetune.epochs=1"],
+    ):
         assert main([str(CONFIG), *common, *extra]) == 0
 
 
@@ -148,9 +190,19 @@ def free_port() -> int:
 
 def torchrun(mode: str, *args: str | Path, timeout: int = 300) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--max_restarts=0", str(Path(__file__).resolve()), mode,
-           *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--max_restarts=0",
+        str(Path(__file__).resolve()),
+        mode,
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc.stdout
@@ -172,32 +224,64 @@ def export(synth_shards, tmp_path_factory) -> Path:
     from finetune.streams import loader, stream_config
     from pretrain.encoders import AVEncoder, ModelConfig
 
-    cfg = ModelConfig(num_frames=8, img_size=64, fbank_frames=128, width=64, heads=2, depth=2, fusion_depth=1,
-                      decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[1, 2])
+    cfg = ModelConfig(
+        num_frames=8,
+        img_size=64,
+        fbank_frames=128,
+        width=64,
+        heads=2,
+        depth=2,
+        fusion_depth=1,
+        decoder_width=32,
+        decoder_heads=1,
+        decoder_depth=3,
+        skip_layers=[1, 2],
+    )
     torch.manual_seed(0)
-    out = save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()),
-                      tmp_path_factory.mktemp("dist") / "export", "test")
+    out = save_export(
+        AVEncoder(cfg),
+        cfg.to_dict(),
+        input_spec({}, cfg.to_dict()),
+        tmp_path_factory.mktemp("dist") / "export",
+        "test",
+    )
     spec = read_export_config(out)["input"]
-    stream = eval_pipeline(shard_urls(synth_shards), stream_config(spec, cfg.to_dict(), 48, 0), rank=0, world_size=1)
+    stream = eval_pipeline(
+        shard_urls(synth_shards), stream_config(spec, cfg.to_dict(), 48, 0), rank=0, world_size=1
+    )
     cache = build_cache(load_encoder(out), loader(stream, 0), ["av"], "pooled", "classification")
     head = FeatureFusionHead(64, 2, 2, 6)
     head.fit_standardizer(cache.features["av"])
     nn.init.normal_(head.fc.weight)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
-    (out / HEAD_CONFIG).write_text(json.dumps({"kind": "feature_fusion", "num_outputs": 6, "width": 64,
-                                               "num_video_layers": 2, "num_audio_layers": 2}))
+    (out / HEAD_CONFIG).write_text(
+        json.dumps(
+            {
+                "kind": "feature_fusion",
+                "num_outputs": 6,
+                "width": 64,
+                "num_video_layers": 2,
+                "num_audio_layers": 2,
+            }
+        )
+    )
     return out
 
 
 @pytest.mark.slow
 def test_two_ranks_share_each_global_batch_and_each_evaluation_window_without_overlap(
-        export, synth_manifest, synth_shards, tmp_path):
-    torchrun("split", "--export", export, "--manifest", synth_manifest, "--shards", synth_shards, "--out", tmp_path)
+    export, synth_manifest, synth_shards, tmp_path
+):
+    torchrun(
+        "split", "--export", export, "--manifest", synth_manifest, "--shards", synth_shards, "--out", tmp_path
+    )
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     # the 1-process reference: the same code in this (not distributed) process
-    one = load_run(run_overrides(export, synth_manifest, synth_shards, tmp_path, "head=finetune", "num_workers=2"),
-                   tmp_path / "one")
+    one = load_run(
+        run_overrides(export, synth_manifest, synth_shards, tmp_path, "head=finetune", "num_workers=2"),
+        tmp_path / "one",
+    )
     assert one.world_size == 1
     ref = fold0_streams(one)
 
@@ -246,10 +330,21 @@ def test_two_ranks_share_each_global_batch_and_each_evaluation_window_without_ov
 def test_a_two_process_run_reports_the_one_process_figures(export, synth_manifest, synth_shards, tmp_path):
     from finetune.train import main
 
-    stdout = torchrun("run", "--export", export, "--manifest", synth_manifest, "--shards", synth_shards,
-                      "--out", tmp_path / "two")
+    stdout = torchrun(
+        "run",
+        "--export",
+        export,
+        "--manifest",
+        synth_manifest,
+        "--shards",
+        synth_shards,
+        "--out",
+        tmp_path / "two",
+    )
     common = run_overrides(export, synth_manifest, synth_shards, tmp_path / "one", "num_workers=1")
-    assert main([str(CONFIG), *common, "run_name=eval_only", "head=finetune", "eval_only=true", "fold=0"]) == 0
+    assert (
+        main([str(CONFIG), *common, "run_name=eval_only", "head=finetune", "eval_only=true", "fold=0"]) == 0
+    )
     assert main([str(CONFIG), *common, "run_name=linear", "head=linear", "recipes.linear.epochs=5"]) == 0
 
     def results(path: Path) -> dict:
@@ -293,4 +388,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["run"]:
         run_worker(sys.argv[2:])
     else:
-        sys.exit("usage: test_finetune_distributed.py split|run --export DIR --manifest CSV --shards DIR --out DIR")
+        sys.exit(
+            "usage: test_finetune_distributed.py split|run --export DIR --manifest CSV --shards DIR --out DIR"
+        )

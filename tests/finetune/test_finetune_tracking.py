@@ -22,7 +22,9 @@ EPOCHS = 3
 
 def _reader():
     """`wandb_records` of tests/pretrain/test_tracking.py (the tests are not a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_tracking", REPO / "tests" / "pretrain" / "test_tracking.py")
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_tracking", REPO / "tests" / "pretrain" / "test_tracking.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.wandb_records
@@ -36,16 +38,43 @@ def export(tmp_path_factory) -> Path:
     from finetune.export import input_spec, save_export
     from pretrain.encoders import AVEncoder, ModelConfig
 
-    cfg = ModelConfig(num_frames=8, img_size=64, fbank_frames=128, width=64, heads=2, depth=2, fusion_depth=1,
-                      decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[1, 2])
+    cfg = ModelConfig(
+        num_frames=8,
+        img_size=64,
+        fbank_frames=128,
+        width=64,
+        heads=2,
+        depth=2,
+        fusion_depth=1,
+        decoder_width=32,
+        decoder_heads=1,
+        decoder_depth=3,
+        skip_layers=[1, 2],
+    )
     torch.manual_seed(0)
-    return save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()),
-                       tmp_path_factory.mktemp("tracking") / "export", "test")
+    return save_export(
+        AVEncoder(cfg),
+        cfg.to_dict(),
+        input_spec({}, cfg.to_dict()),
+        tmp_path_factory.mktemp("tracking") / "export",
+        "test",
+    )
 
 
 def finetune(export: Path, manifest: Path, shards: Path, out: Path, *extra: str) -> int:
-    return main([CONFIG, f"encoder={export}", f"protocol.manifest={manifest}", f"protocol.shards={shards}",
-                 f"out_dir={out}", "accelerator=cpu", "num_workers=0", "speed_batches=1", *extra])
+    return main(
+        [
+            CONFIG,
+            f"encoder={export}",
+            f"protocol.manifest={manifest}",
+            f"protocol.shards={shards}",
+            f"out_dir={out}",
+            "accelerator=cpu",
+            "num_workers=0",
+            "speed_batches=1",
+            *extra,
+        ]
+    )
 
 
 def run_file(run_dir: Path) -> Path:
@@ -58,8 +87,12 @@ def history(path: Path) -> list[dict]:
     rows = []
     for record in wandb_records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return rows
 
 
@@ -75,8 +108,20 @@ def wandb_run(export, synth_manifest, synth_shards, tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_SILENT", "true")
     try:
-        assert finetune(export, synth_manifest, synth_shards, out, "head=linear", "run_name=probe",
-                        f"recipes.linear.epochs={EPOCHS}", "wandb.enabled=true", "wandb.mode=offline") == 0
+        assert (
+            finetune(
+                export,
+                synth_manifest,
+                synth_shards,
+                out,
+                "head=linear",
+                "run_name=probe",
+                f"recipes.linear.epochs={EPOCHS}",
+                "wandb.enabled=true",
+                "wandb.mode=offline",
+            )
+            == 0
+        )
     finally:
         mp.undo()
     return out / "probe"
@@ -107,8 +152,10 @@ def test_wandb_gets_every_fold_s_epochs_on_its_own_axis_and_the_run_s_group(wand
 def test_wandb_gets_the_figures_the_results_table_and_the_summary_at_the_end(wandb_run):
     results = json.loads((wandb_run / "results.json").read_text())
     files = next((wandb_run / "wandb").glob("offline-run-*/files"))
-    images = {p.relative_to(files / "media" / "images").as_posix().rsplit("_", 2)[0]
-              for p in (files / "media" / "images").rglob("*.png")}
+    images = {
+        p.relative_to(files / "media" / "images").as_posix().rsplit("_", 2)[0]
+        for p in (files / "media" / "images").rglob("*.png")
+    }
     assert {"confusion_av", "recall_av", "fold0/confusion_av", "fold4/confusion_video"} <= images
     (table_file,) = (files / "media" / "table").glob("results_*.table.json")
     table = json.loads(table_file.read_text())
@@ -117,18 +164,25 @@ def test_wandb_gets_the_figures_the_results_table_and_the_summary_at_the_end(wan
     assert len(table["data"]) == 5 * 3 + 2 * 3  # folds x evaluations, then mean and std per evaluation
     for fold in results["folds"]:
         for modality, metrics in fold["test"].items():
-            assert rows[(str(fold["fold"]), modality)][3:] == [metrics["uar"], metrics["war"], metrics["macro_f1"]]
+            assert rows[(str(fold["fold"]), modality)][3:] == [
+                metrics["uar"],
+                metrics["war"],
+                metrics["macro_f1"],
+            ]
     assert rows[("mean", "av")][3] == pytest.approx(results["summary"]["av"]["uar"][0])
     summary = {}
     for record in wandb_records(run_file(wandb_run)):
         if record.WhichOneof("record_type") == "summary":
-            summary |= {item.key or "/".join(item.nested_key): item.value_json for item in record.summary.update}
+            summary |= {
+                item.key or "/".join(item.nested_key): item.value_json for item in record.summary.update
+            }
     assert json.loads(summary["av/uar_mean"]) == pytest.approx(results["summary"]["av"]["uar"][0])
     assert json.loads(summary["av_pooled/uar"]) == pytest.approx(results["summary"]["av_pooled"]["uar"])
 
 
 def test_a_run_that_fails_in_a_later_fold_has_the_earlier_folds_curves_in_wandb(
-        export, synth_manifest, synth_shards, tmp_path):
+    export, synth_manifest, synth_shards, tmp_path
+):
     # the shards without fold 3's clips: fold 3 has no test windows, so the run stops there
     index = json.loads((synth_shards / "index.json").read_text())
     shards = tmp_path / "shards"
@@ -138,8 +192,17 @@ def test_a_run_that_fails_in_a_later_fold_has_the_earlier_folds_curves_in_wandb(
         shutil.copy(synth_shards / s["name"], shards / s["name"])
     (shards / "index.json").write_text(json.dumps(index))
     with pytest.raises(RuntimeError, match="fold 3: the test part is empty"):
-        finetune(export, synth_manifest, shards, tmp_path / "runs", "head=linear", "run_name=broken",
-                 f"recipes.linear.epochs={EPOCHS}", "wandb.enabled=true", "wandb.mode=offline")
+        finetune(
+            export,
+            synth_manifest,
+            shards,
+            tmp_path / "runs",
+            "head=linear",
+            "run_name=broken",
+            f"recipes.linear.epochs={EPOCHS}",
+            "wandb.enabled=true",
+            "wandb.mode=offline",
+        )
     path = run_file(tmp_path / "runs" / "broken")
     rows = history(path)
     for k in range(3):
@@ -150,11 +213,32 @@ def test_a_run_that_fails_in_a_later_fold_has_the_earlier_folds_curves_in_wandb(
 
 
 def test_progress_is_plain_lines_per_fold_epoch_and_cached_window_when_stdout_is_not_a_terminal(
-        export, synth_manifest, synth_shards, tmp_path, capsys):
-    assert finetune(export, synth_manifest, synth_shards, tmp_path, "head=finetune", "fold=0",
-                    "recipes.finetune.epochs=2") == 0
-    assert finetune(export, synth_manifest, synth_shards, tmp_path, "head=linear", "fold=1",
-                    f"recipes.linear.epochs={EPOCHS}") == 0
+    export, synth_manifest, synth_shards, tmp_path, capsys
+):
+    assert (
+        finetune(
+            export,
+            synth_manifest,
+            synth_shards,
+            tmp_path,
+            "head=finetune",
+            "fold=0",
+            "recipes.finetune.epochs=2",
+        )
+        == 0
+    )
+    assert (
+        finetune(
+            export,
+            synth_manifest,
+            synth_shards,
+            tmp_path,
+            "head=linear",
+            "fold=1",
+            f"recipes.linear.epochs={EPOCHS}",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "\r" not in out and "\x1b" not in out, "no bar redraws in a log file"
     lines = out.splitlines()
@@ -165,7 +249,9 @@ def test_progress_is_plain_lines_per_fold_epoch_and_cached_window_when_stdout_is
     finetuned = [line for line in lines if line.startswith("fold 0 (1/1) fine-tuning: epoch ")]
     assert [count(line) for line in finetuned] == ["1/2", "2/2"]
     for line in finetuned:
-        assert " train_loss " in line and " val_uar " in line and " test_uar " in line and line.endswith(" s]")
+        assert (
+            " train_loss " in line and " val_uar " in line and " test_uar " in line and line.endswith(" s]")
+        )
     caching = [line for line in lines if line.startswith("caching pooled features: windows ")]
     assert caching and count(caching[-1]) == "144/144"
     probe = [line for line in lines if line.startswith("fold 1 (1/1) linear probe: epoch ")]

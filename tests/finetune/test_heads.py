@@ -21,8 +21,20 @@ from finetune.probe import train_probe
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
 
-CFG = ModelConfig(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=2,
-                  decoder_width=32, decoder_heads=2, decoder_depth=2, skip_layers=[3])
+CFG = ModelConfig(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=2,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=2,
+    skip_layers=[3],
+)
 
 
 def test_feature_fusion_and_attentive_heads_give_logits_and_learnable_layer_weights():
@@ -66,7 +78,9 @@ def test_av_cutmix_cuts_the_same_fraction_of_video_and_audio():
 
 def test_layer_decay_orders_embeddings_blocks_fusion_then_head():
     enc, head = AVEncoder(CFG), FeatureFusionHead(64, 3, 3, 6)
-    groups = layer_decay_param_groups(enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay())
+    groups = layer_decay_param_groups(
+        enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay()
+    )
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
     top = CFG.depth + CFG.fusion_depth + 1
     assert scale["video_embed.proj.weight"] == pytest.approx(0.75**top)
@@ -95,7 +109,9 @@ def test_lp_ft_trains_the_head_alone_then_warms_the_encoder_up_from_zero():
     torch.manual_seed(0)
     enc, head = AVEncoder(CFG), FeatureFusionHead(64, CFG.depth, CFG.depth, 6)
     model = FullFinetuneModel(enc, head)
-    groups = layer_decay_param_groups(enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay())
+    groups = layer_decay_param_groups(
+        enc, head, CFG.depth, CFG.fusion_depth, 0.75, 0.05, enc.no_weight_decay()
+    )
     recipe = RecipeConfig(epochs=4, warmup_epochs=1, freeze_epochs=2, weight_decay=0.05)
     optimizer, scheduler = build_optimizer(groups, recipe, peak_lr=1e-3, steps_per_epoch=2)
     encoder_before = {k: v.clone() for k, v in enc.state_dict().items()}
@@ -112,7 +128,9 @@ def test_lp_ft_trains_the_head_alone_then_warms_the_encoder_up_from_zero():
 
     for _ in range(4):  # the two frozen epochs
         step()
-    assert all(torch.equal(v, encoder_before[k]) for k, v in enc.state_dict().items()), "encoder moved while frozen"
+    assert all(torch.equal(v, encoder_before[k]) for k, v in enc.state_dict().items()), (
+        "encoder moved while frozen"
+    )
     assert any(not torch.equal(v, head_before[k]) for k, v in head.state_dict().items())
     lrs = [step()]
     encoder_lr = [lr for lr, h in zip(lrs[-1], is_head) if not h]
@@ -134,17 +152,26 @@ def _scaled_cache(n: int = 360, dim: int = 16, layers: int = 2, seed: int = 0) -
         signal[:, :3] = 4.0 * torch.nn.functional.one_hot(y, 3)
         return (x + signal.view(n, *[1] * len(shape), dim)) * scale + offset
 
-    features = {"video_layers": feature(layers), "audio_layers": feature(layers),
-                "fused_video": feature(), "fused_audio": feature()}
+    features = {
+        "video_layers": feature(layers),
+        "audio_layers": feature(layers),
+        "fused_video": feature(),
+        "fused_audio": feature(),
+    }
     keys = [f"w{i:04d}" for i in range(n)]
     cache = FeatureCache(keys, keys, y.numpy(), {"av": features})
     order = np.random.default_rng(seed).permutation(n)
-    index = {"train": np.sort(order[: n // 2]), "val": np.sort(order[n // 2 : 3 * n // 4]),
-             "test": np.sort(order[3 * n // 4 :])}
+    index = {
+        "train": np.sort(order[: n // 2]),
+        "val": np.sort(order[n // 2 : 3 * n // 4]),
+        "test": np.sort(order[3 * n // 4 :]),
+    }
     return cache, index
 
 
-PROBE_RECIPE = dict(epochs=15, batch_size=64, blr=5e-2, warmup_epochs=1, weight_decay=0.0, label_smoothing=0.0)
+PROBE_RECIPE = dict(
+    epochs=15, batch_size=64, blr=5e-2, warmup_epochs=1, weight_decay=0.0, label_smoothing=0.0
+)
 
 
 @pytest.mark.parametrize("refit", [False, True])
@@ -152,8 +179,16 @@ def test_linear_probe_learns_a_signal_hidden_in_the_smallest_of_wildly_scaled_di
     cache, index = _scaled_cache()
     torch.manual_seed(0)
     head = FeatureFusionHead(16, 2, 2, num_outputs=3)
-    result = train_probe(head, cache, index, RecipeConfig(**PROBE_RECIPE, refit=refit), "classification",
-                         ["a", "b", "c"], [], ["av"])
+    result = train_probe(
+        head,
+        cache,
+        index,
+        RecipeConfig(**PROBE_RECIPE, refit=refit),
+        "classification",
+        ["a", "b", "c"],
+        [],
+        ["av"],
+    )
     # without per-dimension standardisation the LayerNorm is swamped by the 1e3-scale dimensions and
     # the probe stays near chance (1/3)
     assert result["test"]["av"]["uar"] > 0.9
@@ -180,8 +215,18 @@ def test_refit_probe_picks_its_epoch_without_looking_at_the_test_fold():
         if test_labels == "shuffled":
             cache.targets[index["test"]] = np.random.default_rng(0).permutation(cache.targets[index["test"]])
         torch.manual_seed(0)
-        runs.append(train_probe(FeatureFusionHead(16, 2, 2, num_outputs=3), cache, index, recipe, "classification",
-                                ["a", "b", "c"], [], ["av"]))
+        runs.append(
+            train_probe(
+                FeatureFusionHead(16, 2, 2, num_outputs=3),
+                cache,
+                index,
+                recipe,
+                "classification",
+                ["a", "b", "c"],
+                [],
+                ["av"],
+            )
+        )
     assert runs[0]["selected_epoch"] == runs[1]["selected_epoch"]
     assert [c["val_uar"] for c in runs[0]["curve"]] == [c["val_uar"] for c in runs[1]["curve"]]
     assert runs[0]["test"]["av"]["uar"] != runs[1]["test"]["av"]["uar"]
@@ -194,8 +239,12 @@ def test_speaker_normalisation_zscores_each_speakers_windows_and_only_centres_co
     tokens = (torch.randn(6, 3, 4, generator=gen) * 3 + offset).half()
     pooled = torch.randn(6, 4, generator=gen) + offset[:, 0]
     pooled[:, 0] = 7.0  # constant, as the blanked modality's features are in an audio-only evaluation
-    cache = FeatureCache([f"w{i}" for i in range(6)], [f"c{i}" for i in range(6)], np.arange(6),
-                         {"av": {"fused_video": pooled, "tokens": tokens}})
+    cache = FeatureCache(
+        [f"w{i}" for i in range(6)],
+        [f"c{i}" for i in range(6)],
+        np.arange(6),
+        {"av": {"fused_video": pooled, "tokens": tokens}},
+    )
     out = speaker_normalized(cache, speakers).features["av"]
     for speaker in "ab":
         rows = [i for i, s in enumerate(speakers) if s == speaker]

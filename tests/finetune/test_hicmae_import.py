@@ -21,7 +21,9 @@ from finetune.hicmae_import import HEAD_FILE, PRETRAIN_FILE, load_head
 from pretrain.cli import main as emomae
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = Path(os.environ.get("EMOMAE_HICMAE_FIXTURE", REPO / ".." / "shared" / "fixtures" / "hicmae" / "small"))
+FIXTURE = Path(
+    os.environ.get("EMOMAE_HICMAE_FIXTURE", REPO / ".." / "shared" / "fixtures" / "hicmae" / "small")
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,17 @@ def head_overrides(meta: dict) -> list[str]:
 def imported(meta, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("imported")
     for kind in ("pretrain", "finetune"):
-        assert emomae(["import-hicmae", str(FIXTURE / f"{kind}_checkpoint.pth"), str(out / kind),
-                       *head_overrides(meta)]) == 0
+        assert (
+            emomae(
+                [
+                    "import-hicmae",
+                    str(FIXTURE / f"{kind}_checkpoint.pth"),
+                    str(out / kind),
+                    *head_overrides(meta),
+                ]
+            )
+            == 0
+        )
     return {"pretrain": out / "pretrain", "finetune": out / "finetune", "root": out}
 
 
@@ -53,9 +64,15 @@ def fixture_shards(imported, synth_manifest, meta) -> Path:
 
     arch = read_export_config(imported["pretrain"])["architecture"]
     out = imported["root"] / "shards"
-    write_shards(synth_manifest, out, ShardConfig(num_frames=arch["num_frames"], frame_stride=4,
-                                                   img_size=arch["img_size"], samples_per_shard=32),
-                 workers=2, progress=False)
+    write_shards(
+        synth_manifest,
+        out,
+        ShardConfig(
+            num_frames=arch["num_frames"], frame_stride=4, img_size=arch["img_size"], samples_per_shard=32
+        ),
+        workers=2,
+        progress=False,
+    )
     return out
 
 
@@ -63,7 +80,11 @@ def test_the_imported_fine_tuned_model_gives_hicmae_s_logits_through_the_files(i
     tensors = load_file(str(FIXTURE / "tensors.safetensors"))
     encoder, head = load_encoder(imported["finetune"]), load_head(imported["finetune"])
     with torch.no_grad():
-        logits = head(pool_tokens(encoder.forward_features(tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0])))
+        logits = head(
+            pool_tokens(
+                encoder.forward_features(tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0])
+            )
+        )
     error = float((logits - tensors["finetune_logits"]).abs().max() / tensors["finetune_logits"].abs().max())
     assert error < 1e-5
 
@@ -75,7 +96,9 @@ def test_the_imported_pretrained_encoder_gives_hicmae_s_fused_features(imported)
     encoder = load_encoder(imported["pretrain"])
     vm, am = Mask.from_bool(tensors["mask_video"]), Mask.from_bool(tensors["mask_audio"])
     with torch.no_grad():
-        out = encoder.forward_features(tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0], vm.ids_keep, am.ids_keep)
+        out = encoder.forward_features(
+            tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0], vm.ids_keep, am.ids_keep
+        )
     error = float((out.fused_video - tensors["fused_video"]).abs().max() / tensors["fused_video"].abs().max())
     assert error < 1e-5
 
@@ -83,7 +106,10 @@ def test_the_imported_pretrained_encoder_gives_hicmae_s_fused_features(imported)
 def test_the_export_says_where_the_weights_came_from(imported, meta):
     config = read_export_config(imported["pretrain"])
     assert config["imported_from"]["kind"] == "pretrain" and config["license"] == "MIT"
-    assert config["input"]["frame_stride"] == 4 and config["architecture"]["width"] == meta["pretrain_config"]["encoder_embed_dim"]
+    assert (
+        config["input"]["frame_stride"] == 4
+        and config["architecture"]["width"] == meta["pretrain_config"]["encoder_embed_dim"]
+    )
     card = (imported["pretrain"] / "MODEL_CARD.md").read_text()
     assert "## Source" in card and "pretrain_checkpoint.pth" in card and "github.com/sunlicai/HiCMAE" in card
     pretrain_state = load_file(str(imported["pretrain"] / PRETRAIN_FILE))
@@ -97,8 +123,19 @@ def test_the_export_says_where_the_weights_came_from(imported, meta):
 
 def test_hf_layout_import_loads_the_same_encoder(imported, meta, tmp_path):
     out = tmp_path / "hf"
-    assert emomae(["import-hicmae", str(FIXTURE / "finetune_checkpoint.pth"), str(out), "--layout", "hf",
-                   *head_overrides(meta)]) == 0
+    assert (
+        emomae(
+            [
+                "import-hicmae",
+                str(FIXTURE / "finetune_checkpoint.pth"),
+                str(out),
+                "--layout",
+                "hf",
+                *head_overrides(meta),
+            ]
+        )
+        == 0
+    )
     assert {"config.json", "model.safetensors", "README.md", HEAD_FILE} <= {f.name for f in out.iterdir()}
     ours, theirs = load_encoder(out).state_dict(), load_encoder(imported["finetune"]).state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -107,30 +144,80 @@ def test_hf_layout_import_loads_the_same_encoder(imported, meta, tmp_path):
 def test_embed_reads_the_imported_export(imported, realdata_dir, tmp_path):
     clip = sorted(realdata_dir.rglob("*.mp4"))[0]
     out = tmp_path / "emb.npy"
-    assert emomae(["embed", str(clip), "--encoder", str(imported["pretrain"]), "--out", str(out), "--max-windows", "1"]) == 0
+    assert (
+        emomae(
+            [
+                "embed",
+                str(clip),
+                "--encoder",
+                str(imported["pretrain"]),
+                "--out",
+                str(out),
+                "--max-windows",
+                "1",
+            ]
+        )
+        == 0
+    )
     embedding = np.load(out)
-    assert embedding.ndim == 1 and embedding.size >= 4 * 64 and np.isfinite(embedding).all() and embedding.std() > 0
+    assert (
+        embedding.ndim == 1
+        and embedding.size >= 4 * 64
+        and np.isfinite(embedding).all()
+        and embedding.std() > 0
+    )
 
 
 def _finetune(export: Path, manifest: Path, shards: Path, out: Path, name: str, *extra: str) -> dict:
-    assert emomae(["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={export}",
-                   f"protocol.manifest={manifest}", f"protocol.shards={shards}", f"out_dir={out}", f"run_name={name}",
-                   "num_workers=0", "speed_batches=1", "fold=0", *extra]) == 0
+    assert (
+        emomae(
+            [
+                "finetune",
+                str(REPO / "configs" / "finetune" / "synth.yaml"),
+                f"encoder={export}",
+                f"protocol.manifest={manifest}",
+                f"protocol.shards={shards}",
+                f"out_dir={out}",
+                f"run_name={name}",
+                "num_workers=0",
+                "speed_batches=1",
+                "fold=0",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / name / "results.json").read_text())
 
 
 @pytest.mark.slow
 def test_a_linear_probe_runs_on_the_imported_encoder(imported, synth_manifest, fixture_shards, tmp_path):
-    result = _finetune(imported["pretrain"], synth_manifest, fixture_shards, tmp_path, "probe", "head=linear",
-                       "recipes.linear.epochs=5")
+    result = _finetune(
+        imported["pretrain"],
+        synth_manifest,
+        fixture_shards,
+        tmp_path,
+        "probe",
+        "head=linear",
+        "recipes.linear.epochs=5",
+    )
     av = result["folds"][0]["test"]["av"]
     assert 0.0 <= av["uar"] <= 1.0 and np.asarray(av["confusion"]).sum() > 0
 
 
 @pytest.mark.slow
-def test_the_imported_fine_tuned_head_is_evaluated_without_training(imported, synth_manifest, fixture_shards, tmp_path):
-    result = _finetune(imported["finetune"], synth_manifest, fixture_shards, tmp_path, "eval", "head=finetune",
-                       "eval_only=true")
+def test_the_imported_fine_tuned_head_is_evaluated_without_training(
+    imported, synth_manifest, fixture_shards, tmp_path
+):
+    result = _finetune(
+        imported["finetune"],
+        synth_manifest,
+        fixture_shards,
+        tmp_path,
+        "eval",
+        "head=finetune",
+        "eval_only=true",
+    )
     fold = result["folds"][0]
     assert result["eval_only"] is True and fold["selected_epoch"] == "imported" and fold["curve"] == []
     test_windows = fold["windows"]["test"]
@@ -141,14 +228,37 @@ def test_the_imported_fine_tuned_head_is_evaluated_without_training(imported, sy
     assert "evaluated as it is" in (tmp_path / "eval" / "results.md").read_text()
 
 
-def test_eval_only_refuses_a_head_of_another_class_count(imported, synth_manifest, fixture_shards, tmp_path, capsys):
-    code = emomae(["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={imported['finetune']}",
-                   f"protocol.manifest={synth_manifest}", f"protocol.shards={fixture_shards}", f"out_dir={tmp_path}",
-                   "protocol.classes=[A,B,C]", "head=finetune", "eval_only=true", "fold=0", "num_workers=0"])
+def test_eval_only_refuses_a_head_of_another_class_count(
+    imported, synth_manifest, fixture_shards, tmp_path, capsys
+):
+    code = emomae(
+        [
+            "finetune",
+            str(REPO / "configs" / "finetune" / "synth.yaml"),
+            f"encoder={imported['finetune']}",
+            f"protocol.manifest={synth_manifest}",
+            f"protocol.shards={fixture_shards}",
+            f"out_dir={tmp_path}",
+            "protocol.classes=[A,B,C]",
+            "head=finetune",
+            "eval_only=true",
+            "fold=0",
+            "num_workers=0",
+        ]
+    )
     assert code == 2 and "has 6 outputs" in capsys.readouterr().err
-    code = emomae(["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={imported['pretrain']}",
-                   f"protocol.manifest={synth_manifest}", f"protocol.shards={fixture_shards}", f"out_dir={tmp_path}",
-                   "head=linear", "eval_only=true"])
+    code = emomae(
+        [
+            "finetune",
+            str(REPO / "configs" / "finetune" / "synth.yaml"),
+            f"encoder={imported['pretrain']}",
+            f"protocol.manifest={synth_manifest}",
+            f"protocol.shards={fixture_shards}",
+            f"out_dir={tmp_path}",
+            "head=linear",
+            "eval_only=true",
+        ]
+    )
     assert code == 2 and "set head=finetune" in capsys.readouterr().err
 
 
@@ -157,12 +267,28 @@ def test_pretraining_continues_from_the_imported_model(imported, fixture_shards,
     arch = read_export_config(imported["pretrain"])["architecture"]
     model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in arch.items()]
     run = tmp_path / "run"
-    assert emomae(["pretrain", str(REPO / "configs" / "pretrain" / "demo.yaml"), f"data.shards={fixture_shards}",
-                   f"run_dir={run}", f"init={imported['pretrain']}", "trainer.max_steps=2", "trainer.progress_bar=false",
-                   "data.num_workers=0", "data.batch_size=4", "logging.image_every_n_steps=0", "optim.warmup_steps=1",
-                   "trainer.ckpt_every_n_steps=2", *model_overrides]) == 0
+    assert (
+        emomae(
+            [
+                "pretrain",
+                str(REPO / "configs" / "pretrain" / "demo.yaml"),
+                f"data.shards={fixture_shards}",
+                f"run_dir={run}",
+                f"init={imported['pretrain']}",
+                "trainer.max_steps=2",
+                "trainer.progress_bar=false",
+                "data.num_workers=0",
+                "data.batch_size=4",
+                "logging.image_every_n_steps=0",
+                "optim.warmup_steps=1",
+                "trainer.ckpt_every_n_steps=2",
+                *model_overrides,
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    trained = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    trained = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     imported_state = load_file(str(imported["pretrain"] / PRETRAIN_FILE))
     assert trained.keys() == imported_state.keys()
     # two small steps away from HiCMAE's weights, nowhere near a fresh initialisation
@@ -221,10 +347,14 @@ def test_ema_weights_are_taken_when_asked_and_their_absence_is_an_error(tmp_path
     assert emomae(["import-hicmae", str(path), str(tmp_path / "ema"), "--ema", *head_overrides(meta)]) == 0
     head = load_head(tmp_path / "ema")
     assert torch.equal(head.fc.bias, ema["head.bias"])
-    assert emomae(["import-hicmae", str(FIXTURE / "finetune_checkpoint.pth"), str(tmp_path / "x"), "--ema"]) == 1
+    assert (
+        emomae(["import-hicmae", str(FIXTURE / "finetune_checkpoint.pth"), str(tmp_path / "x"), "--ema"]) == 1
+    )
     assert "no 'model_ema'" in capsys.readouterr().err
 
 
 def _fixture_state(kind: str) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return dict(torch.load(FIXTURE / f"{kind}_checkpoint.pth", map_location="cpu", weights_only=True)["model"])
+        return dict(
+            torch.load(FIXTURE / f"{kind}_checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+        )

@@ -55,7 +55,9 @@ def test_ccc_and_pcc_match_hand_computation():
     assert float(ccc(p, t)) == pytest.approx(0.4)
     assert float(ccc(t, t)) == pytest.approx(1.0)
     assert float(pcc(p, -p)) == pytest.approx(-1.0)
-    m = regression_metrics(torch.stack([p, p], 1).numpy(), torch.stack([t, p], 1).numpy(), ["valence", "arousal"])
+    m = regression_metrics(
+        torch.stack([p, p], 1).numpy(), torch.stack([t, p], 1).numpy(), ["valence", "arousal"]
+    )
     assert m["ccc_valence"] == pytest.approx(0.4) and m["ccc_arousal"] == pytest.approx(1.0)
     assert m["ccc"] == pytest.approx(0.7)
 

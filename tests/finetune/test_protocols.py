@@ -14,7 +14,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 
 
 def _clips(num_speakers=10, per_speaker=3, folds=5):
-    return [ClipInfo(f"s{s}_c{c}", f"spk{s}", s % folds) for s in range(num_speakers) for c in range(per_speaker)]
+    return [
+        ClipInfo(f"s{s}_c{c}", f"spk{s}", s % folds) for s in range(num_speakers) for c in range(per_speaker)
+    ]
 
 
 def test_fold_splits_are_speaker_disjoint_and_test_every_clip_once():
@@ -51,8 +53,13 @@ def test_read_clips_needs_a_fold_per_clip(tmp_path):
 def test_protocol_configs_load_and_match_the_dataset_registry(name):
     from data_pipelines.manifests import DATASETS
 
-    cfg = OmegaConf.to_object(load_config(FinetuneConfig, CONFIGS / f"{name}.yaml",
-                                          ["encoder=x", "protocol.manifest=m.csv", "protocol.shards=s"]))
+    cfg = OmegaConf.to_object(
+        load_config(
+            FinetuneConfig,
+            CONFIGS / f"{name}.yaml",
+            ["encoder=x", "protocol.manifest=m.csv", "protocol.shards=s"],
+        )
+    )
     validate(cfg)
     registry = {"crema_d": "crema-d", "msp_improv": "msp-improv"}.get(name, name)
     if registry in DATASETS:
@@ -63,8 +70,13 @@ def test_protocol_configs_load_and_match_the_dataset_registry(name):
 def test_unknown_key_or_bad_head_is_a_clear_error():
     with pytest.raises(ConfigError, match="recipes.linear.epoch"):
         load_config(FinetuneConfig, CONFIGS / "synth.yaml", ["recipes.linear.epoch=3"])
-    cfg = OmegaConf.to_object(load_config(FinetuneConfig, CONFIGS / "synth.yaml",
-                                          ["encoder=x", "protocol.manifest=m", "protocol.shards=s", "head=mlp"]))
+    cfg = OmegaConf.to_object(
+        load_config(
+            FinetuneConfig,
+            CONFIGS / "synth.yaml",
+            ["encoder=x", "protocol.manifest=m", "protocol.shards=s", "head=mlp"],
+        )
+    )
     with pytest.raises(ConfigError, match="head must be one of"):
         validate(cfg)
     cfg.head, cfg.fold = "linear", "7"
@@ -72,7 +84,9 @@ def test_unknown_key_or_bad_head_is_a_clear_error():
         validate(cfg)
     cfg.fold, cfg.head = "0", "finetune"
     cfg.recipes["finetune"].modality_dropout = 1.5
-    with pytest.raises(ConfigError, match=r"recipes.finetune.modality_dropout is a probability in \[0, 1\], got 1.5"):
+    with pytest.raises(
+        ConfigError, match=r"recipes.finetune.modality_dropout is a probability in \[0, 1\], got 1.5"
+    ):
         validate(cfg)
     cfg.recipes["finetune"].modality_dropout, cfg.recipes["finetune"].freeze_epochs = 0.5, 30
     with pytest.raises(ConfigError, match=r"recipes.finetune.freeze_epochs must lie in \[0, epochs=30\)"):

@@ -21,8 +21,14 @@ from pretrain.encoders import AVEncoder, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # (valence, arousal) of each class at full intensity; neutral sits at the origin
-CIRCUMPLEX = {"ANG": (-0.6, 0.8), "DIS": (-0.6, -0.3), "FEA": (-0.5, 0.6), "HAP": (0.8, 0.7), "NEU": (0.0, 0.0),
-              "SAD": (-0.7, -0.6)}
+CIRCUMPLEX = {
+    "ANG": (-0.6, 0.8),
+    "DIS": (-0.6, -0.3),
+    "FEA": (-0.5, 0.6),
+    "HAP": (0.8, 0.7),
+    "NEU": (0.0, 0.0),
+    "SAD": (-0.7, -0.6),
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +53,29 @@ def regression_data(synth_manifest, write_test_shards, tmp_path_factory) -> tupl
         writer.writerows(rows)
     shards = write_test_shards(manifest, out / "shards")
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "micro.yaml")))
+    cfg = ModelConfig.from_dict(
+        OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "micro.yaml"))
+    )
     export = save_export(AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), out / "export", "test")
     return manifest, shards, export
 
 
 def _run(tmp_path: Path, data: tuple[Path, Path, Path], name: str, *extra: str) -> dict:
     manifest, shards, export = data
-    args = ["finetune", str(REPO / "configs" / "finetune" / "synth.yaml"), f"encoder={export}",
-            f"protocol.manifest={manifest}", f"protocol.shards={shards}", "protocol.task=regression",
-            "protocol.targets=[valence,arousal]", f"out_dir={tmp_path}", f"run_name={name}", "num_workers=0",
-            "speed_batches=1", *extra]
+    args = [
+        "finetune",
+        str(REPO / "configs" / "finetune" / "synth.yaml"),
+        f"encoder={export}",
+        f"protocol.manifest={manifest}",
+        f"protocol.shards={shards}",
+        "protocol.task=regression",
+        "protocol.targets=[valence,arousal]",
+        f"out_dir={tmp_path}",
+        f"run_name={name}",
+        "num_workers=0",
+        "speed_batches=1",
+        *extra,
+    ]
     assert emomae(args) == 0
     return json.loads((tmp_path / name / "results.json").read_text())
 
@@ -77,8 +95,15 @@ def test_linear_probe_with_ccc_loss_predicts_arousal_from_the_voice(regression_d
 
 @pytest.mark.slow
 def test_full_finetuning_trains_on_ccc_and_reports_both_dimensions(regression_data, tmp_path):
-    results = _run(tmp_path, regression_data, "finetune", "head=finetune", "fold=0", "recipes.finetune.epochs=2",
-                   "modalities=[av]")
+    results = _run(
+        tmp_path,
+        regression_data,
+        "finetune",
+        "head=finetune",
+        "fold=0",
+        "recipes.finetune.epochs=2",
+        "modalities=[av]",
+    )
     fold = results["folds"][0]
     av = fold["test"]["av"]
     for key in ("ccc", "pcc", "ccc_valence", "ccc_arousal", "pcc_valence", "pcc_arousal"):
@@ -89,5 +114,7 @@ def test_full_finetuning_trains_on_ccc_and_reports_both_dimensions(regression_da
     with (tmp_path / "finetune" / "fold0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     # one row per epoch: the loss of its last step; measured 0.807 -> 0.757
-    assert len(losses) == 2 and all(0.0 <= loss <= 2.0 for loss in losses), f"the CCC loss (1 - CCC) lies in [0, 2]: {losses}"
+    assert len(losses) == 2 and all(0.0 <= loss <= 2.0 for loss in losses), (
+        f"the CCC loss (1 - CCC) lies in [0, 2]: {losses}"
+    )
     assert losses[1] < losses[0] - 0.02, f"the CCC loss must fall while training: {losses}"

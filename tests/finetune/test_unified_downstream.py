@@ -19,8 +19,20 @@ from finetune.module import FullFinetuneModel
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
 
-SMALL = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
-             decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
+SMALL = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=3,
+    skip_layers=[1, 3],
+)
 
 
 @pytest.mark.parametrize("kind", ["separate", "unified"])
@@ -29,13 +41,22 @@ def test_export_probe_and_finetune_work_for_both_encoder_kinds(tmp_path, kind):
     cfg = ModelConfig(kind=kind, **SMALL)
     mae = MaskedAVAutoencoder(cfg).eval()
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()}, "global_step": 1,
-                "emomae": {"model": cfg.to_dict(), "config": {"shard_sampling": {"frame_stride": 4}}}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
+            "global_step": 1,
+            "emomae": {"model": cfg.to_dict(), "config": {"shard_sampling": {"frame_stride": 4}}},
+        },
+        ckpt,
+    )
     encoder = load_encoder(export(ckpt, tmp_path / "export"))
     video, fbank = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 64, 32)
     with torch.no_grad():
         want, got = mae.encoder.forward_features(video, fbank), encoder.forward_features(video, fbank)
-    assert all(torch.equal(a, b) for a, b in zip(want.video_layers + want.audio_layers, got.video_layers + got.audio_layers))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(want.video_layers + want.audio_layers, got.video_layers + got.audio_layers)
+    )
     assert torch.equal(want.fused_video, got.fused_video) and torch.equal(want.fused_audio, got.fused_audio)
 
     pooled = pool_tokens(got)
@@ -43,8 +64,9 @@ def test_export_probe_and_finetune_work_for_both_encoder_kinds(tmp_path, kind):
     assert AttentiveProbe(64, 6, num_heads=2)(fusion_tokens(got)).shape == (2, 6)
 
     model = FullFinetuneModel(encoder, FeatureFusionHead(64, 3, 3, 6)).train()
-    groups = layer_decay_param_groups(model.encoder, model.head, cfg.depth, cfg.fusion_depth, 0.75, 0.05,
-                                      model.encoder.no_weight_decay())
+    groups = layer_decay_param_groups(
+        model.encoder, model.head, cfg.depth, cfg.fusion_depth, 0.75, 0.05, model.encoder.no_weight_decay()
+    )
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     # layer decay must reach the shared blocks too: the embeddings get the smallest scale, the head 1.0
     scales = sorted({round(g["lr_scale"], 6) for g in groups})

@@ -15,8 +15,23 @@ from finetune.zeroshot import class_prompts, load_zeroshot_model, main, prompt_c
 from pretrain.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextHeads
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = dict(kind="separate", num_frames=8, img_size=32, tubelet=2, patch=16, fbank_frames=128, mel_bins=64, width=64,
-            heads=2, depth=2, fusion_depth=1, decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[1, 2])
+TINY = dict(
+    kind="separate",
+    num_frames=8,
+    img_size=32,
+    tubelet=2,
+    patch=16,
+    fbank_frames=128,
+    mel_bins=64,
+    width=64,
+    heads=2,
+    depth=2,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=1,
+    decoder_depth=3,
+    skip_layers=[1, 2],
+)
 
 
 def _checkpoint(path: Path, stage: str, text_dim: int = 384) -> Path:
@@ -27,8 +42,12 @@ def _checkpoint(path: Path, stage: str, text_dim: int = 384) -> Path:
     torch.manual_seed(0)
     model = MaskedAVAutoencoder(ModelConfig.from_dict(TINY))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    config = {"stage": stage, "data": {"num_frames": 8, "img_size": 32, "fbank": {}},
-              "inject": {"text_encoder": DEFAULT_TEXT_ENCODER}, "shard_sampling": {"frame_stride": 4}}
+    config = {
+        "stage": stage,
+        "data": {"num_frames": 8, "img_size": 32, "fbank": {}},
+        "inject": {"text_encoder": DEFAULT_TEXT_ENCODER},
+        "shard_sampling": {"frame_stride": 4},
+    }
     if stage == "inject":
         state |= {f"text_heads.{k}": v for k, v in TextHeads(64, text_dim).state_dict().items()}
     torch.save({"state_dict": state, "emomae": {"model": dict(TINY), "config": config}}, path)
@@ -75,15 +94,23 @@ def test_export_of_a_stage2_checkpoint_keeps_the_text_heads_and_scores_identical
     ckpt = _checkpoint(tmp_path / "s2.ckpt", "inject")
     export(ckpt, tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["text"] == {"encoder": DEFAULT_TEXT_ENCODER, "dim": 384, "paths": ["audio", "fused", "video"]}
+    assert config["text"] == {
+        "encoder": DEFAULT_TEXT_ENCODER,
+        "dim": 384,
+        "paths": ["audio", "fused", "video"],
+    }
 
     text = FrozenTextEncoder(DEFAULT_TEXT_ENCODER)
     classifier = prompt_classifier(text, class_prompts(REPO / "configs/zeroshot/crema-d.yaml"))
     results = []
     for source in (ckpt, tmp_path / "export"):
         encoder, heads, info = load_zeroshot_model(source)
-        stream = eval_pipeline(resolve_shards(str(synth_shards), ["fold1"]),
-                               stream_config(info["input"], info["architecture"], 16, 0), rank=0, world_size=1)
+        stream = eval_pipeline(
+            resolve_shards(str(synth_shards), ["fold1"]),
+            stream_config(info["input"], info["architecture"], 16, 0),
+            rank=0,
+            world_size=1,
+        )
         results.append(zeroshot_scores(encoder, heads, classifier, loader(stream, 0)))
     assert results[0]["keys"] == results[1]["keys"] and len(results[0]["keys"]) == 24
     for path in ("video", "audio", "fused", "ensemble"):
@@ -95,8 +122,20 @@ def test_export_of_a_stage2_checkpoint_keeps_the_text_heads_and_scores_identical
 def test_cli_reports_uar_and_war_per_path_on_real_shards(tmp_path, synth_shards, capsys):
     ckpt = _checkpoint(tmp_path / "s2.ckpt", "inject")
     out = tmp_path / "zs.json"
-    code = main([str(ckpt), str(synth_shards), "--prompts", str(REPO / "configs/zeroshot/crema-d.yaml"),
-                 "--groups", "fold2", "--workers", "0", "--out", str(out)])
+    code = main(
+        [
+            str(ckpt),
+            str(synth_shards),
+            "--prompts",
+            str(REPO / "configs/zeroshot/crema-d.yaml"),
+            "--groups",
+            "fold2",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["num_windows"] == 24 and result["chance_uar"] == pytest.approx(1 / 6)

@@ -49,9 +49,14 @@ def test_an_unknown_name_lists_the_shipped_ones_and_exits_2(tmp_path, monkeypatc
 def test_pyproject_ships_every_package_and_every_config_folder():
     tomllib = pytest.importorskip("tomllib")
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    code = {p.parent.relative_to(REPO).as_posix().replace("/", ".")
-            for top in ("pretrain", "finetune", "data_pipelines") for p in (REPO / top).rglob("__init__.py")}
-    configs = {"emomae_configs"} | {f"emomae_configs.{p.name}" for p in (REPO / "configs").iterdir() if p.is_dir()}
+    code = {
+        p.parent.relative_to(REPO).as_posix().replace("/", ".")
+        for top in ("pretrain", "finetune", "data_pipelines")
+        for p in (REPO / top).rglob("__init__.py")
+    }
+    configs = {"emomae_configs"} | {
+        f"emomae_configs.{p.name}" for p in (REPO / "configs").iterdir() if p.is_dir()
+    }
     assert set(setuptools["packages"]) == code | configs
     assert setuptools["package-dir"] == {"emomae_configs": "configs"}
     assert all(setuptools["package-data"][name] == ["*.yaml"] for name in configs)
@@ -67,8 +72,23 @@ def installed_wheel(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, src / name)
     for name in ("pretrain", "finetune", "data_pipelines", "configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
-                    "-w", str(root / "dist")], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(root / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (root / "dist").glob("emomae-*.whl")
     site = root / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -76,20 +96,25 @@ def installed_wheel(tmp_path_factory) -> Path:
 
 
 def test_the_wheel_holds_every_shipped_config(installed_wheel):
-    packaged = sorted(p.relative_to(installed_wheel / "emomae_configs").as_posix()
-                      for p in (installed_wheel / "emomae_configs").rglob("*.yaml"))
+    packaged = sorted(
+        p.relative_to(installed_wheel / "emomae_configs").as_posix()
+        for p in (installed_wheel / "emomae_configs").rglob("*.yaml")
+    )
     assert packaged == SHIPPED
 
 
 def test_an_installed_wheel_resolves_names_from_any_directory(installed_wheel, tmp_path):
-    probe = ("from pretrain.config import resolve_config_path; from pretrain.train import load_pretrain_config; "
-             "from pretrain.info import resolve_model_config; "
-             "print(resolve_config_path('demo', 'pretrain')); "
-             "print(load_pretrain_config('base', ['data.shards=x']).model.width, resolve_model_config('micro').width); "
-             "from pretrain.deepspeed import CONFIG_DIR; print(CONFIG_DIR)")
+    probe = (
+        "from pretrain.config import resolve_config_path; from pretrain.train import load_pretrain_config; "
+        "from pretrain.info import resolve_model_config; "
+        "print(resolve_config_path('demo', 'pretrain')); "
+        "print(load_pretrain_config('base', ['data.shards=x']).model.width, resolve_model_config('micro').width); "
+        "from pretrain.deepspeed import CONFIG_DIR; print(CONFIG_DIR)"
+    )
     env = {**os.environ, "PYTHONPATH": str(installed_wheel)}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     path, sizes, deepspeed = out.stdout.strip().splitlines()
     assert Path(path) == installed_wheel / "emomae_configs" / "pretrain" / "demo.yaml"

@@ -50,7 +50,9 @@ class Weights(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *_):
         if trainer.global_step != self.step_before:  # an optimizer step ended this batch
-            self.after_step[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            self.after_step[trainer.global_step] = {
+                k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+            }
 
 
 class RestoreAfterSetup(SingleDeviceStrategy):
@@ -70,8 +72,15 @@ def data(n: int = 12) -> torch.utils.data.DataLoader:
 def fit(tmp_path, max_steps: int, ema: EMA, ckpt_path=None, strategy="auto", **trainer_kwargs) -> Weights:
     weights = Weights()
     trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[ema, weights], default_root_dir=tmp_path,
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema, weights],
+        default_root_dir=tmp_path,
         **trainer_kwargs,
     )
     trainer.fit(Regression(), train_dataloaders=data(), ckpt_path=ckpt_path)
@@ -88,7 +97,9 @@ def by_hand(weights: dict[int, dict[str, torch.Tensor]], start: dict[str, torch.
         if ema is None:
             ema = {k: v.double() if v.is_floating_point() else v for k, v in w.items()}
             continue
-        ema = {k: DECAY * ema[k] + (1 - DECAY) * v.double() if v.is_floating_point() else v for k, v in w.items()}
+        ema = {
+            k: DECAY * ema[k] + (1 - DECAY) * v.double() if v.is_floating_point() else v for k, v in w.items()
+        }
     return ema
 
 
@@ -135,16 +146,30 @@ def test_resume_continues_the_stored_average_whichever_order_the_strategy_restor
 
 
 def tiny(tmp_path) -> list[str]:
-    return [f"data.shards={tmp_path}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=6", "optim.warmup_steps=2"]
+    return [
+        f"data.shards={tmp_path}",
+        f"run_dir={tmp_path / 'run'}",
+        "trainer.max_steps=6",
+        "optim.warmup_steps=2",
+    ]
 
 
 def test_ema_with_zero3_is_refused_at_config_check_naming_the_key_and_the_alternatives(tmp_path, capsys):
     with pytest.raises(ConfigError) as err:
         load_pretrain_config(DEMO, [*tiny(tmp_path), "optim.ema=true", "trainer.strategy=deepspeed_stage_3"])
-    for named in ("optim.ema=true", "ZeRO-3", "trainer.strategy=deepspeed_stage_3", "deepspeed_stage_2", "ddp"):
+    for named in (
+        "optim.ema=true",
+        "ZeRO-3",
+        "trainer.strategy=deepspeed_stage_3",
+        "deepspeed_stage_2",
+        "ddp",
+    ):
         assert named in str(err.value), named
     # the CLI reports it as a config error, before anything runs (on CPU too: it comes before the CUDA check)
-    assert emomae(["pretrain", DEMO, *tiny(tmp_path), "optim.ema=true", "trainer.strategy=deepspeed_stage_3"]) == 2
+    assert (
+        emomae(["pretrain", DEMO, *tiny(tmp_path), "optim.ema=true", "trainer.strategy=deepspeed_stage_3"])
+        == 2
+    )
     assert "optim.ema=true does not work with ZeRO-3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -153,13 +178,22 @@ def test_a_zero3_yaml_behind_the_stage2_strategy_is_refused_too(tmp_path):
     yaml = tmp_path / "my_zero.yaml"
     yaml.write_text("zero_optimization:\n  stage: 3\n")
     with pytest.raises(ConfigError, match=r"optim\.ema=true does not work with ZeRO-3.*my_zero\.yaml"):
-        load_pretrain_config(DEMO, [*tiny(tmp_path), "optim.ema=true", "trainer.strategy=deepspeed_stage_2",
-                                    f"trainer.deepspeed_config={yaml}"])
+        load_pretrain_config(
+            DEMO,
+            [
+                *tiny(tmp_path),
+                "optim.ema=true",
+                "trainer.strategy=deepspeed_stage_2",
+                f"trainer.deepspeed_config={yaml}",
+            ],
+        )
 
 
 def test_ema_with_zero2_or_zero3_without_ema_pass_the_ema_check(tmp_path):
-    for overrides in (["optim.ema=true", "trainer.strategy=deepspeed_stage_2"],
-                      ["optim.ema=false", "trainer.strategy=deepspeed_stage_3"]):
+    for overrides in (
+        ["optim.ema=true", "trainer.strategy=deepspeed_stage_2"],
+        ["optim.ema=false", "trainer.strategy=deepspeed_stage_3"],
+    ):
         try:
             load_pretrain_config(DEMO, [*tiny(tmp_path), *overrides])
         except ConfigError as err:  # on a machine without CUDA, DeepSpeed itself is refused

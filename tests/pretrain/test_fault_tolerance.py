@@ -44,7 +44,9 @@ def wait_for(what: str, predicate, proc: subprocess.Popen, timeout: float = 300)
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"training exited (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-6000:]}")
+            raise AssertionError(
+                f"training exited (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-6000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
@@ -52,25 +54,54 @@ def wait_for(what: str, predicate, proc: subprocess.Popen, timeout: float = 300)
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_final_step_once_each_and_a_vanished_shard_is_reported_and_skipped(
-        synth_shards, tmp_path):
+    synth_shards, tmp_path
+):
     shards, run = tmp_path / "shards", tmp_path / "run"
     shutil.copytree(synth_shards, shards)  # the session's shards stay intact
     corrupt = run / "corrupt"
-    cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", DEMO, f"data.shards={shards}", f"run_dir={run}",
-           f"trainer.max_steps={MAX_STEPS}", f"trainer.ckpt_every_n_steps={EVERY}", "trainer.log_every_n_steps=1",
-           "trainer.progress_bar=false", "optim.warmup_steps=2", "data.batch_size=4", "data.num_workers=1",
-           # two shards, and a fresh draw of shards every 2 batches (epoch), so the vanished one is met soon
-           "data.train_groups=[fold1,fold2]", "data.epoch_length=2", "data.shuffle_buffer=8",
-           f"data.error_log_dir={corrupt}", "logging.logger=[csv]", "logging.image_every_n_steps=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.cli",
+        "pretrain",
+        DEMO,
+        f"data.shards={shards}",
+        f"run_dir={run}",
+        f"trainer.max_steps={MAX_STEPS}",
+        f"trainer.ckpt_every_n_steps={EVERY}",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=2",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        # two shards, and a fresh draw of shards every 2 batches (epoch), so the vanished one is met soon
+        "data.train_groups=[fold1,fold2]",
+        "data.epoch_length=2",
+        "data.shuffle_buffer=8",
+        f"data.error_log_dir={corrupt}",
+        "logging.logger=[csv]",
+        "logging.image_every_n_steps=0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
 
     # first start: in its own process group, so one SIGKILL takes the trainer and its loader worker
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        wait_for("the first periodic checkpoint", (run / "checkpoints" / f"step{EVERY:07d}.ckpt").exists, first)
+        wait_for(
+            "the first periodic checkpoint", (run / "checkpoints" / f"step{EVERY:07d}.ckpt").exists, first
+        )
         (shards / VANISHING).unlink()
-        wait_for("the running job to report the vanished shard", lambda: vanished_shard_events(corrupt), first, 120)
+        wait_for(
+            "the running job to report the vanished shard", lambda: vanished_shard_events(corrupt), first, 120
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
     finally:

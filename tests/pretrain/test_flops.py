@@ -25,8 +25,19 @@ def test_one_cpu_attention_call_counts_its_two_matmuls_forward_and_five_backward
 
 
 def test_a_model_forward_on_the_cpu_counts_what_the_meta_device_counts():
-    cfg = ModelConfig(num_frames=4, img_size=32, fbank_frames=64, width=32, heads=2, depth=2, fusion_depth=1,
-                      decoder_width=16, decoder_heads=1, decoder_depth=2, skip_layers=[1])
+    cfg = ModelConfig(
+        num_frames=4,
+        img_size=32,
+        fbank_frames=64,
+        width=32,
+        heads=2,
+        depth=2,
+        fusion_depth=1,
+        decoder_width=16,
+        decoder_heads=1,
+        decoder_depth=2,
+        skip_layers=[1],
+    )
     video = torch.zeros(1, cfg.num_frames, 3, cfg.img_size, cfg.img_size)
     fbank = torch.zeros(1, cfg.fbank_frames, cfg.mel_bins)
 

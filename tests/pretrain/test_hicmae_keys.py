@@ -32,7 +32,9 @@ def base_keys() -> dict:
 
 
 def base_config() -> ModelConfig:
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "base.yaml")))
+    return ModelConfig.from_dict(
+        OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "base.yaml"))
+    )
 
 
 def as_meta(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -77,7 +79,10 @@ def test_a_shape_mismatch_names_the_key_and_both_shapes(base_keys):
         target = MaskedAVAutoencoder(base_config()).state_dict()
     hicmae = as_meta(base_keys["pretrain"])
     hicmae["decoder.head.weight"] = torch.empty(768, 384, device="meta")
-    with pytest.raises(HiCMAEKeyError, match=r"decoder.head.weight: checkpoint \(768, 384\) vs emomae video_decoder.head.weight \(1536, 384\)"):
+    with pytest.raises(
+        HiCMAEKeyError,
+        match=r"decoder.head.weight: checkpoint \(768, 384\) vs emomae video_decoder.head.weight \(1536, 384\)",
+    ):
         convert_state(hicmae, target, "vox2.pth")
 
 

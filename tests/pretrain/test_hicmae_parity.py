@@ -29,7 +29,9 @@ from pretrain.mae import Decoder, ObjectiveConfig
 from pretrain.masking import Mask
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = Path(os.environ.get("EMOMAE_HICMAE_FIXTURE", REPO / ".." / "shared" / "fixtures" / "hicmae" / "small"))
+FIXTURE = Path(
+    os.environ.get("EMOMAE_HICMAE_FIXTURE", REPO / ".." / "shared" / "fixtures" / "hicmae" / "small")
+)
 TOLERANCE = 1e-5
 
 
@@ -60,7 +62,9 @@ def objective(meta: dict, args) -> ObjectiveConfig:
     )
 
 
-def pretraining_outputs(meta: dict, t: dict, cfg: ModelConfig, swap_levels: tuple[int, int] | None = None) -> dict:
+def pretraining_outputs(
+    meta: dict, t: dict, cfg: ModelConfig, swap_levels: tuple[int, int] | None = None
+) -> dict:
     """Everything the fixture holds, computed by emomae from the converted pretraining checkpoint.
     `swap_levels` exchanges two encoder layers' outputs (a mutation the comparison must catch)."""
     state, args = read_hicmae_checkpoint(FIXTURE / "pretrain_checkpoint.pth")
@@ -81,7 +85,9 @@ def pretraining_outputs(meta: dict, t: dict, cfg: ModelConfig, swap_levels: tupl
         for n, layer in enumerate(levels):
             for modality, layer_outputs in (("video", enc.video_layers), ("audio", enc.audio_layers)):
                 out[f"layer_{modality}_l{n}"] = layer_outputs[layer]
-                out[f"pooled_{modality}_l{n}"] = torch.nn.functional.normalize(layer_outputs[layer].mean(1), dim=-1)
+                out[f"pooled_{modality}_l{n}"] = torch.nn.functional.normalize(
+                    layer_outputs[layer].mean(1), dim=-1
+                )
         out["fused_video"], out["fused_audio"] = enc.fused_video, enc.fused_audio
         for n, (per_video, per_audio) in enumerate(model.contrastive_logits(enc).values()):
             out[f"logits_per_video_l{n}"], out[f"logits_per_audio_l{n}"] = per_video, per_audio
@@ -114,8 +120,18 @@ def ours(fixture):
 
 
 REFERENCE_TENSORS = (
-    ["encoder_video", "encoder_audio", "fused_video", "fused_audio", "recon_video", "recon_audio",
-     "target_video", "target_audio", "finetune_feature", "finetune_logits"]
+    [
+        "encoder_video",
+        "encoder_audio",
+        "fused_video",
+        "fused_audio",
+        "recon_video",
+        "recon_audio",
+        "target_video",
+        "target_audio",
+        "finetune_feature",
+        "finetune_logits",
+    ]
     + [f"{kind}_{m}_l{n}" for kind in ("layer", "pooled") for m in ("video", "audio") for n in range(3)]
     + [f"logits_per_{m}_l{n}" for m in ("video", "audio") for n in range(3)]
 )
@@ -134,10 +150,18 @@ def test_the_loss_terms_are_hicmae_s(fixture, ours):
     meta, _, cfg = fixture
     ref, terms = meta["losses"], ours["terms"]
     levels = [f"contrastive_l{k}" for k in cfg.skip_layers]
-    pairs = {"recon_video": ref["loss_video"], "recon_audio": ref["loss_audio"], "contrastive": ref["loss_hcmcl"],
-             **dict(zip(levels, ref["loss_hcmcl_levels"], strict=True))}
+    pairs = {
+        "recon_video": ref["loss_video"],
+        "recon_audio": ref["loss_audio"],
+        "contrastive": ref["loss_hcmcl"],
+        **dict(zip(levels, ref["loss_hcmcl_levels"], strict=True)),
+    }
     for name, expected in pairs.items():
-        assert abs(float(terms[name]) - expected) <= TOLERANCE * abs(expected), (name, float(terms[name]), expected)
+        assert abs(float(terms[name]) - expected) <= TOLERANCE * abs(expected), (
+            name,
+            float(terms[name]),
+            expected,
+        )
     total = float(ours["loss"])
     assert abs(total - ref["loss"]) <= TOLERANCE * abs(ref["loss"]), (total, ref["loss"])
 
@@ -214,6 +238,8 @@ def test_the_fine_tuning_norm_eps_of_layernorm_s_default_is_caught(fixture):
     from finetune.heads import pool_tokens
 
     with torch.no_grad():
-        pooled = pool_tokens(encoder.forward_features(tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0]))
+        pooled = pool_tokens(
+            encoder.forward_features(tensors["video"].permute(0, 2, 1, 3, 4), tensors["audio"][:, 0])
+        )
         logits = head(pooled)
     assert relative_error(logits, tensors["finetune_logits"]) > TOLERANCE

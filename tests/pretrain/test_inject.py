@@ -28,12 +28,30 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A model smaller than `micro` (width 64, depth 2, 32 x 32 frames, 128 x 64 fbank): real code paths,
 # steps in tens of milliseconds.
-TINY = ["model.width=64", "model.heads=2", "model.depth=2", "model.fusion_depth=1", "model.decoder_width=32",
-        "model.decoder_heads=1", "model.decoder_depth=3", "model.skip_layers=[1,2]", "model.img_size=32",
-        "model.mel_bins=64"]
-RUN = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress_bar=false", "logging.logger=[csv]",
-       "logging.image_every_n_steps=0", "data.num_workers=1", "data.shuffle_buffer=64", "data.batch_size=16",
-       "data.epoch_length=1000", "trainer.log_every_n_steps=5"]
+TINY = [
+    "model.width=64",
+    "model.heads=2",
+    "model.depth=2",
+    "model.fusion_depth=1",
+    "model.decoder_width=32",
+    "model.decoder_heads=1",
+    "model.decoder_depth=3",
+    "model.skip_layers=[1,2]",
+    "model.img_size=32",
+    "model.mel_bins=64",
+]
+RUN = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.progress_bar=false",
+    "logging.logger=[csv]",
+    "logging.image_every_n_steps=0",
+    "data.num_workers=1",
+    "data.shuffle_buffer=64",
+    "data.batch_size=16",
+    "data.epoch_length=1000",
+    "trainer.log_every_n_steps=5",
+]
 STAGE1_STEPS, STAGE2_STEPS = 60, 150
 # a small model on 72 clips needs a higher rate than the ViT-B recipe to move in a few hundred steps
 FAST_LR = ["optim.lr=2e-3", "optim.min_lr=1e-4", "optim.warmup_steps=10"]
@@ -57,7 +75,9 @@ def test_a_clip_without_caption_never_enters_the_text_loss():
     # whatever an uncaptioned row holds, the loss does not change
     scrambled_av, scrambled_text = av.detach().clone(), text.clone()
     scrambled_av[~valid], scrambled_text[~valid] = unit(2, 16, seed=3), unit(2, 16, seed=4)
-    again = caption_infonce(scrambled_av, scrambled_text, torch.tensor([0, 7, 2, 3, 7, 5]), valid, scale, gather=False)
+    again = caption_infonce(
+        scrambled_av, scrambled_text, torch.tensor([0, 7, 2, 3, 7, 5]), valid, scale, gather=False
+    )
     torch.testing.assert_close(again, loss.detach())
     # and it equals the loss of the captioned rows alone
     alone = caption_infonce(av.detach()[valid], text[valid], ids[valid], valid[valid], scale, gather=False)
@@ -66,7 +86,9 @@ def test_a_clip_without_caption_never_enters_the_text_loss():
 
 def test_no_captioned_clip_gives_zero_loss_that_keeps_the_graph():
     av = unit(4, 8).requires_grad_()
-    loss = caption_infonce(av, unit(4, 8, seed=5), torch.arange(4), torch.zeros(4, dtype=torch.bool), torch.tensor(14.0), False)
+    loss = caption_infonce(
+        av, unit(4, 8, seed=5), torch.arange(4), torch.zeros(4, dtype=torch.bool), torch.tensor(14.0), False
+    )
     loss.backward()
     assert loss.item() == 0.0 and av.grad is not None
 
@@ -103,7 +125,9 @@ def test_gathered_text_loss_equals_the_single_process_loss_on_the_whole_batch(tm
     import torch.multiprocessing as mp
 
     # spawn, not fork: a child forked after the parent's OpenMP pool started can deadlock in its first op
-    mp.start_processes(_gathered_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _gathered_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     av = unit(8, 16, seed=11).requires_grad_()
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
@@ -124,7 +148,9 @@ def test_stage2_config_needs_a_stage1_checkpoint_and_checks_its_keys():
     with pytest.raises(ConfigError, match="init="):
         load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml")
     with pytest.raises(ConfigError, match="inject.caption_ratio"):
-        load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml", ["init=x.ckpt", "inject.caption_ratio=1.5"])
+        load_pretrain_config(
+            REPO / "configs/pretrain/inject_micro.yaml", ["init=x.ckpt", "inject.caption_ratio=1.5"]
+        )
     cfg = load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml", ["init=x.ckpt"])
     assert cfg.stage == "inject" and cfg.inject.paths == ["video", "audio", "fused"]
 
@@ -145,9 +171,18 @@ def partly_captioned(synth_manifest, synth_shards, tmp_path_factory) -> tuple[Pa
 
 def test_batches_mix_captioned_and_plain_clips_at_the_configured_ratio(partly_captioned):
     shards, captioned_clips = partly_captioned
-    cfg = load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml",
-                               ["init=x.ckpt", f"data.shards={shards}", "data.batch_size=8", "inject.caption_ratio=0.25",
-                                "data.num_workers=0", "data.shuffle_buffer=16", "data.epoch_length=6"])
+    cfg = load_pretrain_config(
+        REPO / "configs/pretrain/inject_micro.yaml",
+        [
+            "init=x.ckpt",
+            f"data.shards={shards}",
+            "data.batch_size=8",
+            "inject.caption_ratio=0.25",
+            "data.num_workers=0",
+            "data.shuffle_buffer=16",
+            "data.epoch_length=6",
+        ],
+    )
     dm = CaptionMixDataModule(cfg.data, cfg.inject)
     assert dm.split_batch() == (6, 2)
     batches = list(dm.train_dataloader())
@@ -167,8 +202,13 @@ def test_init_refuses_a_stage1_checkpoint_of_another_architecture(tmp_path):
     cfg = load_pretrain_config(REPO / "configs/pretrain/demo.yaml", TINY).model
     model = MaskedAVAutoencoder(cfg)
     ckpt = tmp_path / "stage1.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "emomae": {"model": cfg.to_dict(), "config": {}}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "emomae": {"model": cfg.to_dict(), "config": {}},
+        },
+        ckpt,
+    )
     other = ModelConfig.from_dict({**cfg.to_dict(), "depth": 3, "skip_layers": [1, 2]})
     with pytest.raises(ValueError, match="depth: checkpoint 2 vs config 3"):
         load_initial_weights(MaskedAVAutoencoder(other), other, ckpt)
@@ -178,18 +218,38 @@ def test_init_refuses_a_stage1_checkpoint_of_another_architecture(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_training_leaves_the_text_encoder_untouched_and_out_of_optimizer_and_checkpoint(partly_captioned, tmp_path):
+def test_training_leaves_the_text_encoder_untouched_and_out_of_optimizer_and_checkpoint(
+    partly_captioned, tmp_path
+):
     import pytorch_lightning as pl
 
     shards, _ = partly_captioned
-    cfg = load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml",
-                               ["init=unused", f"data.shards={shards}", *TINY, *RUN, "data.batch_size=8"])
-    module = InjectModule(cfg.model, cfg.objective, cfg.optim, {"stage": "inject"}, inject_cfg=cfg.inject,
-                          peak_lr=1e-3, final_lr=1e-5, max_steps=3)
+    cfg = load_pretrain_config(
+        REPO / "configs/pretrain/inject_micro.yaml",
+        ["init=unused", f"data.shards={shards}", *TINY, *RUN, "data.batch_size=8"],
+    )
+    module = InjectModule(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        {"stage": "inject"},
+        inject_cfg=cfg.inject,
+        peak_lr=1e-3,
+        final_lr=1e-5,
+        max_steps=3,
+    )
     before = module.text.state_fingerprint()
     heads_before = {k: v.clone() for k, v in module.text_heads.state_dict().items()}
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=CaptionMixDataModule(cfg.data, cfg.inject))
     assert trainer.global_step == 3
     assert module.text.state_fingerprint() == before
@@ -215,14 +275,27 @@ def two_stage_runs(partly_captioned, tmp_path_factory) -> dict[str, Path]:
     shards, _ = partly_captioned
     root = tmp_path_factory.mktemp("two_stage")
     common = [f"data.shards={shards}", *TINY, *RUN, *FAST_LR, "resume=never"]
-    s1 = load_pretrain_config(REPO / "configs/pretrain/demo.yaml",
-                              [*common, f"run_dir={root / 's1'}", f"trainer.max_steps={STAGE1_STEPS}",
-                               f"trainer.ckpt_every_n_steps={STAGE1_STEPS}"])
+    s1 = load_pretrain_config(
+        REPO / "configs/pretrain/demo.yaml",
+        [
+            *common,
+            f"run_dir={root / 's1'}",
+            f"trainer.max_steps={STAGE1_STEPS}",
+            f"trainer.ckpt_every_n_steps={STAGE1_STEPS}",
+        ],
+    )
     pretrain(s1)
     init = root / "s1" / "checkpoints" / "last.ckpt"
-    s2 = load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml",
-                              [*common, f"run_dir={root / 's2'}", f"init={init}", f"trainer.max_steps={STAGE2_STEPS}",
-                               f"trainer.ckpt_every_n_steps={STAGE2_STEPS}"])
+    s2 = load_pretrain_config(
+        REPO / "configs/pretrain/inject_micro.yaml",
+        [
+            *common,
+            f"run_dir={root / 's2'}",
+            f"init={init}",
+            f"trainer.max_steps={STAGE2_STEPS}",
+            f"trainer.ckpt_every_n_steps={STAGE2_STEPS}",
+        ],
+    )
     pretrain(s2)
     return {"stage1": init, "stage2": root / "s2" / "checkpoints" / "last.ckpt", "root": root}
 
@@ -242,12 +315,24 @@ def _probe_uar(export_dir: Path, shards: Path) -> float:
     feats, clips, labels, folds = [], [], [], []
     with torch.inference_mode():
         for group in range(5):
-            stream = eval_pipeline(resolve_shards(str(shards), [f"fold{group}"]),
-                                   stream_config(config["input"], config["architecture"], 32, 0), rank=0, world_size=1)
+            stream = eval_pipeline(
+                resolve_shards(str(shards), [f"fold{group}"]),
+                stream_config(config["input"], config["architecture"], 32, 0),
+                rank=0,
+                world_size=1,
+            )
             for batch in loader(stream, 0):
                 out = encoder.forward_features(normalize_video(batch["video"]), batch["fbank"])
-                feats.append(torch.cat(list(pool_paths(out.video_layers[-1], out.audio_layers[-1], out.fused_video,
-                                                       out.fused_audio).values()), -1))
+                feats.append(
+                    torch.cat(
+                        list(
+                            pool_paths(
+                                out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio
+                            ).values()
+                        ),
+                        -1,
+                    )
+                )
                 clips += batch["clip_key"]
                 labels.append(batch["label"])
                 folds += [group] * len(batch["clip_key"])
@@ -277,7 +362,9 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: flo
 
 
 @pytest.mark.slow
-def test_stage2_beats_stage1_on_a_linear_probe_and_classifies_unseen_speakers_zero_shot(two_stage_runs, partly_captioned):
+def test_stage2_beats_stage1_on_a_linear_probe_and_classifies_unseen_speakers_zero_shot(
+    two_stage_runs, partly_captioned
+):
     from finetune.export import export
     from finetune.zeroshot import class_prompts, run_zeroshot
 
@@ -290,7 +377,9 @@ def test_stage2_beats_stage1_on_a_linear_probe_and_classifies_unseen_speakers_ze
     prompts = class_prompts(REPO / "configs/zeroshot/crema-d.yaml")
     zs = run_zeroshot(root / "export_stage2", str(shards), prompts, groups=["fold0"], num_workers=0)
     zs_uar = {path: m["uar"] for path, m in zs["metrics"].items()}
-    print(f"\nlinear-probe UAR: stage 1 {uar['stage1']:.3f}, stage 2 {uar['stage2']:.3f}; "
-          f"zero-shot UAR on never-captioned fold 0: {json.dumps({k: round(v, 3) for k, v in zs_uar.items()})}")
+    print(
+        f"\nlinear-probe UAR: stage 1 {uar['stage1']:.3f}, stage 2 {uar['stage2']:.3f}; "
+        f"zero-shot UAR on never-captioned fold 0: {json.dumps({k: round(v, 3) for k, v in zs_uar.items()})}"
+    )
     assert uar["stage2"] > uar["stage1"] + 0.05
     assert zs_uar["ensemble"] > 1 / 6 + 0.15

@@ -39,8 +39,12 @@ def test_no_weight_decay_on_norms_biases_and_tokens_but_on_every_matrix():
     params = dict(model.named_parameters())
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
     assert sum(len(g["params"]) for g in groups) == len(params)
-    for name in ("video_decoder.mask_token", "audio_decoder.mask_token",
-                 "encoder.video_embed.modality_token", "encoder.audio_embed.modality_token"):
+    for name in (
+        "video_decoder.mask_token",
+        "audio_decoder.mask_token",
+        "encoder.video_embed.modality_token",
+        "encoder.audio_embed.modality_token",
+    ):
         assert name in no_decay, name
     for name, p in params.items():
         if p.ndim <= 1 or name.endswith(".bias"):
@@ -106,13 +110,23 @@ def test_mask_seed_depends_on_seed_rank_and_micro_batch():
 
 
 def _module(**kw) -> PretrainModule:
-    return PretrainModule(micro_config(), ObjectiveConfig(), OptimConfig(), {"run_dir": "x", "seed": 0},
-                          peak_lr=1e-3, final_lr=1e-5, max_steps=10, **kw)
+    return PretrainModule(
+        micro_config(),
+        ObjectiveConfig(),
+        OptimConfig(),
+        {"run_dir": "x", "seed": 0},
+        peak_lr=1e-3,
+        final_lr=1e-5,
+        max_steps=10,
+        **kw,
+    )
 
 
 def _batch(b=2):
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (b, 8, 3, 64, 64), dtype=torch.uint8, generator=g), torch.randn(b, 128, 128, generator=g)
+    return torch.randint(0, 256, (b, 8, 3, 64, 64), dtype=torch.uint8, generator=g), torch.randn(
+        b, 128, 128, generator=g
+    )
 
 
 def test_same_micro_batch_count_draws_the_same_masks_and_loss():

@@ -36,8 +36,19 @@ def tiny_model():
     from pretrain.encoders import ModelConfig
     from pretrain.mae import ObjectiveConfig
 
-    model = ModelConfig(num_frames=8, img_size=64, fbank_frames=128, width=64, heads=2, depth=2, fusion_depth=1,
-                        decoder_width=32, decoder_heads=1, decoder_depth=3, skip_layers=[1, 2])
+    model = ModelConfig(
+        num_frames=8,
+        img_size=64,
+        fbank_frames=128,
+        width=64,
+        heads=2,
+        depth=2,
+        fusion_depth=1,
+        decoder_width=32,
+        decoder_heads=1,
+        decoder_depth=3,
+        skip_layers=[1, 2],
+    )
     # a contrastive weight of 1 (not 0.0025) so a wrong gather would move the loss visibly
     return model, ObjectiveConfig(contrastive_weight=1.0, gather_negatives=True)
 
@@ -74,7 +85,9 @@ def split_invariant_module(world_size: int):
 
     class SplitInvariantMasks(PretrainModule):
         def mask_generator(self) -> torch.Generator:
-            return torch.Generator(device=self.device).manual_seed(mask_seed(self.seed, 0, self._micro_batches))
+            return torch.Generator(device=self.device).manual_seed(
+                mask_seed(self.seed, 0, self._micro_batches)
+            )
 
         def on_fit_start(self) -> None:
             draw, rank = self.model.random_masking, self.global_rank
@@ -82,14 +95,18 @@ def split_invariant_module(world_size: int):
             def sliced(batch: int, device, generator=None):
                 video, audio = draw(batch * world_size, device, generator)
                 rows = slice(rank * batch, (rank + 1) * batch)
-                return tuple(type(m)(m.ids_keep[rows], m.ids_masked[rows], m.ids_restore[rows], m.mask[rows])
-                             for m in (video, audio))
+                return tuple(
+                    type(m)(m.ids_keep[rows], m.ids_masked[rows], m.ids_restore[rows], m.mask[rows])
+                    for m in (video, audio)
+                )
 
             self.model.random_masking = sliced
 
     model_cfg, objective = tiny_model()
     optim = OptimConfig(warmup_steps=1)
-    return SplitInvariantMasks(model_cfg, objective, optim, peak_lr=1e-3, final_lr=1e-4, max_steps=STEPS, seed=0)
+    return SplitInvariantMasks(
+        model_cfg, objective, optim, peak_lr=1e-3, final_lr=1e-4, max_steps=STEPS, seed=0
+    )
 
 
 def worker(argv: list[str]) -> None:
@@ -116,16 +133,26 @@ def worker(argv: list[str]) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             m = trainer.callback_metrics
-            self.steps.append({k: float(m[f"loss/{k}"]) for k in ("total", "contrastive", "recon_video", "recon_audio")})
+            self.steps.append(
+                {k: float(m[f"loss/{k}"]) for k in ("total", "contrastive", "recon_video", "recon_audio")}
+            )
 
     pl.seed_everything(0, verbose=False)
     module, record = split_invariant_module(world_size), Record()
     batches = global_batches(args.shards, world_size, rank)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, num_nodes=world_size, precision="32-true", max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        num_nodes=world_size,
+        precision="32-true",
+        max_steps=STEPS,
         strategy=DDPStrategy(process_group_backend="gloo") if world_size > 1 else "auto",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[record],
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=None))
 
@@ -134,11 +161,20 @@ def worker(argv: list[str]) -> None:
     keys = [k for b in DataLoader(stream, batch_size=None, num_workers=2) for k in b["key"]]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"rank": rank, "world_size": world_size, "stream_rank": stream.rank, "stream_world": stream.world_size,
-              "steps": record.steps, "train_keys": [list(b["key"]) for b in batches], "eval_keys": keys}
+    report = {
+        "rank": rank,
+        "world_size": world_size,
+        "stream_rank": stream.rank,
+        "stream_world": stream.world_size,
+        "steps": record.steps,
+        "train_keys": [list(b["key"]) for b in batches],
+        "eval_keys": keys,
+    }
     (args.out / f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in module.model.state_dict().items()}, args.out / "final.pt")
+        torch.save(
+            {k: v.detach().clone() for k, v in module.model.state_dict().items()}, args.out / "final.pt"
+        )
 
 
 def deepspeed_worker(argv: list[str]) -> None:
@@ -181,16 +217,22 @@ def deepspeed_worker(argv: list[str]) -> None:
     for stage, config in configs.items():
         torch.manual_seed(stage)
         model = LightningLayout(MaskedAVAutoencoder(model_cfg, objective))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          config=config)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=config
+        )
         gen = torch.Generator().manual_seed(rank)
         for _ in range(2):
             video = torch.randint(0, 256, (2, 8, 3, 64, 64), dtype=torch.uint8, generator=gen)
             loss = engine(video, torch.randn(2, 128, 128, generator=gen))
             engine.backward(loss)
             engine.step()
-        meta = {"emomae": {"model": model_cfg.to_dict(), "config": {"data": {"num_frames": 8, "img_size": 64}, "shard_sampling": {"frame_stride": 4}}},
-                "global_step": 2}
+        meta = {
+            "emomae": {
+                "model": model_cfg.to_dict(),
+                "config": {"data": {"num_frames": 8, "img_size": 64}, "shard_sampling": {"frame_stride": 4}},
+            },
+            "global_step": 2,
+        }
         engine.save_checkpoint(str(out / f"zero{stage}" / "last.ckpt"), tag="checkpoint", client_state=meta)
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):  # full tensors on every rank
@@ -218,21 +260,46 @@ def shard_keys(shards: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_torchrun_nodes_match_one_process_with_the_double_batch_and_evaluate_each_sample_once(
-        synth_shards, tmp_path):
+    synth_shards, tmp_path
+):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
     me = [str(Path(__file__).resolve()), "worker", "--shards", str(synth_shards)]
     port = free_port()
     # two "nodes" of one process each: separate torchrun agents meeting at a c10d rendezvous
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=emomae-test",
-                          f"--node_rank={k}", "--max_restarts=0", *me, "--out", str(tmp_path / "ddp")],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=emomae-test",
+                f"--node_rank={k}",
+                "--max_restarts=0",
+                *me,
+                "--out",
+                str(tmp_path / "ddp"),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for k in range(2)
     ]
     # the 1-rank reference runs at the same time (same seed, same global batches)
-    single = subprocess.Popen([sys.executable, *me, "--out", str(tmp_path / "single")], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    single = subprocess.Popen(
+        [sys.executable, *me, "--out", str(tmp_path / "single")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         outs = [p.communicate(timeout=400)[0] for p in (*nodes, single)]
     finally:
@@ -244,7 +311,10 @@ def test_two_torchrun_nodes_match_one_process_with_the_double_batch_and_evaluate
 
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     ref = json.loads((tmp_path / "single" / "rank0.json").read_text())
-    assert [(r["rank"], r["world_size"], r["stream_rank"], r["stream_world"]) for r in ranks] == [(0, 2, 0, 2), (1, 2, 1, 2)]
+    assert [(r["rank"], r["world_size"], r["stream_rank"], r["stream_world"]) for r in ranks] == [
+        (0, 2, 0, 2),
+        (1, 2, 1, 2),
+    ]
 
     # the two ranks' halves make up exactly the reference's global batches
     for step in range(STEPS):
@@ -287,9 +357,20 @@ def test_deepspeed_zero2_and_zero3_checkpoints_of_two_cpu_ranks_export_to_the_tr
     from finetune.export import export
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--max_restarts=0",
-           str(Path(__file__).resolve()), "deepspeed-worker", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--max_restarts=0",
+        str(Path(__file__).resolve()),
+        "deepspeed-worker",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 

@@ -42,7 +42,9 @@ def batch(tmp_path_factory) -> dict:
     """One eval batch of 6 samples (4 frames of 32 x 32, a 32 x 32 fbank: the TINY model's input),
     samples 1 and 4 without audio."""
     urls = shard_factory().write_shard_dir(tmp_path_factory.mktemp("no_audio"), [6], no_audio=NO_AUDIO)
-    cfg = StreamConfig(batch_size=6, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32))
+    cfg = StreamConfig(
+        batch_size=6, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=32, mel_bins=32)
+    )
     (batch,) = list(eval_pipeline(urls, cfg, rank=0, world_size=1))
     assert batch["audio_present"].tolist() == [i not in NO_AUDIO for i in range(6)]
     return batch
@@ -133,7 +135,9 @@ GLOBAL_PRESENT = torch.tensor([True, True, True, False, True, False])
 
 def global_features() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(WORLD * ROWS, LEVELS, 4, DIM, generator=g), torch.randn(WORLD * ROWS, LEVELS, 5, DIM, generator=g)
+    return torch.randn(WORLD * ROWS, LEVELS, 4, DIM, generator=g), torch.randn(
+        WORLD * ROWS, LEVELS, 5, DIM, generator=g
+    )
 
 
 def contrastive(video: torch.Tensor, audio: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
@@ -149,8 +153,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         video, audio = (x[rows].clone().requires_grad_() for x in global_features())
         loss = contrastive(video, audio, GLOBAL_PRESENT[rows])
         loss.backward()
-        torch.save({"loss": loss.detach(), "video_grad": video.grad, "audio_grad": audio.grad},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"loss": loss.detach(), "video_grad": video.grad, "audio_grad": audio.grad},
+            f"{out_dir}/rank{rank}.pt",
+        )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -187,14 +193,23 @@ def test_pretraining_runs_on_shards_with_clips_without_audio_and_logs_how_many_h
 
     # the demo model's input: 8 frames of 64 x 64, 1.28 s of audio; 5 of 16 clips without audio
     no_audio = frozenset({0, 3, 5, 10, 11})
-    shard_factory().write_shard_dir(tmp_path / "shards", [8, 8], num_frames=8, size=64, seconds=1.28,
-                                    no_audio=no_audio)
+    shard_factory().write_shard_dir(
+        tmp_path / "shards", [8, 8], num_frames=8, size=64, seconds=1.28, no_audio=no_audio
+    )
     run_dir = tmp_path / "run"
     overrides = {
-        "data.shards": tmp_path / "shards", "run_dir": run_dir, "data.batch_size": 4, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "trainer.max_steps": 4, "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 4, "trainer.progress_bar": "false", "optim.warmup_steps": 1,
-        "logging.logger": "[csv]", "logging.image_every_n_steps": 100,
+        "data.shards": tmp_path / "shards",
+        "run_dir": run_dir,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "trainer.max_steps": 4,
+        "trainer.log_every_n_steps": 1,
+        "trainer.ckpt_every_n_steps": 4,
+        "trainer.progress_bar": "false",
+        "optim.warmup_steps": 1,
+        "logging.logger": "[csv]",
+        "logging.image_every_n_steps": 100,
     }
     demo = str(REPO / "configs" / "pretrain" / "demo.yaml")
     assert emomae(["pretrain", demo, *[f"{k}={v}" for k, v in overrides.items()]]) == 0

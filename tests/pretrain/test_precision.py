@@ -14,10 +14,27 @@ from pretrain.encoders import ModelConfig
 from pretrain.losses import GatheredInfoNCE, mse_over_present
 from pretrain.mae import MaskedAVAutoencoder
 
-TINY = dict(num_frames=4, img_size=32, fbank_frames=64, mel_bins=32, width=64, heads=2, depth=3, fusion_depth=1,
-            decoder_width=32, decoder_heads=2, decoder_depth=3, skip_layers=[1, 3])
-FP32_PLACES = ("video reconstruction target", "audio reconstruction target", "reconstruction MSE",
-               "contrastive logits", "reconstruction pictures")
+TINY = dict(
+    num_frames=4,
+    img_size=32,
+    fbank_frames=64,
+    mel_bins=32,
+    width=64,
+    heads=2,
+    depth=3,
+    fusion_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=3,
+    skip_layers=[1, 3],
+)
+FP32_PLACES = (
+    "video reconstruction target",
+    "audio reconstruction target",
+    "reconstruction MSE",
+    "contrastive logits",
+    "reconstruction pictures",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,4 +86,6 @@ def test_bf16_tensors_without_autocast_log_too(caplog):
         logits, _, _ = GatheredInfoNCE().logits(a.unsqueeze(1), b.unsqueeze(1))
     assert logits.dtype == torch.float32
     assert [m.split(" computes")[0] for m in messages(caplog)] == [
-        "low-precision run: reconstruction MSE", "low-precision run: contrastive logits (outside autocast)"]
+        "low-precision run: reconstruction MSE",
+        "low-precision run: contrastive logits (outside autocast)",
+    ]

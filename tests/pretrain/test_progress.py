@@ -53,11 +53,20 @@ class BarWatch(pl.Callback):
 def fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[pl.Trainer, BarWatch]:
     watch = BarWatch()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[StepProgressBar(refresh_rate=1), watch], default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[StepProgressBar(refresh_rate=1), watch],
+        default_root_dir=tmp_path,
     )
-    trainer.fit(Sleepy(), train_dataloaders=torch.utils.data.DataLoader(ShortEpochs(), batch_size=None),
-                ckpt_path=ckpt_path)
+    trainer.fit(
+        Sleepy(),
+        train_dataloaders=torch.utils.data.DataLoader(ShortEpochs(), batch_size=None),
+        ckpt_path=ckpt_path,
+    )
     return trainer, watch
 
 

@@ -21,10 +21,18 @@ DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 
 def tiny_run(shards: Path, run_dir: Path, **changes) -> list[str]:
     values = {
-        "data.shards": str(shards), "run_dir": str(run_dir), "data.batch_size": 2, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "trainer.log_every_n_steps": 1, "trainer.progress_bar": "false",
-        "optim.warmup_steps": 2, "optim.schedule_steps": 6, "logging.logger": "[csv]",
-        "logging.image_every_n_steps": 0, "trainer.ckpt_every_n_steps": 3,
+        "data.shards": str(shards),
+        "run_dir": str(run_dir),
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "trainer.log_every_n_steps": 1,
+        "trainer.progress_bar": "false",
+        "optim.warmup_steps": 2,
+        "optim.schedule_steps": 6,
+        "logging.logger": "[csv]",
+        "logging.image_every_n_steps": 0,
+        "trainer.ckpt_every_n_steps": 3,
     }
     values.update(changes)
     return [f"{k}={v}" for k, v in values.items()]
@@ -58,7 +66,9 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(synth_shards, t
     assert end_split["global_step"] == end_straight["global_step"] == 6
     assert end_split["AVDataModule"] == end_straight["AVDataModule"]
     data = end_split["AVDataModule"]  # one rank: its entry is the top-level position
-    assert data["world_size"] == 1 and data["ranks"] == [{k: data[k] for k in ("epoch", "batches", "positions")}]
+    assert data["world_size"] == 1 and data["ranks"] == [
+        {k: data[k] for k in ("epoch", "batches", "positions")}
+    ]
     for name, value in end_straight["state_dict"].items():
         torch.testing.assert_close(end_split["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -66,7 +76,12 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(synth_shards, t
 def test_resume_never_starts_from_scratch_even_with_a_checkpoint(synth_shards, tmp_path):
     run = tmp_path / "run"
     assert emomae(["pretrain", DEMO, *tiny_run(synth_shards, run, **{"trainer.max_steps": 3})]) == 0
-    assert emomae(["pretrain", DEMO, *tiny_run(synth_shards, run, **{"trainer.max_steps": 2, "resume": "never"})]) == 0
+    assert (
+        emomae(
+            ["pretrain", DEMO, *tiny_run(synth_shards, run, **{"trainer.max_steps": 2, "resume": "never"})]
+        )
+        == 0
+    )
     assert sorted(logged(run, 1, "loss/total")) == [0, 1]
     assert logged(run, 1, "loss/total")[0] == logged(run, 0, "loss/total")[0]
 
@@ -75,13 +90,25 @@ def test_sigterm_saves_last_checkpoint_and_resume_continues_from_that_step(synth
     run = tmp_path / "run"
     # no periodic checkpoints: a last.ckpt can only come from the signal handler; the first
     # reconstruction picture tells us training is under way
-    args = tiny_run(synth_shards, run, **{
-        "trainer.max_steps": 10_000, "optim.schedule_steps": 10_000, "trainer.ckpt_every_n_steps": 10_000,
-        "logging.image_every_n_steps": 2,
-    })
+    args = tiny_run(
+        synth_shards,
+        run,
+        **{
+            "trainer.max_steps": 10_000,
+            "optim.schedule_steps": 10_000,
+            "trainer.ckpt_every_n_steps": 10_000,
+            "logging.image_every_n_steps": 2,
+        },
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "pretrain", DEMO, *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.cli", "pretrain", DEMO, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (run / "images" / "step0000002.png").exists():
@@ -100,9 +127,15 @@ def test_sigterm_saves_last_checkpoint_and_resume_continues_from_that_step(synth
     assert 2 <= stopped_at < 10_000
     assert ckpt["AVDataModule"]["batches"] == stopped_at  # the stream position matches the weights
 
-    more = tiny_run(synth_shards, run, **{
-        "trainer.max_steps": stopped_at + 2, "optim.schedule_steps": 10_000, "trainer.ckpt_every_n_steps": 10_000,
-    })
+    more = tiny_run(
+        synth_shards,
+        run,
+        **{
+            "trainer.max_steps": stopped_at + 2,
+            "optim.schedule_steps": 10_000,
+            "trainer.ckpt_every_n_steps": 10_000,
+        },
+    )
     assert emomae(["pretrain", DEMO, *more]) == 0
     assert sorted(logged(run, 1, "loss/total")) == [stopped_at, stopped_at + 1]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at + 2
@@ -114,10 +147,16 @@ def test_sigusr1_outside_slurm_saves_and_stops_cleanly(synth_shards, tmp_path, m
     for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(var, raising=False)
     run = tmp_path / "run"
-    args = tiny_run(synth_shards, run, **{
-        "trainer.max_steps": 10_000, "optim.schedule_steps": 10_000, "trainer.ckpt_every_n_steps": 10_000,
-        "logging.image_every_n_steps": 2,
-    })
+    args = tiny_run(
+        synth_shards,
+        run,
+        **{
+            "trainer.max_steps": 10_000,
+            "optim.schedule_steps": 10_000,
+            "trainer.ckpt_every_n_steps": 10_000,
+            "logging.image_every_n_steps": 2,
+        },
+    )
 
     def signal_at_step_2() -> None:
         deadline = time.monotonic() + 120

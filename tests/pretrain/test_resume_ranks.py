@@ -27,20 +27,41 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 STEPS, STOP = 6, 3
 # the smallest model of tests/pretrain/tiny_model.py, two blocks deep: steps cost milliseconds
-TINY_MODEL = {"model.num_frames": 4, "model.img_size": 32, "model.fbank_frames": 32, "model.mel_bins": 32,
-              "model.width": 64, "model.heads": 2, "model.depth": 2, "model.fusion_depth": 1,
-              "model.decoder_width": 32, "model.decoder_heads": 1, "model.decoder_depth": 3,
-              "model.skip_layers": "[1,2]"}
+TINY_MODEL = {
+    "model.num_frames": 4,
+    "model.img_size": 32,
+    "model.fbank_frames": 32,
+    "model.mel_bins": 32,
+    "model.width": 64,
+    "model.heads": 2,
+    "model.depth": 2,
+    "model.fusion_depth": 1,
+    "model.decoder_width": 32,
+    "model.decoder_heads": 1,
+    "model.decoder_depth": 3,
+    "model.skip_layers": "[1,2]",
+}
 
 
 def run_args(shards: Path, run_dir: Path, max_steps: int, **changes) -> list[str]:
     values = {
-        **TINY_MODEL, "data.shards": str(shards), "run_dir": str(run_dir), "data.batch_size": 2,
-        "data.num_workers": 0, "data.shuffle_buffer": 4, "data.epoch_length": 4, "trainer.max_steps": max_steps,
-        "optim.warmup_steps": 2, "optim.schedule_steps": STEPS, "trainer.ckpt_every_n_steps": STOP,
+        **TINY_MODEL,
+        "data.shards": str(shards),
+        "run_dir": str(run_dir),
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 4,
+        "data.epoch_length": 4,
+        "trainer.max_steps": max_steps,
+        "optim.warmup_steps": 2,
+        "optim.schedule_steps": STEPS,
+        "trainer.ckpt_every_n_steps": STOP,
         "trainer.ckpt_keep": -1,  # step STOP's checkpoint outlives the resumed run's saves
-        "trainer.log_every_n_steps": 1, "trainer.progress_bar": "false", "trainer.accelerator": "cpu",
-        "logging.logger": "[csv]", "logging.image_every_n_steps": 0,
+        "trainer.log_every_n_steps": 1,
+        "trainer.progress_bar": "false",
+        "trainer.accelerator": "cpu",
+        "logging.logger": "[csv]",
+        "logging.image_every_n_steps": 0,
     }
     values.update(changes)
     return [f"{k}={v}" for k, v in values.items()]
@@ -70,16 +91,29 @@ def worker(argv: list[str]) -> None:
             self.steps: list[dict] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.steps.append({"step": trainer.global_step - 1, "loss": float(outputs["loss"]),
-                               "keys": list(batch["key"]), "corrupt": batch["stream"]["corrupt"]})
+            self.steps.append(
+                {
+                    "step": trainer.global_step - 1,
+                    "loss": float(outputs["loss"]),
+                    "keys": list(batch["key"]),
+                    "corrupt": batch["stream"]["corrupt"],
+                }
+            )
 
     build_callbacks = train.build_callbacks
     for phase in args.phase:
         name, max_steps = phase.split(":")
         record = Record()
         train.build_callbacks = lambda cfg, run_dir, record=record: [record, *build_callbacks(cfg, run_dir)]
-        cfg = train.load_pretrain_config(DEMO, run_args(args.shards, args.out / name, int(max_steps),
-                                                        **{"trainer.devices": 2, "trainer.strategy": "ddp"}))
+        cfg = train.load_pretrain_config(
+            DEMO,
+            run_args(
+                args.shards,
+                args.out / name,
+                int(max_steps),
+                **{"trainer.devices": 2, "trainer.strategy": "ddp"},
+            ),
+        )
         train.pretrain(cfg)
         rank = int(os.environ["RANK"])
         (args.out / f"{name}-{max_steps}-rank{rank}.json").write_text(json.dumps(record.steps))
@@ -96,10 +130,23 @@ def free_port() -> int:
 
 def torchrun(shards: Path, out: Path, *phases: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--max_restarts=0",
-           str(Path(__file__).resolve()), "worker", "--shards", str(shards), "--out", str(out),
-           *[f"--phase={p}" for p in phases]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--max_restarts=0",
+        str(Path(__file__).resolve()),
+        "worker",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        *[f"--phase={p}" for p in phases],
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
@@ -118,7 +165,10 @@ def shards_with_a_corrupt_sample(tmp_path_factory) -> Path:
     write_shard_dir(out, [4, 4, 4, 4])
     bad = make_sample("zbad_w000", num_frames=4, size=32, seed=99)
     bad["f01.jpg"] = b"garbage"
-    good = [make_sample(k, num_frames=4, size=32, label=(8 + i) % 6, seed=8 + i) for i, k in enumerate(keys_of([4], 8))]
+    good = [
+        make_sample(k, num_frames=4, size=32, label=(8 + i) % 6, seed=8 + i)
+        for i, k in enumerate(keys_of([4], 8))
+    ]
     with wds.TarWriter(str(out / "all-000002.tar")) as sink:
         for sample in good[:2] + [bad] + good[2:]:
             sink.write(sample)
@@ -144,7 +194,9 @@ def steps_of(out: Path, phase: str, rank: int) -> list[dict]:
 @pytest.mark.slow
 def test_each_rank_resumes_its_own_stream_position_after_one_rank_skipped_a_corrupt_sample(two_rank_runs):
     out = two_rank_runs
-    saved = torch.load(out / "split" / "checkpoints" / f"step{STOP:07d}.ckpt", weights_only=True)["AVDataModule"]
+    saved = torch.load(out / "split" / "checkpoints" / f"step{STOP:07d}.ckpt", weights_only=True)[
+        "AVDataModule"
+    ]
     assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
     # the premise: the ranks stand at different raw positions, because one of them skipped the corrupt clip
     straight = {rank: steps_of(out, f"straight-{STEPS}", rank) for rank in (0, 1)}
@@ -155,11 +207,17 @@ def test_each_rank_resumes_its_own_stream_position_after_one_rank_skipped_a_corr
     mid_run = torch.load(out / "straight" / "checkpoints" / f"step{STOP:07d}.ckpt", weights_only=True)
     assert mid_run["AVDataModule"] == saved
 
-    split = {rank: steps_of(out, f"split-{STOP}", rank) + steps_of(out, f"split-{STEPS}", rank) for rank in (0, 1)}
+    split = {
+        rank: steps_of(out, f"split-{STOP}", rank) + steps_of(out, f"split-{STEPS}", rank) for rank in (0, 1)
+    }
     for rank in (0, 1):
         assert [s["step"] for s in straight[rank]] == list(range(STEPS))
-        assert [s["step"] for s in split[rank]] == list(range(STEPS)), f"rank {rank} must continue at step {STOP}"
-        assert [s["keys"] for s in split[rank]] == [s["keys"] for s in straight[rank]], f"rank {rank}'s samples"
+        assert [s["step"] for s in split[rank]] == list(range(STEPS)), (
+            f"rank {rank} must continue at step {STOP}"
+        )
+        assert [s["keys"] for s in split[rank]] == [s["keys"] for s in straight[rank]], (
+            f"rank {rank}'s samples"
+        )
     # the contrastive loss gathers every rank's clips: one shifted rank would move both ranks' losses
     for rank in (0, 1):
         for got, want in zip(split[rank], straight[rank]):
@@ -167,8 +225,9 @@ def test_each_rank_resumes_its_own_stream_position_after_one_rank_skipped_a_corr
 
 
 @pytest.mark.slow
-def test_resuming_with_another_world_size_is_refused_naming_both(shards_with_a_corrupt_sample, two_rank_runs,
-                                                                  tmp_path, capsys):
+def test_resuming_with_another_world_size_is_refused_naming_both(
+    shards_with_a_corrupt_sample, two_rank_runs, tmp_path, capsys
+):
     from pretrain.cli import main as emomae
 
     ckpt = two_rank_runs / "split" / "checkpoints" / f"step{STOP:07d}.ckpt"
@@ -197,7 +256,9 @@ def test_a_checkpoint_without_per_rank_positions_resumes_every_rank_from_rank_0s
 
 
 @pytest.mark.slow
-def test_an_old_checkpoint_still_resumes_with_a_warning(shards_with_a_corrupt_sample, two_rank_runs, tmp_path):
+def test_an_old_checkpoint_still_resumes_with_a_warning(
+    shards_with_a_corrupt_sample, two_rank_runs, tmp_path
+):
     from pretrain.cli import main as emomae
 
     ckpt = torch.load(two_rank_runs / "split" / "checkpoints" / f"step{STOP:07d}.ckpt", weights_only=True)

@@ -67,7 +67,9 @@ def test_disk_cache_of_another_model_is_refused(encoder, tmp_path):
 
 def test_text_heads_project_every_path_to_unit_vectors():
     heads = TextHeads(width=16, text_dim=8)
-    pooled = pool_paths(torch.randn(3, 5, 16), torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 4, 16))
+    pooled = pool_paths(
+        torch.randn(3, 5, 16), torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 4, 16)
+    )
     assert pooled["fused"].shape == (3, 32)
     out = heads(pooled)
     assert set(out) == {"video", "audio", "fused"}

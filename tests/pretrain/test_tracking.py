@@ -60,10 +60,19 @@ def tracked_run(synth_shards, tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
     args = {
-        "data.shards": synth_shards, "run_dir": run_dir, "data.batch_size": 2, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "trainer.max_steps": 3, "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 3, "optim.warmup_steps": 1, "logging.logger": "[wandb,tensorboard]",
-        "logging.image_every_n_steps": 2, "logging.run_name": "tracking-test", "trainer.progress_bar": "true",
+        "data.shards": synth_shards,
+        "run_dir": run_dir,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "trainer.max_steps": 3,
+        "trainer.log_every_n_steps": 1,
+        "trainer.ckpt_every_n_steps": 3,
+        "optim.warmup_steps": 1,
+        "logging.logger": "[wandb,tensorboard]",
+        "logging.image_every_n_steps": 2,
+        "logging.run_name": "tracking-test",
+        "trainer.progress_bar": "true",
     }
     try:
         rc = emomae(["pretrain", DEMO, *(f"{k}={v}" for k, v in args.items())])
@@ -85,8 +94,16 @@ def test_wandb_offline_run_holds_losses_lr_throughput_and_config(tracked_run):
         elif kind == "run":
             name = record.run.display_name
             config |= {item.key: item.value_json for item in record.run.config.update}
-    for key in ("loss/total", "loss/recon_video", "loss/recon_audio", "loss/contrastive_l2", "train/lr",
-                "train/device/samples_per_sec", "train/device/items_per_sec", "trainer/global_step"):
+    for key in (
+        "loss/total",
+        "loss/recon_video",
+        "loss/recon_audio",
+        "loss/contrastive_l2",
+        "train/lr",
+        "train/device/samples_per_sec",
+        "train/device/items_per_sec",
+        "trainer/global_step",
+    ):
         assert key in history, key
     assert name == "tracking-test"
     assert {"model", "optim", "data", "trainer"} <= set(config)

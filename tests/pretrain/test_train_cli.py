@@ -19,10 +19,18 @@ DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 def tiny_run(shards: Path, run_dir: Path, **changes) -> list[str]:
     """Overrides that turn the demo config into a seconds-long test run."""
     values = {
-        "data.shards": str(shards), "run_dir": str(run_dir), "data.batch_size": 2, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "trainer.max_steps": 6, "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 3, "trainer.progress_bar": "false", "optim.warmup_steps": 2,
-        "logging.logger": "[csv]", "logging.image_every_n_steps": 3,
+        "data.shards": str(shards),
+        "run_dir": str(run_dir),
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "trainer.max_steps": 6,
+        "trainer.log_every_n_steps": 1,
+        "trainer.ckpt_every_n_steps": 3,
+        "trainer.progress_bar": "false",
+        "optim.warmup_steps": 2,
+        "logging.logger": "[csv]",
+        "logging.image_every_n_steps": 3,
     }
     values.update(changes)
     return [f"{k}={v}" for k, v in values.items()]
@@ -45,7 +53,9 @@ def test_cli_run_finishes_and_writes_the_resolved_config(cli_run):
     assert rc == 0
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["trainer"]["precision"] == "32-true"  # "auto" resolved: fp32 on CPU
-    assert cfg["data"]["num_frames"] == 8 and cfg["data"]["fbank_frames"] == 128  # interpolated from the model
+    assert (
+        cfg["data"]["num_frames"] == 8 and cfg["data"]["fbank_frames"] == 128
+    )  # interpolated from the model
     # blr x (batch 2 x 1 device) / 256 written back as the absolute lr the run used
     assert cfg["optim"]["lr"] == pytest.approx(cfg["optim"]["blr"] * 2 / 256)
     assert cfg["model"]["width"] == 128 and cfg["run_dir"] == str(run_dir)
@@ -55,9 +65,19 @@ def test_cli_run_logs_every_loss_term_lr_and_throughput_to_csv(cli_run):
     _, run_dir = cli_run
     rows = csv_rows(run_dir)
     keys = set(rows[0])
-    for key in ("loss/total", "loss/recon_video", "loss/recon_audio", "loss/contrastive", "loss/contrastive_l2",
-                "loss/contrastive_l3", "loss/contrastive_l4", "train/lr", "train/device/samples_per_sec",
-                "train/device/items_per_sec", "train/rss_peak_gib"):
+    for key in (
+        "loss/total",
+        "loss/recon_video",
+        "loss/recon_audio",
+        "loss/contrastive",
+        "loss/contrastive_l2",
+        "loss/contrastive_l3",
+        "loss/contrastive_l4",
+        "train/lr",
+        "train/device/samples_per_sec",
+        "train/device/items_per_sec",
+        "train/rss_peak_gib",
+    ):
         assert key in keys, key
     losses = [float(r["loss/total"]) for r in rows if r["loss/total"]]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
@@ -72,7 +92,9 @@ def test_cli_run_checkpoints_load_weights_only_with_model_config(cli_run, synth_
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 6
     assert ckpt["emomae"]["model"]["width"] == 128 and ckpt["emomae"]["model"]["num_frames"] == 8
-    assert ckpt["emomae"]["config"]["data"]["shards"] == str(synth_shards)  # the resolved run config travels too
+    assert ckpt["emomae"]["config"]["data"]["shards"] == str(
+        synth_shards
+    )  # the resolved run config travels too
     assert any(k.startswith("model.encoder.") for k in ckpt["state_dict"])
     assert "AVDataModule" in ckpt  # the stream position travels with the weights
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000006.ckpt"]  # demo keeps 1
@@ -117,7 +139,9 @@ def test_config_errors_name_the_key_and_exit_2(override, named, tmp_path, capsys
 def test_deepspeed_on_cpu_is_refused_with_a_clear_message(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA, where DeepSpeed is allowed")
-    rc = emomae(["pretrain", DEMO, *tiny_run(tmp_path, tmp_path / "run"), "trainer.strategy=deepspeed_stage_2"])
+    rc = emomae(
+        ["pretrain", DEMO, *tiny_run(tmp_path, tmp_path / "run"), "trainer.strategy=deepspeed_stage_2"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "deepspeed_stage_2" in err and "CUDA" in err
@@ -136,8 +160,13 @@ def test_print_config_shows_merged_values_without_training(tmp_path, capsys):
 
 def test_ema_weights_are_checkpointed_beside_the_model_and_restored(synth_shards, tmp_path):
     run = tmp_path / "run"
-    ema = {"optim.ema": "true", "optim.ema_decay": 0.5, "logging.image_every_n_steps": 0, "trainer.ckpt_every_n_steps": 2,
-           "optim.schedule_steps": 6}
+    ema = {
+        "optim.ema": "true",
+        "optim.ema_decay": 0.5,
+        "logging.image_every_n_steps": 0,
+        "trainer.ckpt_every_n_steps": 2,
+        "optim.schedule_steps": 6,
+    }
     assert emomae(["pretrain", DEMO, *tiny_run(synth_shards, run, **{"trainer.max_steps": 2, **ema})]) == 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     model, averaged = ckpt["state_dict"], ckpt["ema_state_dict"]
@@ -150,4 +179,6 @@ def test_ema_weights_are_checkpointed_beside_the_model_and_restored(synth_shards
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     name = moved[0]
     # one more EMA step from the stored average: ema3 = 0.5 * ema2 + 0.5 * w3
-    torch.testing.assert_close(resumed["ema_state_dict"][name], 0.5 * averaged[name] + 0.5 * resumed["state_dict"][name])
+    torch.testing.assert_close(
+        resumed["ema_state_dict"][name], 0.5 * averaged[name] + 0.5 * resumed["state_dict"][name]
+    )

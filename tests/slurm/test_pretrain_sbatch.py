@@ -23,11 +23,15 @@ DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 
 def job_fields(job_id: str) -> dict[str, str]:
     """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, ...)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+    ).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
-def wait_for(what: str, predicate, timeout: float, log: Path | None = None, poll: float = 0.5, job: str | None = None):
+def wait_for(
+    what: str, predicate, timeout: float, log: Path | None = None, poll: float = 0.5, job: str | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -55,35 +59,80 @@ def sbatch(args: list[str], env: dict[str, str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_two_rank_job_saves_on_sigusr1_requeues_itself_and_resumes_to_the_last_step(slurm_cluster, synth_shards, tmp_path):
+def test_two_rank_job_saves_on_sigusr1_requeues_itself_and_resumes_to_the_last_step(
+    slurm_cluster, synth_shards, tmp_path
+):
     max_steps, every = 16, 4
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
-    env = dict(os.environ, EMOMAE_ACCELERATOR="cpu", EMOMAE_PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
+    env = dict(
+        os.environ,
+        EMOMAE_ACCELERATOR="cpu",
+        EMOMAE_PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        PYTHONFAULTHANDLER="1",
+    )
     # the job starts its own W&B service, as on a cluster, not the one an earlier test left in this process
     for name in ("WANDB_RUN_ID", "WANDB_SERVICE"):
         env.pop(name, None)
-    job = sbatch([
-        f"--partition={slurm_cluster}", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-        f"--output={log_dir}/%x-%j.out", f"--chdir={REPO}", str(SBATCH), str(DEMO),
-        f"data.shards={synth_shards}", f"run_dir={run_dir}", f"trainer.max_steps={max_steps}",
-        f"trainer.ckpt_every_n_steps={every}", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-        "optim.warmup_steps=2", "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=16",
-        "logging.logger=[csv,wandb]", "logging.image_every_n_steps=0",
-    ], env)
+    job = sbatch(
+        [
+            f"--partition={slurm_cluster}",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={log_dir}/%x-%j.out",
+            f"--chdir={REPO}",
+            str(SBATCH),
+            str(DEMO),
+            f"data.shards={synth_shards}",
+            f"run_dir={run_dir}",
+            f"trainer.max_steps={max_steps}",
+            f"trainer.ckpt_every_n_steps={every}",
+            "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false",
+            "optim.warmup_steps=2",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            "data.shuffle_buffer=16",
+            "logging.logger=[csv,wandb]",
+            "logging.image_every_n_steps=0",
+        ],
+        env,
+    )
     log = log_dir / f"emomae-pretrain-{job}.out"
     try:
         # The first periodic checkpoint: both ranks are in the training loop. Then what SLURM does
         # `--signal=USR1@120` before the time limit: SIGUSR1 to every task of the job step.
-        wait_for("the first periodic checkpoint", (run_dir / "checkpoints" / f"step{every:07d}.ckpt").exists, 300, log, job=job)
+        wait_for(
+            "the first periodic checkpoint",
+            (run_dir / "checkpoints" / f"step{every:07d}.ckpt").exists,
+            300,
+            log,
+            job=job,
+        )
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        wait_for("the job to requeue itself", lambda: job_fields(job).get("Restarts") == "1"
-                 and job_fields(job)["JobState"] == "PENDING", 120, log, job=job)
+        wait_for(
+            "the job to requeue itself",
+            lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
+            120,
+            log,
+            job=job,
+        )
         # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again; skip the wait.
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        state = wait_for("the requeued job to finish", lambda: job_fields(job)["JobState"] in
-                         {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} and job_fields(job), 300, log, job=job)
+        state = wait_for(
+            "the requeued job to finish",
+            lambda: (
+                job_fields(job)["JobState"] in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+                and job_fields(job)
+            ),
+            300,
+            log,
+            job=job,
+        )
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     text = log.read_text()
@@ -120,13 +169,17 @@ def test_two_rank_job_saves_on_sigusr1_requeues_itself_and_resumes_to_the_last_s
 
 def test_sbatch_script_refuses_to_run_outside_slurm_with_a_clear_message(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(["bash", str(SBATCH), str(DEMO)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), str(DEMO)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "must run under sbatch" in proc.stderr
 
 
 def test_sbatch_script_rejects_tasks_that_do_not_split_evenly_over_nodes(tmp_path):
     env = dict(os.environ, SLURM_JOB_ID="1", SLURM_NTASKS="3", SLURM_JOB_NUM_NODES="2", EMOMAE_ROOT=str(REPO))
-    proc = subprocess.run(["bash", str(SBATCH), str(DEMO)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), str(DEMO)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert "3 tasks do not split evenly over 2 nodes" in proc.stderr
