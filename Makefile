@@ -31,9 +31,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(TEST_ENV) $(PY) -m pretrain.demo $(DEMO_ARGS)
+	$(TEST_ENV) $(PY) -m emomae.demo $(DEMO_ARGS)
 
-LINTED := pretrain finetune data_pipelines tests benchmarks
+LINTED := emomae pretrain finetune data_pipelines tests benchmarks
 
 # The two format checks first: a lint failure costs seconds, not a whole test run.
 test: install

@@ -44,7 +44,7 @@ RESULTS="$OUT/results.tsv"
 : >"$LOG"
 : >"$RESULTS"
 BUDGET="${GPU_CHECK_BUDGET_S:-440}"
-EMOMAE=("$PY" -m pretrain.cli)
+EMOMAE=("$PY" -m emomae.cli)
 SHARDS="$OUT/data/shards"
 # Shared by every pretraining run: a few clips, short epochs of the resampled stream (the progress bar
 # and the loader cross epoch boundaries), one device, the csv logger only.

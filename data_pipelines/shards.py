@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"face={args.face}")
     from omegaconf import OmegaConf
 
-    from pretrain.config import ConfigError, load_config
+    from emomae.config import ConfigError, load_config
 
     try:
         cfg = ShardConfig(**OmegaConf.to_container(load_config(ShardConfig, None, overrides)))

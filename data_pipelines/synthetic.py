@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     """`emomae synth --out DIR [--config YAML] [key=value ...]`."""
     from omegaconf import OmegaConf
 
-    from pretrain.config import ConfigError, load_config
+    from emomae.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(
         prog="emomae synth",

@@ -536,11 +536,47 @@ def export(
         layout=layout,
         card_note=card_note,
     )
-    from finetune.zeroshot import TEXT_HEADS_FILE, export_text_heads
-
     if export_text_heads(checkpoint, out):  # stage-2 (inject) runs: the projection heads zero-shot needs
         os.chmod(out / TEXT_HEADS_FILE, FILE_MODE)
     return out
+
+
+# Stage-2 (inject) checkpoints also carry the AV->text projection heads that `emomae zeroshot` needs.
+TEXT_HEADS_FILE = "text_heads.safetensors"
+HEADS_PREFIX = "text_heads."
+
+
+def text_heads_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stage-2 text projection heads of a Lightning state dict, fp32 on the CPU (empty for stage 1)."""
+    return {
+        k[len(HEADS_PREFIX) :]: v.detach().float().cpu().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith(HEADS_PREFIX)
+    }
+
+
+def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
+    """Add `text_heads.safetensors` and config.json's `text` entry to an export of a stage-2
+    Lightning checkpoint; returns False (and writes nothing) for a stage-1 checkpoint."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_file():
+        return False  # DeepSpeed folders: consolidate to a .ckpt first to keep the text heads
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = text_heads_state(ckpt.get("state_dict", {}))
+    run_config = (ckpt.get("emomae") or {}).get("config") or {}
+    if not state:
+        return False
+    save_file(state, str(out_dir / TEXT_HEADS_FILE), metadata={"format": "emomae-text-heads"})
+    config_file = out_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    dim = next(v for k, v in state.items() if k.endswith(".weight")).shape[0]
+    config["text"] = {
+        "encoder": run_config["inject"]["text_encoder"],
+        "dim": int(dim),
+        "paths": sorted({k.split(".")[1] for k in state if k.startswith("proj.")}),
+    }
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError
+from emomae.config import ConfigError
 
 HEADS = ("linear", "attentive", "finetune")
 MODALITIES = ("av", "audio", "video")

@@ -28,6 +28,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from data_pipelines.exact_once import shard_sizes
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import EvalStream, eval_pipeline
+from emomae.config import ConfigError, load_config, save_config
 from finetune.cache import (
     FeatureCache,
     build_cache,
@@ -70,7 +71,6 @@ from finetune.streams import (
     scan_windows,
     stream_config,
 )
-from pretrain.config import ConfigError, load_config, save_config
 from pretrain.encoders import normalize_video
 
 

@@ -22,15 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from finetune.export import ExportError, build_encoder, encoder_state, input_spec, load_encoder, load_weights
+from finetune.export import (
+    TEXT_HEADS_FILE,
+    ExportError,
+    build_encoder,
+    encoder_state,
+    input_spec,
+    load_encoder,
+    load_weights,
+    text_heads_state,
+)
 from finetune.metrics import average_clips, classification_metrics
 from pretrain.encoders import normalize_video
 from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
 
-TEXT_HEADS_FILE = "text_heads.safetensors"
-HEADS_PREFIX = "text_heads."
 DEFAULT_TEMPLATES = (
     "a person who seems {}.",
     "the face and the voice of a {} person.",
@@ -89,7 +96,7 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
         )
     encoder, _ = build_encoder(meta["model"], where=f"{source} (checkpoint['emomae']['model'])")
     load_weights(encoder, encoder_state(ckpt["state_dict"], str(source)), str(source))
-    state = _text_heads_state(ckpt["state_dict"])
+    state = text_heads_state(ckpt["state_dict"])
     dim = next(v for k, v in state.items() if k.endswith(".weight")).shape[0]
     heads = _heads_from_state(state, dim, int(meta["model"]["width"]), str(source))
     info = {
@@ -98,38 +105,6 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
         "input": input_spec(run_config, meta["model"]),
     }
     return encoder.eval(), heads, info
-
-
-def _text_heads_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k[len(HEADS_PREFIX) :]: v.detach().float().cpu().contiguous()
-        for k, v in state_dict.items()
-        if k.startswith(HEADS_PREFIX)
-    }
-
-
-def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
-    """Add `text_heads.safetensors` and config.json's `text` entry to an export of a stage-2
-    Lightning checkpoint; returns False (and writes nothing) for a stage-1 checkpoint."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not checkpoint.is_file():
-        return False  # DeepSpeed folders: consolidate to a .ckpt first to keep the text heads
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = _text_heads_state(ckpt.get("state_dict", {}))
-    run_config = (ckpt.get("emomae") or {}).get("config") or {}
-    if not state:
-        return False
-    save_file(state, str(out_dir / TEXT_HEADS_FILE), metadata={"format": "emomae-text-heads"})
-    config_file = out_dir / "config.json"
-    config = json.loads(config_file.read_text())
-    dim = next(v for k, v in state.items() if k.endswith(".weight")).shape[0]
-    config["text"] = {
-        "encoder": run_config["inject"]["text_encoder"],
-        "dim": int(dim),
-        "paths": sorted({k.split(".")[1] for k in state if k.startswith("proj.")}),
-    }
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    return True
 
 
 # ---------------------------------------------------------------- prompts

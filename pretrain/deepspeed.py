@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pretrain.config import config_root
+from emomae.config import config_root
 
 CONFIG_DIR = config_root() / "deepspeed"  # the checkout's configs/, or the installed emomae_configs package
 # strategy name in the run config -> YAML file under configs/deepspeed

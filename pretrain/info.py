@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pretrain.config import ConfigError, load_config, resolve_config_path
+from emomae.config import ConfigError, load_config, resolve_config_path
 from pretrain.encoders import ModelConfig
 from pretrain.flops import flop_counter
 from pretrain.mae import MaskedAVAutoencoder, ObjectiveConfig

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from data_pipelines.datamodule import DataConfig
 from data_pipelines.stream import PipeUrlError, check_pipe_urls, pipe_commands
-from pretrain.config import ConfigError, load_config, save_config
+from emomae.config import ConfigError, load_config, save_config
 from pretrain.encoders import ModelConfig
 from pretrain.inject import InjectConfig
 from pretrain.mae import ObjectiveConfig

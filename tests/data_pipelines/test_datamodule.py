@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from shard_factory import keys_of, make_sample, write_shard_dir
 
 from data_pipelines.datamodule import AVDataModule, DataConfig
-from pretrain.config import load_config
+from emomae.config import load_config
 
 SMALL = dict(
     num_frames=4,

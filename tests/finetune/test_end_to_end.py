@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from data_pipelines.synthetic import CLASSES
+from emomae.cli import main as emomae
 from finetune.embed import main as embed_main
 from finetune.export import input_spec, save_export
-from pretrain.cli import main as emomae
 from pretrain.encoders import AVEncoder, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]

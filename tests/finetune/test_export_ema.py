@@ -54,7 +54,7 @@ def assert_exported(out: Path, want: dict[str, torch.Tensor]) -> None:
 
 @pytest.fixture(scope="module")
 def ema_run(synth_shards, tmp_path_factory) -> Path:
-    from pretrain.cli import main as emomae
+    from emomae.cli import main as emomae
 
     run_dir = tmp_path_factory.mktemp("ema") / "run"
     overrides = {

@@ -47,9 +47,9 @@ def load_run(overrides: list[str], run_dir: Path):
     """A `Run` of the synth protocol (its rank and world size come from the live process group, if any)."""
     from omegaconf import OmegaConf
 
+    from emomae.config import load_config
     from finetune.protocols import FinetuneConfig
     from finetune.train import Run
-    from pretrain.config import load_config
 
     cfg = OmegaConf.to_object(load_config(FinetuneConfig, str(CONFIG), overrides))
     return Run(cfg, None, run_dir)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from emomae.cli import main as emomae
 from finetune.export import load_encoder, read_export_config
 from finetune.heads import pool_tokens
 from finetune.hicmae_import import HEAD_FILE, PRETRAIN_FILE, load_head
-from pretrain.cli import main as emomae
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = Path(

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from emomae.config import ConfigError, load_config
 from finetune.protocols import ClipInfo, FinetuneConfig, fold_splits, read_clips, validate
-from pretrain.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from emomae.cli import main as emomae
 from finetune.export import input_spec, save_export
-from pretrain.cli import main as emomae
 from pretrain.encoders import AVEncoder, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.cli import main as emomae
-from pretrain.config import ConfigError, load_config, resolve_config_path
+from emomae.cli import main as emomae
+from emomae.config import ConfigError, load_config, resolve_config_path
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
@@ -51,7 +51,7 @@ def test_pyproject_ships_every_package_and_every_config_folder():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     code = {
         p.parent.relative_to(REPO).as_posix().replace("/", ".")
-        for top in ("pretrain", "finetune", "data_pipelines")
+        for top in ("emomae", "pretrain", "finetune", "data_pipelines")
         for p in (REPO / top).rglob("__init__.py")
     }
     configs = {"emomae_configs"} | {
@@ -105,7 +105,7 @@ def test_the_wheel_holds_every_shipped_config(installed_wheel):
 
 def test_an_installed_wheel_resolves_names_from_any_directory(installed_wheel, tmp_path):
     probe = (
-        "from pretrain.config import resolve_config_path; from pretrain.train import load_pretrain_config; "
+        "from emomae.config import resolve_config_path; from pretrain.train import load_pretrain_config; "
         "from pretrain.info import resolve_model_config; "
         "print(resolve_config_path('demo', 'pretrain')); "
         "print(load_pretrain_config('base', ['data.shards=x']).model.width, resolve_model_config('micro').width); "

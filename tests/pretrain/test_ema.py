@@ -13,9 +13,9 @@ import torch
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
+from emomae.cli import main as emomae
+from emomae.config import ConfigError
 from pretrain.callbacks import EMA
-from pretrain.cli import main as emomae
-from pretrain.config import ConfigError
 from pretrain.train import load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -62,7 +62,7 @@ def test_sigkilled_run_resumes_to_the_final_step_once_each_and_a_vanished_shard_
     cmd = [
         sys.executable,
         "-m",
-        "pretrain.cli",
+        "emomae.cli",
         "pretrain",
         DEMO,
         f"data.shards={shards}",

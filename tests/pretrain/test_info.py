@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pretrain.cli import main as emomae
-from pretrain.config import ConfigError
+from emomae.cli import main as emomae
+from emomae.config import ConfigError
 from pretrain.info import gflops_per_clip, parameter_counts, resolve_model_config
 
 # docs/model.md, measured on the reference code (millions)

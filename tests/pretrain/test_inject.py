@@ -143,7 +143,7 @@ def test_gathered_text_loss_equals_the_single_process_loss_on_the_whole_batch(tm
 
 
 def test_stage2_config_needs_a_stage1_checkpoint_and_checks_its_keys():
-    from pretrain.config import ConfigError
+    from emomae.config import ConfigError
 
     with pytest.raises(ConfigError, match="init="):
         load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml")

@@ -189,7 +189,7 @@ def test_gathered_ranks_leave_every_rank_s_clips_without_audio_out_of_the_contra
 
 
 def test_pretraining_runs_on_shards_with_clips_without_audio_and_logs_how_many_had_audio(tmp_path):
-    from pretrain.cli import main as emomae
+    from emomae.cli import main as emomae
 
     # the demo model's input: 8 frames of 64 x 64, 1.28 s of audio; 5 of 16 clips without audio
     no_audio = frozenset({0, 3, 5, 10, 11})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.cli import main as emomae
+from emomae.cli import main as emomae
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
@@ -102,7 +102,7 @@ def test_sigterm_saves_last_checkpoint_and_resume_continues_from_that_step(synth
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain.cli", "pretrain", DEMO, *args],
+        [sys.executable, "-m", "emomae.cli", "pretrain", DEMO, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -228,7 +228,7 @@ def test_each_rank_resumes_its_own_stream_position_after_one_rank_skipped_a_corr
 def test_resuming_with_another_world_size_is_refused_naming_both(
     shards_with_a_corrupt_sample, two_rank_runs, tmp_path, capsys
 ):
-    from pretrain.cli import main as emomae
+    from emomae.cli import main as emomae
 
     ckpt = two_rank_runs / "split" / "checkpoints" / f"step{STOP:07d}.ckpt"
     args = run_args(shards_with_a_corrupt_sample, tmp_path / "one_rank", STEPS, resume=str(ckpt))
@@ -259,7 +259,7 @@ def test_a_checkpoint_without_per_rank_positions_resumes_every_rank_from_rank_0s
 def test_an_old_checkpoint_still_resumes_with_a_warning(
     shards_with_a_corrupt_sample, two_rank_runs, tmp_path
 ):
-    from pretrain.cli import main as emomae
+    from emomae.cli import main as emomae
 
     ckpt = torch.load(two_rank_runs / "split" / "checkpoints" / f"step{STOP:07d}.ckpt", weights_only=True)
     ckpt["AVDataModule"] = old_style(ckpt["AVDataModule"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import main as emomae
+from emomae.cli import main as emomae
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_pipelines"))
 from shard_factory import write_shard_dir  # noqa: E402

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import main as emomae
+from emomae.cli import main as emomae
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")

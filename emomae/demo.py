@@ -6,7 +6,7 @@ features z-scored per speaker (5 speaker folds) -> print
 the losses, the probe margin and the per-modality results. Every step is the `emomae` command a user
 would run; a finished step is skipped on a rerun (shards resume, pretraining resumes from last.ckpt).
 
-Usage: python -m pretrain.demo [--out demo_out] [--steps N] [--finetune]
+Usage: python -m emomae.demo [--out demo_out] [--steps N] [--finetune]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.cli import main as emomae
+from emomae.cli import main as emomae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def print_probes(pretrained: dict, random: dict, normalised: dict, finetuned: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m emomae.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--speakers", type=int, default=10)
     parser.add_argument("--clips", type=int, default=5, help="clips per speaker and class")
