@@ -46,12 +46,16 @@ def test_an_unknown_name_lists_the_shipped_ones_and_exits_2(tmp_path, monkeypatc
         resolve_config_path("nope.yaml", "pretrain")  # a path stays a path, never a name
 
 
+# The top-level code packages; the wheel test copies exactly these, so a new one must be added here.
+CODE_PACKAGES = ("emomae", "pretrain", "finetune", "data_pipelines")
+
+
 def test_pyproject_ships_every_package_and_every_config_folder():
     tomllib = pytest.importorskip("tomllib")
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     code = {
         p.parent.relative_to(REPO).as_posix().replace("/", ".")
-        for top in ("emomae", "pretrain", "finetune", "data_pipelines")
+        for top in CODE_PACKAGES
         for p in (REPO / top).rglob("__init__.py")
     }
     configs = {"emomae_configs"} | {
@@ -70,7 +74,7 @@ def installed_wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy(REPO / name, src / name)
-    for name in ("pretrain", "finetune", "data_pipelines", "configs"):
+    for name in (*CODE_PACKAGES, "configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [
