@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import tarfile
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,82 +26,11 @@ from torch.utils.data import IterableDataset
 
 from data_pipelines.datamodule import AVDataModule, StreamLoader, resolve_shards
 from data_pipelines.stream import pretrain_pipeline
+from pretrain.caption_loss import caption_ids, caption_infonce
 from pretrain.encoders import EncoderOutput, ModelConfig, normalize_video
-from pretrain.losses import paired_logits, symmetric_infonce
+from pretrain.inject_config import InjectConfig
 from pretrain.module import PretrainModule
-from pretrain.text import (
-    ALIGN_PATHS,
-    DEFAULT_TEXT_ENCODER,
-    FrozenTextEncoder,
-    TextHeads,
-    pool_paths,
-    text_key,
-)
-
-
-@dataclass
-class InjectConfig:
-    """The `inject:` section of a stage-2 run config."""
-
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # sentence-transformers/HF name or local folder
-    text_cache_dir: str | None = None  # on-disk caption embedding cache (default: <run_dir>/text_cache)
-    paths: list[str] = field(default_factory=lambda: list(ALIGN_PATHS))
-    path_weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "audio": 1.0, "fused": 1.0})
-    text_weight: float = 1.0  # weight of the summed text losses
-    stage1_weight: float = 1.0  # weight of the stage-1 objectives (reconstruction + AV contrastive)
-    caption_ratio: float = 0.5  # share of each training batch drawn from captioned samples; 0: no mixing
-    caption_shards: str | None = None  # shards holding the captioned clips (default: data.shards)
-    # "full": captioned clips are encoded again without masking, as zero-shot and probes see them;
-    # "masked": reuse the visible tokens of the stage-1 pass (FLIP-style, no extra encoder pass)
-    text_view: str = "full"
-    temperature: float = 0.07
-    learnable_temperature: bool = True
-    gather_negatives: bool = True
-
-    def check(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"inject.{key}={getattr(self, key)!r}: expected {what}")
-
-        need(
-            bool(self.paths) and set(self.paths) <= set(ALIGN_PATHS),
-            "paths",
-            f"a non-empty subset of {ALIGN_PATHS}",
-        )
-        need(set(self.path_weights) <= set(ALIGN_PATHS), "path_weights", f"keys among {ALIGN_PATHS}")
-        need(0.0 <= self.caption_ratio <= 1.0, "caption_ratio", "a share in [0, 1]")
-        need(self.text_view in ("full", "masked"), "text_view", "'full' or 'masked'")
-        need(self.temperature > 0, "temperature", "> 0")
-        need(self.text_weight >= 0 and self.stage1_weight >= 0, "text_weight", "non-negative loss weights")
-
-
-# ---------------------------------------------------------------- the caption-only text loss
-
-
-def caption_ids(captions: list[str], device: torch.device | str = "cpu") -> Tensor:
-    """(B,) int64 identity of each caption text (equal texts, equal ids), comparable across ranks."""
-    return torch.tensor([int(text_key(c)[:15], 16) for c in captions], dtype=torch.int64, device=device)
-
-
-def caption_infonce(
-    av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale: Tensor, gather: bool = True
-) -> Tensor:
-    """Symmetric InfoNCE between AV and caption embeddings over the captioned rows only: the
-    contrastive loss's `paired_logits` + `symmetric_infonce` (pretrain/losses.py) with `valid` as the
-    presence flags and the caption ids as the same-text exclusion.
-
-    av, text: (B, D) L2-normalised; ids: (B,) caption identity; valid: (B,) bool has-caption; every
-    rank passes the same B. Rows with `valid=False` are neither queries nor keys. Other clips with
-    the very same caption text are left out of a query's negatives (templated or class-level
-    descriptions would otherwise push identically described clips apart). With W ranks, each rank
-    scores its own valid rows against all ranks' valid rows and divides by the global valid count / W,
-    so the DDP-averaged gradient is the single-process gradient of the mean over all captioned clips;
-    with no captioned row anywhere the loss is 0 with zero gradients (the heads stay in the graph).
-    """
-    valid = valid.bool().to(av.device)
-    logits = paired_logits(av[:, None], text[:, None], scale, valid, gather, ids=ids)
-    return symmetric_infonce(*logits, valid)[0]
-
+from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
 
 # ---------------------------------------------------------------- the LightningModule
 

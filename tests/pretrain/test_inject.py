@@ -15,12 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines.captions import load_captions, merge_captions
-from pretrain.inject import (
-    CaptionMixDataModule,
-    InjectModule,
-    caption_ids,
-    caption_infonce,
-)
+from pretrain.caption_loss import caption_ids, caption_infonce
+from pretrain.inject import CaptionMixDataModule, InjectModule
 from pretrain.train import load_pretrain_config, pretrain
 from pretrain.warm_start import load_initial_weights
 
