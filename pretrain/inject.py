@@ -7,32 +7,28 @@ by symmetric InfoNCE on three paths: video<->text, audio<->text and fused AV<->t
 caption never enters a text loss. Batches mix a captioned stream and the full stream at
 `caption_ratio` (captions usually cover a small subset, which would otherwise be rare in a batch).
 
-Selected by `stage: inject` in a pretraining config (configs/pretrain/inject_*.yaml).
+Selected by `stage: inject` in a pretraining config (configs/pretrain/inject_*.yaml). Here: the
+LightningModule and `build_stage2`, which wires it to its datamodule. The other parts live with their
+kind: the `inject:` schema in pretrain/inject_config.py, the caption loss in pretrain/caption_loss.py,
+the batch mix in data_pipelines/caption_mix.py, and the stage-1 weights load through `init=`
+(pretrain/warm_start.py, as any warm start).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import tarfile
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset
 
-from data_pipelines.datamodule import AVDataModule, StreamLoader, resolve_shards
-from data_pipelines.stream import pretrain_pipeline
+from data_pipelines.caption_mix import CaptionMixDataModule
 from pretrain.caption_loss import caption_ids, caption_infonce
 from pretrain.encoders import EncoderOutput, ModelConfig, normalize_video
 from pretrain.inject_config import InjectConfig
 from pretrain.module import PretrainModule
 from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
-
-# ---------------------------------------------------------------- the LightningModule
 
 
 class InjectModule(PretrainModule):
@@ -141,140 +137,6 @@ class InjectModule(PretrainModule):
         return loss
 
 
-# ---------------------------------------------------------------- mixing captioned and plain batches
-
-
-def captioned_keys(urls: list[str]) -> frozenset[str]:
-    """Sample keys that have a `txt` member, from tar headers only (no member data is read)."""
-    keys = set()
-    for url in urls:
-        with tarfile.open(url) as tar:
-            keys.update(name.rsplit(".", 1)[0] for name in tar.getnames() if name.endswith(".txt"))
-    return frozenset(keys)
-
-
-def _in_keys(meta: dict, keys: frozenset[str], inner=None) -> bool:
-    return meta.get("key") in keys and (inner is None or inner(meta))
-
-
-class CaptionMix(IterableDataset):
-    """Zips a plain and a captioned pretraining stream (each batched in the worker) into one batch.
-
-    Epoch and resume point go to the plain stream (whose position the datamodule tracks); the
-    captioned stream is resampled and simply restarts its epoch on resume.
-    """
-
-    def __init__(self, plain, captioned) -> None:
-        super().__init__()
-        self.plain, self.captioned = plain, captioned
-
-    @property
-    def epoch(self) -> int:
-        return self.plain.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.plain.epoch = self.captioned.epoch = value
-
-    @property
-    def start(self):
-        return self.plain.start
-
-    @start.setter
-    def start(self, value) -> None:
-        self.plain.start = value
-
-    def __len__(self) -> int:
-        return len(self.plain)
-
-    def __iter__(self):
-        for plain, captioned in zip(self.plain, self.captioned):
-            yield concat_batches(plain, captioned)
-
-
-def concat_batches(a: dict, b: dict) -> dict:
-    """Row-concatenate two batches; `stream` (loader bookkeeping) is taken from `a`."""
-    out = {}
-    for key, value in a.items():
-        if key == "stream":
-            out[key] = value
-        elif key in b:
-            out[key] = torch.cat([value, b[key]]) if isinstance(value, Tensor) else list(value) + list(b[key])
-    if "target" in a or "target" in b:  # regression targets of one stream only: NaN rows for the other
-        width = (a.get("target") if "target" in a else b["target"]).shape[1]
-        rows = [
-            x["target"] if "target" in x else torch.full((len(x["key"]), width), math.nan) for x in (a, b)
-        ]
-        out["target"] = torch.cat(rows)
-    return out
-
-
-class CaptionMixDataModule(AVDataModule):
-    """AVDataModule whose training batches hold `round(caption_ratio * batch_size)` samples with a
-    caption (from `caption_shards`, default the training shards) and the rest from the full stream."""
-
-    def __init__(self, cfg, inject_cfg: InjectConfig, **kwargs: Any) -> None:
-        super().__init__(cfg, **kwargs)
-        self.inject_cfg = inject_cfg
-
-    def split_batch(self) -> tuple[int, int]:
-        """(plain rows, captioned rows) of a training batch."""
-        captioned = round(self.inject_cfg.caption_ratio * self.cfg.batch_size)
-        return self.cfg.batch_size - captioned, captioned
-
-    def train_dataloader(self) -> StreamLoader:
-        plain_rows, caption_rows = self.split_batch()
-        if caption_rows == 0 or plain_rows == 0:
-            if plain_rows == 0:  # every row captioned: train on the captioned stream alone
-                return self._captioned_loader()
-            return super().train_dataloader()
-        cfg = self.cfg
-        plain = pretrain_pipeline(
-            self._urls(cfg.train_groups),
-            dataclasses.replace(cfg.stream(True), batch_size=plain_rows),
-            sample_filter=self.filters["train"],
-            log_dir=cfg.error_log_dir,
-            **self._ranks(),
-        )
-        mix = CaptionMix(plain, self._captioned_stream(caption_rows))
-        return StreamLoader(
-            mix,
-            on_iter=self._begin_train_epoch,
-            on_batch=None if self.trainer is not None else self._consumed,
-            **self._loader_kwargs(persistent=False),
-        )
-
-    def _captioned_stream(self, rows: int):
-        cfg = self.cfg
-        source = self.inject_cfg.caption_shards or cfg.shards
-        groups = cfg.train_groups if source == cfg.shards else None
-        urls = resolve_shards(source, groups)
-        keys = captioned_keys(urls)
-        if not keys:
-            raise ValueError(
-                f"inject.caption_ratio={self.inject_cfg.caption_ratio} but no sample of {source} has a "
-                "caption (`txt` member): write shards with `emomae shards --captions FILE` or add "
-                "them with `emomae merge-captions`"
-            )
-        # a different seed: the captioned stream must not replay the plain stream's order
-        stream_cfg = dataclasses.replace(cfg.stream(True), batch_size=rows, seed=cfg.seed + 7919)
-        return pretrain_pipeline(
-            urls,
-            stream_cfg,
-            sample_filter=partial(_in_keys, keys=keys, inner=self.filters["train"]),
-            log_dir=cfg.error_log_dir,
-            **self._ranks(),
-        )
-
-    def _captioned_loader(self) -> StreamLoader:
-        return StreamLoader(
-            self._captioned_stream(self.cfg.batch_size),
-            on_iter=self._begin_train_epoch,
-            on_batch=None if self.trainer is not None else self._consumed,
-            **self._loader_kwargs(persistent=False),
-        )
-
-
 def build_stage2(
     cfg: Any, run_config: dict, **module_kwargs: Any
 ) -> tuple[InjectModule, CaptionMixDataModule]:
@@ -290,4 +152,7 @@ def build_stage2(
         text_cache_dir=text_cache,
         **module_kwargs,
     )
-    return module, CaptionMixDataModule(cfg.data, cfg.inject)
+    datamodule = CaptionMixDataModule(
+        cfg.data, caption_ratio=cfg.inject.caption_ratio, caption_shards=cfg.inject.caption_shards
+    )
+    return module, datamodule

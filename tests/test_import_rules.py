@@ -30,6 +30,7 @@ RULES = {
     "data_pipelines.shards": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.stream": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.datamodule": ("pretrain", "finetune"),
+    "data_pipelines.caption_mix": ("pretrain", "finetune"),
     "data_pipelines.synthetic": ("pretrain", "finetune", *LIGHTNING),
     # load_encoder, embed and zero-shot run without Lightning and only use the model side of pretrain
     "finetune.export": (*LIGHTNING, *TRAINING),

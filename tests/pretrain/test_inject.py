@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.caption_mix import CaptionMixDataModule
 from data_pipelines.captions import load_captions, merge_captions
 from pretrain.caption_loss import caption_ids, caption_infonce
-from pretrain.inject import CaptionMixDataModule, InjectModule
+from pretrain.inject import InjectModule
 from pretrain.train import load_pretrain_config, pretrain
 from pretrain.warm_start import load_initial_weights
 
@@ -179,7 +180,7 @@ def test_batches_mix_captioned_and_plain_clips_at_the_configured_ratio(partly_ca
             "data.epoch_length=6",
         ],
     )
-    dm = CaptionMixDataModule(cfg.data, cfg.inject)
+    dm = CaptionMixDataModule(cfg.data, caption_ratio=cfg.inject.caption_ratio)
     assert dm.split_batch() == (6, 2)
     batches = list(dm.train_dataloader())
     assert len(batches) == 6
@@ -246,7 +247,7 @@ def test_training_leaves_the_text_encoder_untouched_and_out_of_optimizer_and_che
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=CaptionMixDataModule(cfg.data, cfg.inject))
+    trainer.fit(module, datamodule=CaptionMixDataModule(cfg.data, caption_ratio=cfg.inject.caption_ratio))
     assert trainer.global_step == 3
     assert module.text.state_fingerprint() == before
     text_params = {id(p) for p in module.text.model.parameters()}
