@@ -3,7 +3,7 @@
 A stage-1 masked AV autoencoder is loaded (weights only) and keeps training on its own objectives
 (reconstruction + hierarchical AV contrastive, weighted by `stage1_weight`) on every clip, while the
 clips that carry a caption are also aligned with the caption's embedding from a frozen text encoder
-by symmetric InfoNCE on three paths: video<->text, audio<->text and fused AV<->text. A clip without a
+by symmetric InfoNCE on three branches: video<->text, audio<->text and fused AV<->text. A clip without a
 caption never enters a text loss. Batches mix a captioned stream and the full stream at
 `caption_ratio` (captions usually cover a small subset, which would otherwise be rare in a batch).
 
@@ -28,14 +28,14 @@ from pretrain.caption_loss import caption_ids, caption_infonce
 from pretrain.encoders import EncoderOutput, ModelConfig, normalize_video
 from pretrain.inject_config import InjectConfig
 from pretrain.module import PretrainModule
-from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
+from pretrain.text import FrozenTextEncoder, TextHeads, pool_branches
 
 
 class InjectModule(PretrainModule):
     """Stage-1 objectives on every clip + caption alignment on the captioned ones.
 
     Logged per step: `loss/total`, `loss/stage1`, the stage-1 terms (`loss/recon_video`, ...),
-    `loss/text` and `loss/text_<path>` per alignment path, `text/captioned` (captioned clips in the
+    `loss/text` and `loss/text_<branch>` per alignment branch, `text/captioned` (captioned clips in the
     local batch) and `text/logit_scale`. The frozen text encoder is not a submodule: it is absent
     from the optimizer, the gradients and the checkpoint; `text_heads.*` are saved with the model.
     """
@@ -63,7 +63,7 @@ class InjectModule(PretrainModule):
             self.text.dim,
             inject_cfg.temperature,
             inject_cfg.learnable_temperature,
-            inject_cfg.paths,
+            inject_cfg.branches,
         )
 
     def no_weight_decay(self) -> set[str]:
@@ -90,16 +90,20 @@ class InjectModule(PretrainModule):
     def align_features(
         self, video: Tensor, fbank: Tensor, enc: EncoderOutput, has_caption: Tensor
     ) -> dict[str, Tensor]:
-        """Projected, normalised `(B, text_dim)` per path. With `text_view=full` the captioned rows
+        """Projected, normalised `(B, text_dim)` per branch. With `text_view=full` the captioned rows
         are re-encoded on all tokens; uncaptioned rows are zeros (they are masked out of the loss)."""
         if self.inject_cfg.text_view == "masked" or not bool(has_caption.any()):
-            pooled = pool_paths(enc.video_layers[-1], enc.audio_layers[-1], enc.fused_video, enc.fused_audio)
-            return self.text_heads({p: x for p, x in pooled.items() if p in self.inject_cfg.paths})
+            pooled = pool_branches(
+                enc.video_layers[-1], enc.audio_layers[-1], enc.fused_video, enc.fused_audio
+            )
+            return self.text_heads({b: x for b, x in pooled.items() if b in self.inject_cfg.branches})
         rows = has_caption.nonzero().squeeze(1)
         full = self.model.encoder.forward_features(normalize_video(video[rows]), fbank[rows])
-        pooled = pool_paths(full.video_layers[-1], full.audio_layers[-1], full.fused_video, full.fused_audio)
-        out = self.text_heads({p: x for p, x in pooled.items() if p in self.inject_cfg.paths})
-        return {p: z.new_zeros(video.shape[0], z.shape[1]).index_copy(0, rows, z) for p, z in out.items()}
+        pooled = pool_branches(
+            full.video_layers[-1], full.audio_layers[-1], full.fused_video, full.fused_audio
+        )
+        out = self.text_heads({b: x for b, x in pooled.items() if b in self.inject_cfg.branches})
+        return {b: z.new_zeros(video.shape[0], z.shape[1]).index_copy(0, rows, z) for b, z in out.items()}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """batch: the docs/architecture.md batch; `caption`/`has_caption` select the text-loss rows."""
@@ -120,11 +124,11 @@ class InjectModule(PretrainModule):
         ids = caption_ids(captions, video.device)
         scale = self.text_heads.scale()
         text_loss = stage1_loss.new_zeros(())
-        for path, z in self.align_features(video, fbank, enc, has_caption).items():
-            terms[f"text_{path}"] = caption_infonce(
+        for branch, z in self.align_features(video, fbank, enc, has_caption).items():
+            terms[f"text_{branch}"] = caption_infonce(
                 z, text.to(z.dtype), ids, has_caption, scale, cfg.gather_negatives
             )
-            text_loss = text_loss + cfg.path_weights.get(path, 1.0) * terms[f"text_{path}"]
+            text_loss = text_loss + cfg.branch_weights.get(branch, 1.0) * terms[f"text_{branch}"]
         terms["text"], terms["stage1"] = text_loss, stage1_loss
         loss = cfg.stage1_weight * stage1_loss + cfg.text_weight * text_loss
 

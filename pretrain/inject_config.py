@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.text import ALIGN_PATHS, DEFAULT_TEXT_ENCODER
+from pretrain.text import ALIGN_BRANCHES, DEFAULT_TEXT_ENCODER
 
 
 @dataclass
@@ -17,8 +17,11 @@ class InjectConfig:
 
     text_encoder: str = DEFAULT_TEXT_ENCODER  # sentence-transformers/HF name or local folder
     text_cache_dir: str | None = None  # on-disk caption embedding cache (default: <run_dir>/text_cache)
-    paths: list[str] = field(default_factory=lambda: list(ALIGN_PATHS))
-    path_weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "audio": 1.0, "fused": 1.0})
+    # the AV features aligned with captions (old name: paths) and their weights (old: path_weights)
+    branches: list[str] = field(default_factory=lambda: list(ALIGN_BRANCHES))
+    branch_weights: dict[str, float] = field(
+        default_factory=lambda: {"video": 1.0, "audio": 1.0, "fused": 1.0}
+    )
     text_weight: float = 1.0  # weight of the summed text losses
     stage1_weight: float = 1.0  # weight of the stage-1 objectives (reconstruction + AV contrastive)
     caption_ratio: float = 0.5  # share of each training batch drawn from captioned samples; 0: no mixing
@@ -36,11 +39,13 @@ class InjectConfig:
                 raise ValueError(f"inject.{key}={getattr(self, key)!r}: expected {what}")
 
         need(
-            bool(self.paths) and set(self.paths) <= set(ALIGN_PATHS),
-            "paths",
-            f"a non-empty subset of {ALIGN_PATHS}",
+            bool(self.branches) and set(self.branches) <= set(ALIGN_BRANCHES),
+            "branches",
+            f"a non-empty subset of {ALIGN_BRANCHES}",
         )
-        need(set(self.path_weights) <= set(ALIGN_PATHS), "path_weights", f"keys among {ALIGN_PATHS}")
+        need(
+            set(self.branch_weights) <= set(ALIGN_BRANCHES), "branch_weights", f"keys among {ALIGN_BRANCHES}"
+        )
         need(0.0 <= self.caption_ratio <= 1.0, "caption_ratio", "a share in [0, 1]")
         need(self.text_view in ("full", "masked"), "text_view", "'full' or 'masked'")
         need(self.temperature > 0, "temperature", "> 0")
