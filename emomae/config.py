@@ -155,12 +155,11 @@ def rename_overrides(overrides: list[str], renamed: dict[str, str]) -> list[str]
         key, value = override.split("=", 1)
         for old, new in renamed.items():
             if key == old or key.startswith(old + "."):
-                if any(o.split("=", 1)[0] in (new, key.replace(old, new, 1)) for o in overrides):
-                    raise ConfigError(
-                        f"the command line sets both {key!r} and its new name {key.replace(old, new, 1)!r}"
-                    )
-                _warn_renamed(key, key.replace(old, new, 1), "command line")
-                key = key.replace(old, new, 1)
+                new_key = new + key[len(old) :]
+                if any(o.split("=", 1)[0] in (new, new_key) for o in overrides):
+                    raise ConfigError(f"the command line sets both {key!r} and its new name {new_key!r}")
+                _warn_renamed(key, new_key, "command line")
+                key = new_key
                 break
         out.append(f"{key}={value}")
     return out
