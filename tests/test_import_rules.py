@@ -23,10 +23,14 @@ TRAINING = (
 RULES = {
     # the exported model: torch, timm, einops only; no Lightning, no data code, no training code
     "pretrain.encoders": (*LIGHTNING, "deepspeed", "data_pipelines", "finetune", "emomae", *TRAINING),
+    # stage 2's config schema and caption loss: plain dataclasses and torch, no Lightning or data code
+    "pretrain.inject_config": (*LIGHTNING, "data_pipelines", "finetune", *TRAINING),
+    "pretrain.caption_loss": (*LIGHTNING, "data_pipelines", "finetune", *TRAINING),
     # the data side stands alone: it never imports the model or the tasks
     "data_pipelines.shards": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.stream": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.datamodule": ("pretrain", "finetune"),
+    "data_pipelines.caption_mix": ("pretrain", "finetune"),
     "data_pipelines.synthetic": ("pretrain", "finetune", *LIGHTNING),
     # load_encoder, embed and zero-shot run without Lightning and only use the model side of pretrain
     "finetune.export": (*LIGHTNING, *TRAINING),
