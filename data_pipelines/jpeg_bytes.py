@@ -47,6 +47,13 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int]:
     header cut short, or no EOI at the end (a truncated file). Damage inside the entropy-coded data
     shows only when decoding; `device_decode` handles that per clip.
     """
+    height, width, _ = jpeg_frame_header(data)
+    return height, width
+
+
+def jpeg_frame_header(data: bytes) -> tuple[int, int, int]:
+    """`jpeg_frame_size` and where its start-of-frame segment ends: `data[:end]` is every marker up
+    to and including the frame size, which `clip_frame_size` compares between a clip's frames."""
     if data[:2] != b"\xff\xd8":
         raise CorruptSampleError("not a JPEG (no start-of-image marker)")
     if data[-2:] != b"\xff\xd9":
@@ -65,13 +72,33 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int]:
         if marker in SOF_MARKERS:
             if pos + 9 > len(data):
                 break
-            return int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(
-                data[pos + 7 : pos + 9], "big"
-            )
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return height, int.from_bytes(data[pos + 7 : pos + 9], "big"), pos + 9
         if marker == 0xDA:  # start of scan before any frame header
             break
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     raise CorruptSampleError("JPEG has no readable frame header")
+
+
+def clip_frame_size(frames: list[bytes]) -> tuple[int, int]:
+    """The (height, width) all of a clip's frames share; CorruptSampleError as `jpeg_frame_size`, or
+    when the sizes differ.
+
+    A clip's frames come from one encoder with one quality, so their headers up to the frame size are
+    the same bytes: a frame that starts with the first frame's header has its size and its valid
+    markers, and needs only its end marker checked (~0.3 us instead of ~6 us of parsing per frame).
+    Any other frame is parsed in full.
+    """
+    height, width, end = jpeg_frame_header(frames[0])
+    header = frames[0][:end]
+    sizes = {(height, width)}
+    for frame in frames[1:]:
+        if frame.startswith(header) and frame.endswith(b"\xff\xd9"):
+            continue
+        sizes.add(jpeg_frame_size(frame))
+    if len(sizes) != 1:
+        raise CorruptSampleError(f"frames differ in size: {sorted(sizes)}")
+    return height, width
 
 
 class JpegBytesDecoder(SampleDecoder):
@@ -80,7 +107,7 @@ class JpegBytesDecoder(SampleDecoder):
     def __call__(self, raw: dict, seed: int = 0) -> dict:
         meta = raw.get("__meta__") or json.loads(raw["json"])
         frames = self.frame_bytes(raw)
-        height, width = self.frame_size(frames)
+        height, width = clip_frame_size(frames)
         aug, gain_db = None, 0.0
         if self.train:
             generator = torch.Generator().manual_seed(seed)
@@ -116,13 +143,6 @@ class JpegBytesDecoder(SampleDecoder):
                 + (f" (missing {missing[:3]})" if missing else "")
             )
         return frames
-
-    @staticmethod
-    def frame_size(frames: list[bytes]) -> tuple[int, int]:
-        sizes = {jpeg_frame_size(f) for f in frames}
-        if len(sizes) != 1:
-            raise CorruptSampleError(f"frames differ in size: {sorted(sizes)}")
-        return sizes.pop()
 
 
 class JpegBatchBuilder(BatchBuilder):
