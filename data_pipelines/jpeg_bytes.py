@@ -17,9 +17,7 @@ order) and builds the fbank as before. The batch carries, instead of `video`, a 
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,9 +27,9 @@ from data_pipelines.samples import (
     BatchBuilder,
     CorruptSampleError,
     SampleDecoder,
-    batch_tensor,
     has_audio,
     parse_label,
+    tensors_in_one_buffer,
 )
 
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); not DHT (C4), JPG (C8), DAC (CC).
@@ -146,41 +144,31 @@ class JpegBytesDecoder(SampleDecoder):
 
 
 class JpegBatchBuilder(BatchBuilder):
-    """`BatchBuilder` for `JpegBytesDecoder` samples: the batch's `jpeg` dict instead of `video`."""
+    """`BatchBuilder` for `JpegBytesDecoder` samples: the batch's `jpeg` dict instead of `video`.
+
+    The bytes' total is known only when the batch is complete, so its one buffer is allocated then
+    and every frame and fbank is copied into it once, at `build`."""
 
     def __init__(self, batch_size: int, num_frames: int, img_size: int, train: bool) -> None:
         super().__init__(batch_size)
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
         self.frames: list[bytes] = []
+        self.fbanks: list[Tensor] = []
         self.frame_hw: list[tuple[int, int]] = []
         self.augs: list[ClipAugParams | None] = []
 
     def add(self, sample: dict) -> None:
-        if self.fbank is None:
-            self.fbank = batch_tensor((self.batch_size, *sample["fbank"].shape), torch.float32)
-        self.fbank[len(self.rows)].copy_(sample.pop("fbank"))
+        self.fbanks.append(sample.pop("fbank"))
         self.frames += sample.pop("jpeg_frames")
         self.frame_hw.append(sample.pop("frame_hw"))
         self.augs.append(sample.pop("aug"))
         self.rows.append(sample)
 
     def build(self) -> dict:
-        self.video = torch.empty(0, 0, 0, 0, 0, dtype=torch.uint8)  # the base class slices it; dropped below
-        batch = super().build()
-        del batch["video"]
-        batch["jpeg"] = {
-            **self.jpeg_tensors(),
-            "num_frames": self.num_frames,
-            "img_size": self.img_size,
-            "train": self.train,
-        }
-        return batch
-
-    def jpeg_tensors(self) -> dict[str, Tensor]:
-        """The frames' bytes, their offsets and every clip's drawn augmentation, all in one buffer."""
         rows, lengths = len(self.rows), [len(f) for f in self.frames]
         out = tensors_in_one_buffer(
             {
+                "fbank": ((rows, *self.fbanks[0].shape), torch.float32),
                 "data": ((sum(lengths),), torch.uint8),
                 "offsets": ((len(lengths) + 1,), torch.int64),
                 "frame_hw": ((rows, 2), torch.int64),
@@ -190,8 +178,21 @@ class JpegBatchBuilder(BatchBuilder):
                 "jitter_order": ((rows, 3), torch.int64),
             }
         )
-        out["data"].numpy()[:] = np.frombuffer(b"".join(self.frames), dtype=np.uint8)  # ~10 kB per frame
-        out["offsets"].copy_(torch.tensor([0, *lengths]).cumsum(0))
+        fbank = out.pop("fbank")
+        torch.stack(self.fbanks, out=fbank)
+        batch = {"fbank": fbank, **self.row_fields()}
+        self.fill_jpeg(out, lengths)
+        batch["jpeg"] = {**out, "num_frames": self.num_frames, "img_size": self.img_size, "train": self.train}
+        return batch
+
+    def fill_jpeg(self, out: dict[str, Tensor], lengths: list[int]) -> None:
+        """The frames' bytes, their offsets and every clip's drawn augmentation."""
+        data, pos = memoryview(out["data"].numpy()), 0
+        for frame, length in zip(self.frames, lengths):  # straight into the buffer: ~10 kB per frame
+            data[pos : pos + length] = frame
+            pos += length
+        out["offsets"][0] = 0
+        torch.cumsum(torch.tensor(lengths), 0, out=out["offsets"][1:])
         out["frame_hw"].copy_(torch.tensor(self.frame_hw))
         no_jitter = ((float("nan"),) * 3, (0, 0, 0))  # NaN factors: none drawn (eval, or color_jitter=0)
         jitters = [no_jitter if aug is None or aug.jitter is None else aug.jitter for aug in self.augs]
@@ -199,20 +200,3 @@ class JpegBatchBuilder(BatchBuilder):
         out["flip"].copy_(torch.tensor([aug is not None and bool(aug.flip) for aug in self.augs]))
         out["jitter"].copy_(torch.tensor([factors for factors, _ in jitters]))
         out["jitter_order"].copy_(torch.tensor([order for _, order in jitters]))
-        return out
-
-
-def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
-    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
-    worker, `samples.batch_tensor`): a batch then sends one segment instead of one per tensor, and
-    each segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
-    starts, end = {}, 0
-    for name, (shape, dtype) in specs.items():
-        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
-        starts[name] = end
-        end += math.prod(shape) * dtype.itemsize
-    buffer = batch_tensor((end,), torch.uint8)
-    return {
-        name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        for name, (shape, dtype) in specs.items()
-    }

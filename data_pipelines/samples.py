@@ -270,10 +270,36 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
+    worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
+    segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
+    starts, end = {}, 0
+    for name, (shape, dtype) in specs.items():
+        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        starts[name] = end
+        end += math.prod(shape) * dtype.itemsize
+    buffer = batch_tensor((end,), torch.uint8)
+    return {
+        name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (shape, dtype) in specs.items()
+    }
+
+
+def row_field_specs(rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The per-sample scalars every batch carries, for `tensors_in_one_buffer`."""
+    return {
+        "label": ((rows,), torch.int64),
+        "has_caption": ((rows,), torch.bool),
+        "audio_present": ((rows,), torch.bool),
+    }
+
+
 class BatchBuilder:
     """Fills one batch as samples arrive: each clip's frames are copied into the preallocated
     (B, T, H, W, 3) batch tensor as soon as it is decoded and then dropped, so a worker holds one
-    clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults)."""
+    clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults).
+    Video and fbank are views of one buffer, the per-sample scalars of another (`tensors_in_one_buffer`)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -292,8 +318,13 @@ class BatchBuilder:
         clip, b = sample.pop("video"), len(self.rows)
         if self.video is None:
             channels, height, width = clip[0].shape
-            self.video = batch_tensor((self.batch_size, len(clip), height, width, channels), torch.uint8)
-            self.fbank = batch_tensor((self.batch_size, *sample["fbank"].shape), torch.float32)
+            shared = tensors_in_one_buffer(
+                {
+                    "video": ((self.batch_size, len(clip), height, width, channels), torch.uint8),
+                    "fbank": ((self.batch_size, *sample["fbank"].shape), torch.float32),
+                }
+            )
+            self.video, self.fbank = shared["video"], shared["fbank"]
         if isinstance(clip, Tensor):
             self.video[b].copy_(clip.permute(0, 2, 3, 1))
         else:
@@ -305,16 +336,28 @@ class BatchBuilder:
     def build(self) -> dict:
         """The batch dict of docs/architecture.md (`target` only when some sample has one; rows
         without a target are NaN); `video` is the (B, T, 3, H, W) view of channels-last memory."""
-        rows, n = self.rows, len(self.rows)
-        batch = {
+        n = len(self.rows)
+        return {
             "video": self.video[:n].permute(0, 1, 4, 2, 3),
             "fbank": self.fbank[:n],
-            "label": torch.tensor([s["label"] for s in rows], dtype=torch.int64),
+            **self.row_fields(),
+        }
+
+    def row_fields(self) -> dict:
+        """Everything per sample but video and fbank. Its tensors share a buffer of their own, not the
+        video's: code that keeps labels across batches must not keep every batch's frames alive."""
+        rows = self.rows
+        out = tensors_in_one_buffer(row_field_specs(len(rows)))
+        out["label"].copy_(torch.tensor([s["label"] for s in rows], dtype=torch.int64))
+        out["has_caption"].copy_(torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool))
+        out["audio_present"].copy_(torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool))
+        batch = {
+            "label": out["label"],
             "key": [s["key"] for s in rows],
             "clip_key": [s["clip_key"] for s in rows],
             "caption": [s["caption"] for s in rows],
-            "has_caption": torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool),
-            "audio_present": torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool),
+            "has_caption": out["has_caption"],
+            "audio_present": out["audio_present"],
             "__last_pos__": rows[-1]["__pos__"],
         }
         targets = [s["target"] for s in rows]
