@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import wave
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipelines.augment import VideoAugment, eval_video_transform
+from data_pipelines.augment import ClipAugParams, VideoAugment, eval_video_transform
 from data_pipelines.features import (
     SpecAugment,
     decode_log_mel,
@@ -45,6 +46,33 @@ FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
 FBANK_MEMBER = "fbank.npy"
 
 
+@dataclass(frozen=True)
+class PendingAugment:
+    """A training clip's decoded frames and drawn augmentation; `BatchBuilder` writes the augmented
+    clip straight into its batch slot (`VideoAugment.apply_into`), and `tensor()` gives it alone."""
+
+    frames: list[Tensor]
+    params: ClipAugParams
+    augment: VideoAugment
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(T, 3, S, S) of the augmented clip."""
+        size = self.augment.cfg.img_size
+        return len(self.frames), self.frames[0].shape[0], size, size
+
+    def write_into(self, out: Tensor) -> None:
+        """Into `out`, (T, S, S, 3) uint8."""
+        self.augment.apply_into(self.frames, self.params, out)
+
+    def tensor(self) -> Tensor:
+        """(T, 3, S, S) uint8, a view of channels-last memory."""
+        frames, channels, height, width = self.shape
+        out = torch.empty(frames, height, width, channels, dtype=torch.uint8)
+        self.write_into(out)
+        return out.permute(0, 3, 1, 2)
+
+
 class CorruptSampleError(ValueError):
     """A sample that cannot be used; the message is the reason that goes to the corrupt log."""
 
@@ -53,8 +81,9 @@ class SampleDecoder:
     """Raw member bytes -> `{video, fbank (F,M) float32, audio_present, label, target, key, clip_key,
     caption}`; a sample whose json says `"audio_missing": true` has `audio_present` False and a zero fbank.
 
-    `video` is (T, 3, S, S) uint8, or the list of T decoded (3, S, S) frames when they need no
-    resize (eval at the shard's size): `BatchBuilder` copies either into the batch.
+    `video` is (T, 3, S, S) uint8, the list of T decoded (3, S, S) frames when they need no resize
+    (eval at the shard's size), or in training a `PendingAugment`: `BatchBuilder` copies or
+    augments each into the batch.
     """
 
     def __init__(self, cfg: StreamConfig, train: bool) -> None:
@@ -71,8 +100,9 @@ class SampleDecoder:
         generator = torch.Generator().manual_seed(seed) if self.train else None
         frames = self.decode_frames(raw)
         gain_db = 0.0
-        if self.train:
-            video = self.augment(stack_frames(frames), generator)
+        if self.train:  # the pixels are augmented straight into the batch (`BatchBuilder.add`)
+            params = self.augment.sample_params(*frames[0].shape[-2:], generator)
+            video = PendingAugment(frames, params, self.augment)
             if self.cfg.audio_gain_db > 0:
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
         elif frames[0].shape[-1] == frames[0].shape[-2] == self.cfg.img_size:
@@ -317,15 +347,19 @@ class BatchBuilder:
     def add(self, sample: dict) -> None:
         clip, b = sample.pop("video"), len(self.rows)
         if self.video is None:
-            channels, height, width = clip[0].shape
+            frames, channels, height, width = (
+                clip.shape if isinstance(clip, (Tensor, PendingAugment)) else (len(clip), *clip[0].shape)
+            )
             shared = tensors_in_one_buffer(
                 {
-                    "video": ((self.batch_size, len(clip), height, width, channels), torch.uint8),
+                    "video": ((self.batch_size, frames, height, width, channels), torch.uint8),
                     "fbank": ((self.batch_size, *sample["fbank"].shape), torch.float32),
                 }
             )
             self.video, self.fbank = shared["video"], shared["fbank"]
-        if isinstance(clip, Tensor):
+        if isinstance(clip, PendingAugment):
+            clip.write_into(self.video[b])
+        elif isinstance(clip, Tensor):
             self.video[b].copy_(clip.permute(0, 2, 3, 1))
         else:
             for t, frame in enumerate(clip):
