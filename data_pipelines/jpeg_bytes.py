@@ -9,7 +9,11 @@ order) and builds the fbank as before. The batch carries, instead of `video`, a 
 - `offsets`: int64 `(B * T + 1,)`, frame `b * T + t` is `data[offsets[i]:offsets[i + 1]]`;
 - `frame_hw`: int64 `(B, 2)` source frame size; `crop`: int64 `(B, 4)` `(top, left, h, w)`;
 - `flip`: bool `(B,)`; `jitter`: float32 `(B, 3)` factors (NaN: none); `jitter_order`: int64 `(B, 3)`;
-- `num_frames`, `img_size`: ints; `train`: bool (train: random resized crop, eval: resize + centre crop).
+- `num_frames`, `img_size`: ints; `train`: bool (train: random resized crop, eval: resize + centre crop);
+- when every sample of the batch has a usable stored log-mel (and SpecAugment is off): `log_mel`
+  float16 `(B, fbank_frames, M)` zero-padded, `log_mel_frames` int64 `(B,)`, `fbank_shift` float32
+  `(B,)` (the gain), `fbank_mean`, `fbank_std`: floats; the batch then has no `fbank` until
+  `device_decode` finishes it (half the bytes through shared memory, no normalisation in the worker).
 
 `device_decode.decode_jpeg_batch` turns it into `video` on the device.
 """
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from data_pipelines.augment import ClipAugParams
+from data_pipelines.features import FbankConfig, gain_shift, precomputed_fbank
 from data_pipelines.samples import (
     FRAME_MEMBER,
     BatchBuilder,
@@ -113,7 +118,12 @@ class JpegBytesDecoder(SampleDecoder):
             if self.cfg.audio_gain_db > 0:  # drawn after the video's parameters, as the decoding path does
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
         audio_present = has_audio(meta)
-        fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
+        # The stored log-mel travels as it is (float16) and is finished where the frames decode;
+        # SpecAugment, seeded per sample, and the fbank computed from audio stay here.
+        log_mel = self.stored_log_mel(raw, meta) if audio_present and self.spec_augment is None else None
+        fbank = None
+        if log_mel is None:
+            fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         label, target = parse_label(meta.get("label"))
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
         return {
@@ -121,6 +131,8 @@ class JpegBytesDecoder(SampleDecoder):
             "frame_hw": (height, width),
             "aug": aug,
             "fbank": fbank,
+            "log_mel": log_mel,
+            "gain_db": gain_db,
             "audio_present": audio_present,
             "label": label,
             "target": target,
@@ -147,28 +159,47 @@ class JpegBatchBuilder(BatchBuilder):
     """`BatchBuilder` for `JpegBytesDecoder` samples: the batch's `jpeg` dict instead of `video`.
 
     The bytes' total is known only when the batch is complete, so its one buffer is allocated then
-    and every frame and fbank is copied into it once, at `build`."""
+    and every frame and fbank is copied into it once, at `build`. When every sample brought its stored
+    log-mel, the batch carries those (float16, half the bytes of the fbank) in `jpeg["log_mel"]` with
+    `log_mel_frames` and `fbank_shift` (`features.gain_shift`), and `device_decode` finishes them
+    into `fbank`; otherwise the worker finishes them here (`precomputed_fbank`)."""
 
-    def __init__(self, batch_size: int, num_frames: int, img_size: int, train: bool) -> None:
+    def __init__(
+        self, batch_size: int, num_frames: int, img_size: int, train: bool, fbank: FbankConfig = FbankConfig()
+    ) -> None:
         super().__init__(batch_size)
-        self.num_frames, self.img_size, self.train = num_frames, img_size, train
+        self.num_frames, self.img_size, self.train, self.fbank_cfg = num_frames, img_size, train, fbank
         self.frames: list[bytes] = []
-        self.fbanks: list[Tensor] = []
+        self.audio: list[tuple[Tensor | None, Tensor | None, float]] = []  # (fbank, log_mel, gain_db)
         self.frame_hw: list[tuple[int, int]] = []
         self.augs: list[ClipAugParams | None] = []
 
     def add(self, sample: dict) -> None:
-        self.fbanks.append(sample.pop("fbank"))
+        self.audio.append((sample.pop("fbank"), sample.pop("log_mel"), sample.pop("gain_db")))
         self.frames += sample.pop("jpeg_frames")
         self.frame_hw.append(sample.pop("frame_hw"))
         self.augs.append(sample.pop("aug"))
         self.rows.append(sample)
 
     def build(self) -> dict:
-        rows, lengths = len(self.rows), [len(f) for f in self.frames]
+        rows, lengths, cfg = len(self.rows), [len(f) for f in self.frames], self.fbank_cfg
+        ship_log_mel = all(log_mel is not None for _, log_mel, _ in self.audio)
+        if ship_log_mel:
+            mel_bins = self.audio[0][1].shape[1]
+            audio_specs = {
+                "log_mel": ((rows, cfg.fbank_frames, mel_bins), torch.float16),
+                "log_mel_frames": ((rows,), torch.int64),
+                "fbank_shift": ((rows,), torch.float32),
+            }
+        else:
+            fbanks = [
+                precomputed_fbank(log_mel, cfg, gain_db) if fbank is None else fbank
+                for fbank, log_mel, gain_db in self.audio
+            ]
+            audio_specs = {"fbank": ((rows, *fbanks[0].shape), torch.float32)}
         out = tensors_in_one_buffer(
             {
-                "fbank": ((rows, *self.fbanks[0].shape), torch.float32),
+                **audio_specs,
                 "data": ((sum(lengths),), torch.uint8),
                 "offsets": ((len(lengths) + 1,), torch.int64),
                 "frame_hw": ((rows, 2), torch.int64),
@@ -178,12 +209,27 @@ class JpegBatchBuilder(BatchBuilder):
                 "jitter_order": ((rows, 3), torch.int64),
             }
         )
-        fbank = out.pop("fbank")
-        torch.stack(self.fbanks, out=fbank)
-        batch = {"fbank": fbank, **self.row_fields()}
+        batch = {}
+        if ship_log_mel:
+            self.fill_log_mels(out)
+            out["fbank_mean"], out["fbank_std"] = cfg.mean, cfg.std
+        else:
+            batch["fbank"] = torch.stack(fbanks, out=out.pop("fbank"))
+        batch.update(self.row_fields())
         self.fill_jpeg(out, lengths)
         batch["jpeg"] = {**out, "num_frames": self.num_frames, "img_size": self.img_size, "train": self.train}
         return batch
+
+    def fill_log_mels(self, out: dict[str, Tensor]) -> None:
+        frames, shifts = [], []
+        for b, (_, log_mel, gain_db) in enumerate(self.audio):
+            n = min(log_mel.shape[0], self.fbank_cfg.fbank_frames)
+            out["log_mel"][b, :n].copy_(log_mel[:n])
+            out["log_mel"][b, n:].zero_()
+            frames.append(n)
+            shifts.append(gain_shift(gain_db) if gain_db else 0.0)
+        out["log_mel_frames"].copy_(torch.tensor(frames))
+        out["fbank_shift"].copy_(torch.tensor(shifts, dtype=torch.float32))
 
     def fill_jpeg(self, out: dict[str, Tensor], lengths: list[int]) -> None:
         """The frames' bytes, their offsets and every clip's drawn augmentation."""

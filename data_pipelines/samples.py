@@ -166,22 +166,10 @@ class SampleDecoder:
         """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
         this loader's parameters, else computed from the audio member."""
         cfg = self.cfg.fbank
-        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
-        if FBANK_MEMBER in raw and meta.get("fbank") == self.fbank_params:
-            try:
-                log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
-            except ValueError as err:
-                raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
-            expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
-            if "audio_samples" in meta and log_mel.shape[0] != expected:
-                raise CorruptSampleError(
-                    f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
-                    f"for {meta['audio_samples']} audio samples"
-                )
-            self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
-            if real is not None:
-                log_mel = log_mel[: num_fbank_frames(real, cfg.sample_rate)]
+        log_mel = self.stored_log_mel(raw, meta)
+        if log_mel is not None:
             return precomputed_fbank(log_mel, cfg, gain_db, self.spec_augment, seed)
+        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
         if FBANK_MEMBER not in raw:
             self.log_audio_path(
                 "wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}"
@@ -198,6 +186,26 @@ class SampleDecoder:
         if gain_db:
             waveform = waveform * 10 ** (gain_db / 20)
         return fast_fbank(waveform, cfg, self.spec_augment, seed)
+
+    def stored_log_mel(self, raw: dict, meta: dict) -> Tensor | None:
+        """The shard's `fbank.npy` (F, M) float16 over the real audio, when it was made with this
+        loader's parameters; None when the fbank must be computed from the audio member."""
+        cfg = self.cfg.fbank
+        if FBANK_MEMBER not in raw or meta.get("fbank") != self.fbank_params:
+            return None
+        try:
+            log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
+        except ValueError as err:
+            raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
+        expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
+        if "audio_samples" in meta and log_mel.shape[0] != expected:
+            raise CorruptSampleError(
+                f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
+                f"for {meta['audio_samples']} audio samples"
+            )
+        self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
+        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
+        return log_mel if real is None else log_mel[: num_fbank_frames(real, cfg.sample_rate)]
 
     def log_audio_path(self, path: str, message: str) -> None:
         if path not in self.audio_paths_logged:
