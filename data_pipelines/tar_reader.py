@@ -120,17 +120,17 @@ class _Chunks:
         self.buf[start : start + len(data)] = data
         return len(data)
 
-    def take(self, n: int) -> bytes:
-        """The next `n` bytes; ShardReadError if the stream ends first."""
-        if self.available(n) < n:
-            raise ShardReadError(f"unexpected end of data: wanted {n} bytes, got {self.end - self.pos}")
-        self.pos += n
-        return bytes(self.view[self.pos - n : self.pos])
-
-    def skip(self, n: int) -> None:
-        if self.available(n) < n:
-            raise ShardReadError(f"unexpected end of data: wanted {n} bytes, got {self.end - self.pos}")
-        self.pos += n
+    def take(self, n: int, padded: int) -> bytes:
+        """The next `n` bytes, moving past `padded >= n`; ShardReadError if the stream ends first."""
+        start = self.pos
+        if self.end - start < padded:
+            if self.available(padded) < padded:
+                raise ShardReadError(
+                    f"unexpected end of data: wanted {padded} bytes, got {self.end - self.pos}"
+                )
+            start = self.pos
+        self.pos = start + padded
+        return bytes(self.view[start : start + n])
 
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -140,9 +140,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     pax: dict[str, str] | None = None
     checked = False
     while True:
-        if chunks.available(BLOCK) == 0:
+        if chunks.end == chunks.pos and chunks.available(BLOCK) == 0:
             return  # no end-of-archive blocks: tolerated, as tarfile does
-        header = chunks.take(BLOCK)
+        header = chunks.take(BLOCK, BLOCK)
         if not checked or header[257:262] != b"ustar":
             if header == _ZERO_BLOCK:
                 return  # end-of-archive marker
@@ -155,9 +155,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         kind = header[156]
         if pax is not None and "size" in pax:
             size = _pax_size(pax["size"])
-        data = chunks.take(size) if size else b""
-        if size % BLOCK:
-            chunks.skip(BLOCK - size % BLOCK)
+        data = chunks.take(size, size + (-size % BLOCK)) if size else b""  # content, then its padding
         if kind == _PAX:
             pax = _pax_records(data) if b" path=" in data or b" size=" in data else None
             continue
