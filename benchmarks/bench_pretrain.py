@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child_process import child_env, forwarded
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_pretrain.json"
@@ -156,18 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             __file__,
             "--one",
             size,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
+            *forwarded(args, "batch", "steps", "warmup", "threads", "device"),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+        env = child_env(args.threads)
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from child_process import child_env, forwarded
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_scaling.json"
 
@@ -118,20 +120,9 @@ def run(procs: int, args: argparse.Namespace) -> dict:
             "--worker",
             "--out",
             str(out),
-            "--model",
-            args.model,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
+            *forwarded(args, "model", "batch", "steps", "warmup", "threads", "device"),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+        env = child_env(args.threads, WANDB_MODE="disabled")
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{procs}-process run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")

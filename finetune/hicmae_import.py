@@ -169,30 +169,16 @@ def import_hicmae(
     note = _card_note(checkpoint, kind, use_ema)
     if kind == "pretrain":
         model = pretraining_model(state, cfg, str(checkpoint))
-        save_export(
-            model.encoder,
-            cfg.to_dict(),
-            spec,
-            out,
-            source=checkpoint.name,
-            extra=extra,
-            layout=layout,
-            card_note=note,
-        )
+        encoder = model.encoder
+    else:
+        encoder, head = finetuning_model(state, cfg, str(checkpoint))
+    save_export(
+        encoder, cfg.to_dict(), spec, out, source=checkpoint.name, extra=extra, layout=layout, card_note=note
+    )
+    if kind == "pretrain":
         _write(model.state_dict(), out / PRETRAIN_FILE, "emomae-pretrain-model")
         written = {"pretrain_model": PRETRAIN_FILE}
     else:
-        encoder, head = finetuning_model(state, cfg, str(checkpoint))
-        save_export(
-            encoder,
-            cfg.to_dict(),
-            spec,
-            out,
-            source=checkpoint.name,
-            extra=extra,
-            layout=layout,
-            card_note=note,
-        )
         _write(head.state_dict(), out / HEAD_FILE, "emomae-head")
         head_config = {
             "kind": "feature_fusion",

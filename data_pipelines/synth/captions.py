@@ -4,6 +4,36 @@ from __future__ import annotations
 
 import numpy as np
 
+# Graded words: (above this, the words above, below this, the words below, the words between), each
+# set of words separated by "|"
+EYES = (
+    1.12,
+    "wide-open eyes|eyes opened wide",
+    0.8,
+    "narrowed eyes|eyes slightly squinted",
+    "eyes open normally|a steady gaze",
+)
+# the voice's graded words, in the order a caption draws them: (parameter, then as EYES)
+VOICE_GRADES = (
+    ("loudness_db", -4, "loud|forceful|raised", -10, "quiet|soft|subdued", "moderate|conversational"),
+    ("pitch_st", 3, "high|elevated", -1.5, "low|deep", "mid-range|medium"),
+    (
+        "range_st",
+        2.5,
+        "animated|widely varying|lively",
+        1.0,
+        "flat|monotone|level",
+        "moderately varied|natural",
+    ),
+    ("rate", 4.7, "fast|quick|hurried", 3.9, "slow|unhurried|measured", "steady|even"),
+    ("contour", 0.6, "rising|lifting", -0.6, "falling|sinking", "level|steady"),
+)
+
+
+def graded(value: float, above: float, high: str, below: float, low: str, between: str) -> list[str]:
+    """The words of the band `value` falls in."""
+    return (high if value > above else low if value < below else between).split("|")
+
 
 def caption(clip: dict, rng: np.random.Generator, emotion_rate: float) -> str:
     """A detailed affective description from the generator's parameters, in varied wording."""
@@ -29,13 +59,7 @@ def caption(clip: dict, rng: np.random.Generator, emotion_rate: float) -> str:
         )
     else:
         brows = pick("relaxed brows", "brows at rest", "an untroubled brow")
-    eyes = (
-        pick("narrowed eyes", "eyes slightly squinted")
-        if f["eye_open"] < 0.8
-        else pick("wide-open eyes", "eyes opened wide")
-        if f["eye_open"] > 1.12
-        else pick("eyes open normally", "a steady gaze")
-    )
+    eyes = pick(*graded(f["eye_open"], *EYES))
     if f["mouth_curve"] > 0.4:
         mouth = pick("a broad smile", "lip corners pulled up into a smile", "a grin")
     elif f["mouth_curve"] < -0.4:
@@ -44,41 +68,8 @@ def caption(clip: dict, rng: np.random.Generator, emotion_rate: float) -> str:
         mouth = pick("lips pressed tight", "tightened lips", "a thin, pressed mouth")
     else:
         mouth = pick("a relaxed mouth", "a neutral mouth")
-    loud = (
-        pick("loud", "forceful", "raised")
-        if v["loudness_db"] > -4
-        else pick("quiet", "soft", "subdued")
-        if v["loudness_db"] < -10
-        else pick("moderate", "conversational")
-    )
-    pitch = (
-        pick("high", "elevated")
-        if v["pitch_st"] > 3
-        else pick("low", "deep")
-        if v["pitch_st"] < -1.5
-        else pick("mid-range", "medium")
-    )
-    spread = (
-        pick("animated", "widely varying", "lively")
-        if v["range_st"] > 2.5
-        else pick("flat", "monotone", "level")
-        if v["range_st"] < 1.0
-        else pick("moderately varied", "natural")
-    )
-    tempo = (
-        pick("fast", "quick", "hurried")
-        if clip["rate"] > 4.7
-        else pick("slow", "unhurried", "measured")
-        if clip["rate"] < 3.9
-        else pick("steady", "even")
-    )
-    contour = (
-        pick("rising", "lifting")
-        if v["contour"] > 0.6
-        else pick("falling", "sinking")
-        if v["contour"] < -0.6
-        else pick("level", "steady")
-    )
+    graded_by = {**v, "rate": clip["rate"]}
+    loud, pitch, spread, tempo, contour = (pick(*graded(graded_by[p], *bands)) for p, *bands in VOICE_GRADES)
     quality = (
         pick("trembling", "shaky", "quavering")
         if v["tremor_st"] > 0.35

@@ -31,111 +31,43 @@ VOICE_GROUP = {
     "NEU": "plain",
 }
 
-# Face prototypes at full intensity. brow_tilt < 0: inner ends down (drawn together); mouth_curve > 0:
-# corners up; lip_press thins the lips and damps the articulation; mouth_rest: opening between syllables.
-FACES: dict[str, dict[str, float]] = {
-    "neutral": dict(
-        brow_raise=0.0,
-        brow_tilt=0.0,
-        eye_open=1.0,
-        mouth_curve=0.0,
-        mouth_width=1.0,
-        lip_press=0.0,
-        mouth_rest=0.0,
-    ),
-    "frown": dict(
-        brow_raise=-1.0,
-        brow_tilt=-1.0,
-        eye_open=0.6,
-        mouth_curve=-0.3,
-        mouth_width=0.8,
-        lip_press=0.8,
-        mouth_rest=0.0,
-    ),
-    "worried": dict(
-        brow_raise=0.8,
-        brow_tilt=1.0,
-        eye_open=1.25,
-        mouth_curve=-0.9,
-        mouth_width=1.05,
-        lip_press=0.2,
-        mouth_rest=0.3,
-    ),
-    "smile": dict(
-        brow_raise=0.3,
-        brow_tilt=0.0,
-        eye_open=0.7,
-        mouth_curve=1.0,
-        mouth_width=1.25,
-        lip_press=0.0,
-        mouth_rest=0.6,
-    ),
-}
-# Voice prototypes: loudness (dB re. the loudest), pitch shift and accent range (semitones), spectral
-# tilt (harmonic k has amplitude k^-tilt: low = tense/bright), jitter (relative f0 noise), tremor
-# (semitones at ~5.5 Hz), breathiness (aspiration share) and contour (pitch slope per syllable, st).
-VOICES: dict[str, dict[str, float]] = {
-    "plain": dict(
-        loudness_db=-8.0,
-        pitch_st=0.0,
-        range_st=1.5,
-        tilt=1.2,
-        jitter=0.004,
-        tremor_st=0.0,
-        breath=0.08,
-        contour=-1.0,
-    ),
-    "aroused": dict(
-        loudness_db=0.0,
-        pitch_st=5.0,
-        range_st=4.0,
-        tilt=0.7,
-        jitter=0.004,
-        tremor_st=0.0,
-        breath=0.04,
-        contour=1.5,
-    ),
-    "trembling": dict(
-        loudness_db=-5.0,
-        pitch_st=8.0,
-        range_st=2.0,
-        tilt=1.3,
-        jitter=0.02,
-        tremor_st=0.8,
-        breath=0.3,
-        contour=0.5,
-    ),
-    "subdued": dict(
-        loudness_db=-14.0,
-        pitch_st=-3.0,
-        range_st=0.6,
-        tilt=1.9,
-        jitter=0.012,
-        tremor_st=0.0,
-        breath=0.2,
-        contour=-2.0,
-    ),
-}
+FACE_PARAMS = ("brow_raise", "brow_tilt", "eye_open", "mouth_curve", "mouth_width", "lip_press", "mouth_rest")
+VOICE_PARAMS = ("loudness_db", "pitch_st", "range_st", "tilt", "jitter", "tremor_st", "breath", "contour")
+
+
+def _named(params: tuple[str, ...], rows: dict[str, tuple[float, ...]]) -> dict[str, dict[str, float]]:
+    """A table of rows (values in the order of `params`) as {row name: {parameter: value}}."""
+    return {name: dict(zip(params, values, strict=True)) for name, values in rows.items()}
+
+
+# Face prototypes at full intensity (values in FACE_PARAMS order). brow_tilt < 0: inner ends down (drawn
+# together); mouth_curve > 0: corners up; lip_press thins the lips and damps the articulation;
+# mouth_rest: opening between syllables.
+FACES = _named(
+    FACE_PARAMS,
+    {
+        "neutral": (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0),
+        "frown": (-1.0, -1.0, 0.6, -0.3, 0.8, 0.8, 0.0),
+        "worried": (0.8, 1.0, 1.25, -0.9, 1.05, 0.2, 0.3),
+        "smile": (0.3, 0.0, 0.7, 1.0, 1.25, 0.0, 0.6),
+    },
+)
+# Voice prototypes (values in VOICE_PARAMS order): loudness (dB re. the loudest), pitch shift and accent
+# range (semitones), spectral tilt (harmonic k has amplitude k^-tilt: low = tense/bright), jitter
+# (relative f0 noise), tremor (semitones at ~5.5 Hz), breathiness (aspiration share) and contour (pitch
+# slope per syllable, st).
+VOICES = _named(
+    VOICE_PARAMS,
+    {
+        "plain": (-8.0, 0.0, 1.5, 1.2, 0.004, 0.0, 0.08, -1.0),
+        "aroused": (0.0, 5.0, 4.0, 0.7, 0.004, 0.0, 0.04, 1.5),
+        "trembling": (-5.0, 8.0, 2.0, 1.3, 0.02, 0.8, 0.3, 0.5),
+        "subdued": (-14.0, -3.0, 0.6, 1.9, 0.012, 0.0, 0.2, -2.0),
+    },
+)
 # Size of one unit of `expression_jitter` per parameter (so one jitter value suits them all).
-FACE_SCALE = dict(
-    brow_raise=1.0,
-    brow_tilt=1.0,
-    eye_open=0.4,
-    mouth_curve=1.0,
-    mouth_width=0.3,
-    lip_press=0.8,
-    mouth_rest=0.5,
-)
-VOICE_SCALE = dict(
-    loudness_db=10.0,
-    pitch_st=5.0,
-    range_st=2.0,
-    tilt=0.8,
-    jitter=0.01,
-    tremor_st=0.5,
-    breath=0.2,
-    contour=1.5,
-)
+FACE_SCALE = dict(zip(FACE_PARAMS, (1.0, 1.0, 0.4, 1.0, 0.3, 0.8, 0.5), strict=True))
+VOICE_SCALE = dict(zip(VOICE_PARAMS, (10.0, 5.0, 2.0, 0.8, 0.01, 0.5, 0.2, 1.5), strict=True))
 SKIN = np.array(
     [[255, 224, 196], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36], [92, 56, 30]],
     dtype=np.float32,

@@ -1,10 +1,12 @@
 """Small shards in the format of docs/architecture.md, written with webdataset.TarWriter, for the
-loader tests: real JPEG frames and real wav audio, tiny sizes, optional corruptions."""
+loader tests: real JPEG frames and real wav audio, tiny sizes, optional corruptions; and the samples
+of any shard files read back."""
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,14 @@ def write_shard_dir(
 
 def keys_of(sizes: list[int], first_index: int = 0) -> list[str]:
     return [f"c{k:04d}_w000" for k in range(first_index, first_index + sum(sizes))]
+
+
+def read_samples(*shards: str | Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of the shard files as {key: {extension: bytes}} (the key ends at the first dot)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples

@@ -4,10 +4,10 @@ provenance.json, errors.jsonl, the preview sheet and `emomae embed` carry the fa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -15,6 +15,7 @@ import decord
 import numpy as np
 import pytest
 from PIL import Image
+from shard_factory import read_samples
 
 from data_pipelines.decode import crop_resize
 from data_pipelines.face_track import square_in_frame
@@ -34,16 +35,8 @@ REAL_CFG = ShardConfig(
     precompute_fbank=False,
     face="auto",
 )
-CFG = ShardConfig(
-    num_frames=4,
-    frame_stride=8,
-    img_size=48,
-    max_windows=1,
-    samples_per_shard=64,
-    group_by="none",
-    precompute_fbank=False,
-    face="auto",
-)
+# the generated clips: one window of 48 x 48
+CFG = dataclasses.replace(REAL_CFG, img_size=48, max_windows=1, samples_per_shard=64)
 HAAR = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
 
@@ -208,13 +201,7 @@ def face_shards(realdata_dir, tmp_path_factory) -> tuple[Path, dict, str]:
 
 def samples_of_all(out: Path) -> list[dict[str, bytes]]:
     """Every sample of a shard folder as {extension: bytes}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for url in shard_urls(out):
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return list(samples.values())
+    return list(read_samples(*shard_urls(out)).values())
 
 
 def samples_of(out: Path) -> dict[str, dict]:

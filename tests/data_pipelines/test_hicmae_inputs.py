@@ -26,9 +26,9 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from hicmae_reference import reference_fbank
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchaudio.compliance import kaldi
 
 from data_pipelines.decode import GRID_FPS, load_audio, sample_frame_indices, window_starts
 from data_pipelines.features import FbankConfig, fast_fbank, waveform_to_fbank
@@ -66,16 +66,7 @@ TOL_FLOAT16 = 1.5e-3
 def hicmae_fbank(waveform: torch.Tensor) -> torch.Tensor:
     """HiCMAE's audio input for one clip's waveform: (N,) float -> (256, 128), normalised."""
     wave = waveform.reshape(1, -1).float()
-    fbank = kaldi.fbank(
-        wave - wave.mean(),
-        htk_compat=True,
-        sample_frequency=SR,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_shift=10,
-    )
+    fbank = reference_fbank(wave - wave.mean(), SR)
     missing = TARGET_FRAMES - fbank.shape[0]
     fbank = F.pad(fbank, (0, 0, 0, missing)) if missing > 0 else fbank[:TARGET_FRAMES]
     return (fbank - NORM_MEAN) / (NORM_STD * 2)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import soundfile as sf
+from shard_factory import read_samples
 
 from data_pipelines.decode import SILENCE_DBFS, explain, rms_dbfs
 from data_pipelines.manifests import ManifestRow, write_manifest
@@ -47,19 +47,13 @@ def cut(src: Path, dst: Path, share: float) -> Path:
     return dst
 
 
-def read_samples(out_dir: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for url in shard_urls(out_dir):
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
+def samples_in(out_dir: Path) -> dict[str, dict[str, bytes]]:
+    return read_samples(*shard_urls(out_dir))
 
 
 def metas_by_clip(out_dir: Path) -> dict[str, list[dict]]:
     by_clip: dict[str, list[dict]] = {}
-    for s in read_samples(out_dir).values():
+    for s in samples_in(out_dir).values():
         meta = json.loads(s["json"])
         by_clip.setdefault(meta["clip_key"], []).append(meta)
     return by_clip
@@ -246,7 +240,7 @@ def test_allow_missing_audio_writes_zero_audio_of_the_normal_length_flagged_audi
         "group_by=none",
     ]
     assert main(argv) == 0
-    samples = read_samples(tmp_path)
+    samples = samples_in(tmp_path)
     mute = {k: s for k, s in samples.items() if k.startswith("mute_")}
     speech = {k: s for k, s in samples.items() if k.startswith("speech_")}
     assert len(mute) == len(speech) == 5  # every full 1.28 s window of the 7 s video

@@ -5,28 +5,19 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+from shard_factory import read_samples
 
 from data_pipelines.manifests import read_manifest, scan_folder, write_manifest
 from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
 
 CFG = ShardConfig(num_frames=8, frame_stride=4, img_size=64, max_windows=1, samples_per_shard=8)
 AUDIO_SAMPLES = 8 * 4 * 16000 // 25  # the frames' span, 1.28 s at 16 kHz
-
-
-def read_samples(shard: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(shard) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            samples[key][ext] = tar.extractfile(m).read()
-    return dict(samples)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_model import tiny
 
 from data_pipelines.decode import SamplingConfig, decode_clip
 from data_pipelines.face_track import FaceConfig
@@ -20,20 +21,7 @@ from finetune.embed import main as embed_main
 from finetune.export import input_spec, read_export_config, save_export
 from pretrain.encoders import AVEncoder, ModelConfig
 
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=32,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=4,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=1,
-    decoder_depth=3,
-    skip_layers=[2, 4],
-)
+TINY = tiny(fbank_frames=32, depth=4, decoder_heads=1, skip_layers=[2, 4])
 CLIP = "grid_lipnet/bbaf2n.mpg"  # 360 x 288: the face is a small part of the frame
 
 
@@ -89,38 +77,11 @@ def test_embed_feeds_the_face_crops_the_shards_hold(face_export, realdata_dir, t
     assert torch.equal(video[0], torch.from_numpy(faces).permute(0, 3, 1, 2))
     assert np.abs(faces.astype(int) - centre).mean() > 20
 
-    assert (
-        embed_main(
-            [
-                str(realdata_dir / CLIP),
-                "--encoder",
-                str(export),
-                "--max-windows",
-                "1",
-                "--out",
-                str(tmp_path / "e.npy"),
-            ]
-        )
-        == 0
-    )
+    one_window = [str(realdata_dir / CLIP), "--encoder", str(export), "--max-windows", "1"]
+    assert embed_main([*one_window, "--out", str(tmp_path / "e.npy")]) == 0
     np.testing.assert_allclose(
         np.load(tmp_path / "e.npy"), embed_clip(encoder, video, fbank), rtol=1e-5, atol=1e-6
     )
-    assert (
-        embed_main(
-            [
-                str(realdata_dir / CLIP),
-                "--encoder",
-                str(export),
-                "--max-windows",
-                "1",
-                "--face",
-                "none",
-                "--out",
-                str(tmp_path / "plain.npy"),
-            ]
-        )
-        == 0
-    )
+    assert embed_main([*one_window, "--face", "none", "--out", str(tmp_path / "plain.npy")]) == 0
     assert not np.allclose(np.load(tmp_path / "plain.npy"), np.load(tmp_path / "e.npy"))
     assert json.loads((export / "config.json").read_text())["input"]["face"]["mode"] == "auto"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny
 
 from data_pipelines.features import FbankConfig
 from data_pipelines.stream import StreamConfig, eval_pipeline
@@ -18,20 +19,7 @@ from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 
 REPO = Path(__file__).resolve().parents[2]
 NO_AUDIO = frozenset({0, 3})  # sample indices written without audio
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=32,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=4,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=1,
-    decoder_depth=3,
-    skip_layers=[2, 4],
-)
+TINY = tiny(fbank_frames=32, depth=4, decoder_heads=1, skip_layers=[2, 4])
 
 
 def read_batch(out: Path, no_audio: frozenset[int]) -> dict:

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from demo_run import pretrain_args
+from synth_finetune import synth_finetune
+from tiny_model import tiny
 
 from data_pipelines.synthetic import CLASSES
 from emomae.cli import main as emomae
@@ -27,19 +30,8 @@ PRETRAIN_STEPS = 300
 
 
 def _finetune(out: Path, export: Path, manifest: Path, shards: Path, name: str, *extra: str) -> dict:
-    args = [
-        "finetune",
-        str(REPO / "configs" / "finetune" / "synth.yaml"),
-        f"encoder={export}",
-        f"protocol.manifest={manifest}",
-        f"protocol.shards={shards}",
-        f"out_dir={out / 'runs'}",
-        f"run_name={name}",
-        "num_workers=0",
-        "speed_batches=1",
-        *extra,
-    ]
-    assert emomae(args) == 0
+    args = synth_finetune(export, manifest, shards, out / "runs", f"run_name={name}", *extra)
+    assert emomae(["finetune", *args]) == 0
     return json.loads((out / "runs" / name / "results.json").read_text())
 
 
@@ -54,22 +46,7 @@ def downstream(write_test_shards, tmp_path_factory) -> dict:
     manifest = generate(out / "synth", SynthConfig(seed=0, **DOWNSTREAM_SIZE))
     shards = write_test_shards(manifest, out / "shards")
     run = out / "pretrain"
-    assert (
-        emomae(
-            [
-                "pretrain",
-                str(REPO / "configs" / "pretrain" / "demo.yaml"),
-                f"data.shards={shards}",
-                f"run_dir={run}",
-                f"trainer.max_steps={PRETRAIN_STEPS}",
-                "trainer.progress_bar=false",
-                "data.num_workers=1",
-                "logging.image_every_n_steps=0",
-                f"trainer.ckpt_every_n_steps={PRETRAIN_STEPS}",
-            ]
-        )
-        == 0
-    )
+    assert emomae(pretrain_args(shards, run, PRETRAIN_STEPS, "data.num_workers=1")) == 0
     export = out / "export"
     assert emomae(["export", str(run / "checkpoints" / "last.ckpt"), str(export)]) == 0
     results = {
@@ -196,20 +173,7 @@ def test_the_audio_visual_model_beats_its_audio_only_evaluation(downstream):
 
 
 def test_embed_prints_one_vector_per_real_clip(realdata_dir, tmp_path, capsys):
-    cfg = ModelConfig(
-        num_frames=4,
-        img_size=32,
-        fbank_frames=64,
-        mel_bins=32,
-        width=64,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=32,
-        decoder_heads=2,
-        decoder_depth=2,
-        skip_layers=[2],
-    )
+    cfg = ModelConfig(**tiny(depth=2, decoder_depth=2, skip_layers=[2]))
     torch.manual_seed(0)
     export = save_export(
         AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test"

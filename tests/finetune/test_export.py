@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from tiny_model import tiny
 
 from finetune import load_encoder
 from finetune.export import (
@@ -28,20 +29,7 @@ from finetune.export import (
 from pretrain.encoders import AVEncoder, ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
 
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=3,
-    skip_layers=[1, 3],
-)
+TINY = tiny()
 RUN_CONFIG = {"data": {"num_frames": 4, "img_size": 32}, "shard_sampling": {"frame_stride": 4}}
 
 

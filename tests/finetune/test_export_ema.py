@@ -8,34 +8,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
+from demo_run import DEMO, tiny_run
+from tiny_model import tiny
 
 from finetune import load_encoder
 from finetune.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 ENCODER = "model.encoder."
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=3,
-    skip_layers=[1, 3],
-)
+TINY = tiny()
 
 
 def encoder_of(state: dict[str, torch.Tensor], prefix: str = ENCODER) -> dict[str, torch.Tensor]:
@@ -57,23 +44,9 @@ def ema_run(synth_shards, tmp_path_factory) -> Path:
     from emomae.cli import main as emomae
 
     run_dir = tmp_path_factory.mktemp("ema") / "run"
-    overrides = {
-        "data.shards": synth_shards,
-        "run_dir": run_dir,
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 16,
-        "trainer.max_steps": 4,
-        "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 4,
-        "trainer.progress_bar": "false",
-        "optim.warmup_steps": 1,
-        "optim.ema": "true",
-        "optim.ema_decay": 0.5,
-        "logging.logger": "[csv]",
-        "logging.image_every_n_steps": 0,
-    }
-    assert emomae(["pretrain", DEMO, *(f"{k}={v}" for k, v in overrides.items())]) == 0
+    changes = {"trainer.max_steps": 4, "trainer.ckpt_every_n_steps": 4, "optim.warmup_steps": 1}
+    ema = {"optim.ema": "true", "optim.ema_decay": 0.5, "logging.image_every_n_steps": 0}
+    assert emomae(["pretrain", DEMO, *tiny_run(synth_shards, run_dir, **changes, **ema)]) == 0
     return run_dir / "checkpoints" / "last.ckpt"
 
 
@@ -184,35 +157,18 @@ def deepspeed_worker(out: Path) -> None:
     torch.save(weights, out / "weights.pt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deepspeed_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2")
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
+    env = launch.child_env(
         DS_ACCELERATOR="cpu",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
+        MASTER_PORT=str(launch.free_port()),
         RANK="0",
         LOCAL_RANK="0",
         WORLD_SIZE="1",
     )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "deepspeed-worker", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    launch.run_ok([sys.executable, str(Path(__file__).resolve()), "deepspeed-worker", str(out)], env)
     return out
 
 

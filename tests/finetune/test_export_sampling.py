@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny
 
 from finetune.export import ExportError, export, main, save_export
 from pretrain.encoders import AVEncoder, ModelConfig
@@ -19,20 +20,7 @@ from pretrain.mae import MaskedAVAutoencoder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_pipelines"))
 from shard_factory import write_shard_dir  # noqa: E402
 
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=3,
-    skip_layers=[1, 3],
-)
+TINY = tiny()
 
 
 def checkpoint(path: Path, run_config: dict) -> Path:

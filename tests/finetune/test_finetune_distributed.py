@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import numpy as np
 import pytest
 import torch
+from tiny_model import SHARD_TINY
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,14 +132,19 @@ def probe_rows() -> dict:
 # ---------------------------------------------------------------- the workers (run under torchrun)
 
 
-def split_worker(argv: list[str]) -> None:
-    from finetune.module import all_ranks
-
+def worker_args(argv: list[str]) -> argparse.Namespace:
+    """The files a worker is given (--export, --manifest, --shards, --out); one thread per rank."""
     p = argparse.ArgumentParser()
     for name in ("--export", "--manifest", "--shards", "--out"):
         p.add_argument(name, type=Path, required=True)
-    args = p.parse_args(argv)
     torch.set_num_threads(1)
+    return p.parse_args(argv)
+
+
+def split_worker(argv: list[str]) -> None:
+    from finetune.module import all_ranks
+
+    args = worker_args(argv)
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     run = load_run(
@@ -165,11 +169,7 @@ def run_worker(argv: list[str]) -> None:
     """`emomae finetune` as a user would start it under torchrun, three times in the same processes."""
     from finetune.train import main
 
-    p = argparse.ArgumentParser()
-    for name in ("--export", "--manifest", "--shards", "--out"):
-        p.add_argument(name, type=Path, required=True)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    args = worker_args(argv)
     common = run_overrides(args.export, args.manifest, args.shards, args.out, "devices=2", "num_workers=1")
     for extra in (
         ["out_dir=" + str(args.out / "eval_only"), "head=finetune", "eval_only=true", "fold=0"],
@@ -182,30 +182,10 @@ def run_worker(argv: list[str]) -> None:
 # ---------------------------------------------------------------- the tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(mode: str, *args: str | Path, timeout: int = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        "--max_restarts=0",
-        str(Path(__file__).resolve()),
-        mode,
-        *map(str, args),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return proc.stdout
+    """This file as 2 ranks' worker in `mode`; returns their stdout."""
+    cmd = launch.torchrun(Path(__file__).resolve(), mode, *args)
+    return launch.run_ok(cmd, launch.child_env(WANDB_MODE="disabled"), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -224,19 +204,7 @@ def export(synth_shards, tmp_path_factory) -> Path:
     from finetune.streams import loader, stream_config
     from pretrain.encoders import AVEncoder, ModelConfig
 
-    cfg = ModelConfig(
-        num_frames=8,
-        img_size=64,
-        fbank_frames=128,
-        width=64,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=32,
-        decoder_heads=1,
-        decoder_depth=3,
-        skip_layers=[1, 2],
-    )
+    cfg = ModelConfig(**SHARD_TINY)
     torch.manual_seed(0)
     out = save_export(
         AVEncoder(cfg),

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from tiny_model import tiny
 
 from finetune.heads import FeatureFusionHead
 from finetune.module import FinetuneModule, FullFinetuneModel
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 
-CFG = ModelConfig(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=2,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=2,
-    skip_layers=[2],
-    drop_path=0.2,
-)
+CFG = ModelConfig(**tiny(depth=2, decoder_depth=2, skip_layers=[2], drop_path=0.2))
 
 
 def _batches(n: int, seed: int) -> torch.utils.data.DataLoader:

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synth_finetune import synth_finetune
+from tiny_model import SHARD_TINY
 
 from finetune.train import main
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "finetune" / "synth.yaml")
 EPOCHS = 3
 
 
@@ -38,19 +39,7 @@ def export(tmp_path_factory) -> Path:
     from finetune.export import input_spec, save_export
     from pretrain.encoders import AVEncoder, ModelConfig
 
-    cfg = ModelConfig(
-        num_frames=8,
-        img_size=64,
-        fbank_frames=128,
-        width=64,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=32,
-        decoder_heads=1,
-        decoder_depth=3,
-        skip_layers=[1, 2],
-    )
+    cfg = ModelConfig(**SHARD_TINY)
     torch.manual_seed(0)
     return save_export(
         AVEncoder(cfg),
@@ -62,19 +51,7 @@ def export(tmp_path_factory) -> Path:
 
 
 def finetune(export: Path, manifest: Path, shards: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            CONFIG,
-            f"encoder={export}",
-            f"protocol.manifest={manifest}",
-            f"protocol.shards={shards}",
-            f"out_dir={out}",
-            "accelerator=cpu",
-            "num_workers=0",
-            "speed_batches=1",
-            *extra,
-        ]
-    )
+    return main(synth_finetune(export, manifest, shards, out, "accelerator=cpu", *extra))
 
 
 def run_file(run_dir: Path) -> Path:
@@ -215,30 +192,9 @@ def test_a_run_that_fails_in_a_later_fold_has_the_earlier_folds_curves_in_wandb(
 def test_progress_is_plain_lines_per_fold_epoch_and_cached_window_when_stdout_is_not_a_terminal(
     export, synth_manifest, synth_shards, tmp_path, capsys
 ):
-    assert (
-        finetune(
-            export,
-            synth_manifest,
-            synth_shards,
-            tmp_path,
-            "head=finetune",
-            "fold=0",
-            "recipes.finetune.epochs=2",
-        )
-        == 0
-    )
-    assert (
-        finetune(
-            export,
-            synth_manifest,
-            synth_shards,
-            tmp_path,
-            "head=linear",
-            "fold=1",
-            f"recipes.linear.epochs={EPOCHS}",
-        )
-        == 0
-    )
+    files = (export, synth_manifest, synth_shards, tmp_path)
+    assert finetune(*files, "head=finetune", "fold=0", "recipes.finetune.epochs=2") == 0
+    assert finetune(*files, "head=linear", "fold=1", f"recipes.linear.epochs={EPOCHS}") == 0
     out = capsys.readouterr().out
     assert "\r" not in out and "\x1b" not in out, "no bar redraws in a log file"
     lines = out.splitlines()

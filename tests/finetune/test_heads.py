@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_model import tiny
 
 from finetune.cache import FeatureCache, speaker_normalized
 from finetune.heads import (
@@ -21,20 +22,7 @@ from finetune.probe import train_probe
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
 
-CFG = ModelConfig(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=2,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=2,
-    skip_layers=[3],
-)
+CFG = ModelConfig(**tiny(fusion_depth=2, decoder_depth=2, skip_layers=[3]))
 
 
 def test_feature_fusion_and_attentive_heads_give_logits_and_learnable_layer_weights():

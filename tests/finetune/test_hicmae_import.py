@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from demo_run import pretrain_args
 from safetensors.torch import load_file
+from synth_finetune import synth_finetune
 
 from emomae.cli import main as emomae
 from finetune.export import load_encoder, read_export_config
@@ -169,24 +171,8 @@ def test_embed_reads_the_imported_export(imported, realdata_dir, tmp_path):
 
 
 def _finetune(export: Path, manifest: Path, shards: Path, out: Path, name: str, *extra: str) -> dict:
-    assert (
-        emomae(
-            [
-                "finetune",
-                str(REPO / "configs" / "finetune" / "synth.yaml"),
-                f"encoder={export}",
-                f"protocol.manifest={manifest}",
-                f"protocol.shards={shards}",
-                f"out_dir={out}",
-                f"run_name={name}",
-                "num_workers=0",
-                "speed_batches=1",
-                "fold=0",
-                *extra,
-            ]
-        )
-        == 0
-    )
+    args = synth_finetune(export, manifest, shards, out, f"run_name={name}", "fold=0", *extra)
+    assert emomae(["finetune", *args]) == 0
     return json.loads((out / name / "results.json").read_text())
 
 
@@ -231,33 +217,12 @@ def test_the_imported_fine_tuned_head_is_evaluated_without_training(
 def test_eval_only_refuses_a_head_of_another_class_count(
     imported, synth_manifest, fixture_shards, tmp_path, capsys
 ):
-    code = emomae(
-        [
-            "finetune",
-            str(REPO / "configs" / "finetune" / "synth.yaml"),
-            f"encoder={imported['finetune']}",
-            f"protocol.manifest={synth_manifest}",
-            f"protocol.shards={fixture_shards}",
-            f"out_dir={tmp_path}",
-            "protocol.classes=[A,B,C]",
-            "head=finetune",
-            "eval_only=true",
-            "fold=0",
-            "num_workers=0",
-        ]
-    )
+    files = (synth_manifest, fixture_shards, tmp_path)
+    wrong_classes = ("protocol.classes=[A,B,C]", "head=finetune", "eval_only=true", "fold=0")
+    code = emomae(["finetune", *synth_finetune(imported["finetune"], *files, *wrong_classes)])
     assert code == 2 and "has 6 outputs" in capsys.readouterr().err
     code = emomae(
-        [
-            "finetune",
-            str(REPO / "configs" / "finetune" / "synth.yaml"),
-            f"encoder={imported['pretrain']}",
-            f"protocol.manifest={synth_manifest}",
-            f"protocol.shards={fixture_shards}",
-            f"out_dir={tmp_path}",
-            "head=linear",
-            "eval_only=true",
-        ]
+        ["finetune", *synth_finetune(imported["pretrain"], *files, "head=linear", "eval_only=true")]
     )
     assert code == 2 and "set head=finetune" in capsys.readouterr().err
 
@@ -267,26 +232,8 @@ def test_pretraining_continues_from_the_imported_model(imported, fixture_shards,
     arch = read_export_config(imported["pretrain"])["architecture"]
     model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in arch.items()]
     run = tmp_path / "run"
-    assert (
-        emomae(
-            [
-                "pretrain",
-                str(REPO / "configs" / "pretrain" / "demo.yaml"),
-                f"data.shards={fixture_shards}",
-                f"run_dir={run}",
-                f"init={imported['pretrain']}",
-                "trainer.max_steps=2",
-                "trainer.progress_bar=false",
-                "data.num_workers=0",
-                "data.batch_size=4",
-                "logging.image_every_n_steps=0",
-                "optim.warmup_steps=1",
-                "trainer.ckpt_every_n_steps=2",
-                *model_overrides,
-            ]
-        )
-        == 0
-    )
+    small = ("data.num_workers=0", "data.batch_size=4", "optim.warmup_steps=1", *model_overrides)
+    assert emomae(pretrain_args(fixture_shards, run, 2, f"init={imported['pretrain']}", *small)) == 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     imported_state = load_file(str(imported["pretrain"] / PRETRAIN_FILE))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from synth_finetune import synth_finetune
 
 from emomae.cli import main as emomae
 from finetune.export import input_spec, save_export
@@ -62,20 +63,8 @@ def regression_data(synth_manifest, write_test_shards, tmp_path_factory) -> tupl
 
 def _run(tmp_path: Path, data: tuple[Path, Path, Path], name: str, *extra: str) -> dict:
     manifest, shards, export = data
-    args = [
-        "finetune",
-        str(REPO / "configs" / "finetune" / "synth.yaml"),
-        f"encoder={export}",
-        f"protocol.manifest={manifest}",
-        f"protocol.shards={shards}",
-        "protocol.task=regression",
-        "protocol.targets=[valence,arousal]",
-        f"out_dir={tmp_path}",
-        f"run_name={name}",
-        "num_workers=0",
-        "speed_batches=1",
-        *extra,
-    ]
+    regression = ("protocol.task=regression", "protocol.targets=[valence,arousal]", f"run_name={name}")
+    args = ["finetune", *synth_finetune(export, manifest, shards, tmp_path, *regression, *extra)]
     assert emomae(args) == 0
     return json.loads((tmp_path / name / "results.json").read_text())
 

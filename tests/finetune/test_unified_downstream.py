@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import tiny
 
 from finetune import load_encoder
 from finetune.export import export
@@ -19,20 +20,7 @@ from finetune.module import FullFinetuneModel
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
 
-SMALL = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=3,
-    skip_layers=[1, 3],
-)
+SMALL = tiny()
 
 
 @pytest.mark.parametrize("kind", ["separate", "unified"])

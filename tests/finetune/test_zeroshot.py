@@ -9,29 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import SHARD_TINY
 
 from finetune.export import ExportError, export
 from finetune.zeroshot import class_prompts, load_zeroshot_model, main, prompt_classifier, zeroshot_scores
 from pretrain.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextHeads
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = dict(
-    kind="separate",
-    num_frames=8,
-    img_size=32,
-    tubelet=2,
-    patch=16,
-    fbank_frames=128,
-    mel_bins=64,
-    width=64,
-    heads=2,
-    depth=2,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=1,
-    decoder_depth=3,
-    skip_layers=[1, 2],
-)
+# 8 frames of 32 x 32 and a 128 x 64 fbank
+TINY = SHARD_TINY | {"kind": "separate", "img_size": 32, "mel_bins": 64}
 
 
 def _checkpoint(path: Path, stage: str, text_dim: int = 384) -> Path:

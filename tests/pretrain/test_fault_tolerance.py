@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 
@@ -82,18 +83,10 @@ def test_sigkilled_run_resumes_to_the_final_step_once_each_and_a_vanished_shard_
         "logging.logger=[csv]",
         "logging.image_every_n_steps=0",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env = launch.child_env(WANDB_MODE="disabled")
 
     # first start: in its own process group, so one SIGKILL takes the trainer and its loader worker
-    first = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    first = launch.start(cmd, env, start_new_session=True)
     try:
         wait_for(
             "the first periodic checkpoint", (run / "checkpoints" / f"step{EVERY:07d}.ckpt").exists, first

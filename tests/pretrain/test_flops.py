@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tiny_model import tiny
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.encoders import ModelConfig
@@ -25,19 +26,9 @@ def test_one_cpu_attention_call_counts_its_two_matmuls_forward_and_five_backward
 
 
 def test_a_model_forward_on_the_cpu_counts_what_the_meta_device_counts():
-    cfg = ModelConfig(
-        num_frames=4,
-        img_size=32,
-        fbank_frames=64,
-        width=32,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=16,
-        decoder_heads=1,
-        decoder_depth=2,
-        skip_layers=[1],
-    )
+    # half the width of the base, two blocks deep, a 64 x 128 fbank
+    narrow = dict(mel_bins=128, width=32, decoder_width=16, decoder_heads=1)
+    cfg = ModelConfig(**tiny(depth=2, decoder_depth=2, skip_layers=[1], **narrow))
     video = torch.zeros(1, cfg.num_frames, 3, cfg.img_size, cfg.img_size)
     fbank = torch.zeros(1, cfg.fbank_frames, cfg.mel_bins)
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import launch
 import pytest
 import torch
+from tiny_model import SHARD_TINY
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, LOCAL_BATCH = 4, 4
@@ -36,19 +36,7 @@ def tiny_model():
     from pretrain.encoders import ModelConfig
     from pretrain.mae import ObjectiveConfig
 
-    model = ModelConfig(
-        num_frames=8,
-        img_size=64,
-        fbank_frames=128,
-        width=64,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=32,
-        decoder_heads=1,
-        decoder_depth=3,
-        skip_layers=[1, 2],
-    )
+    model = ModelConfig(**SHARD_TINY)
     # a contrastive weight of 1 (not 0.0025) so a wrong gather would move the loss visibly
     return model, ObjectiveConfig(contrastive_weight=1.0, gather_negatives=True)
 
@@ -244,12 +232,6 @@ def deepspeed_worker(argv: list[str]) -> None:
 # ---------------------------------------------------------------- the test
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shard_keys(shards: Path) -> list[str]:
     keys = set()
     for tar in sorted(shards.glob("*.tar")):
@@ -262,44 +244,28 @@ def shard_keys(shards: Path) -> list[str]:
 def test_two_torchrun_nodes_match_one_process_with_the_double_batch_and_evaluate_each_sample_once(
     synth_shards, tmp_path
 ):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env = launch.child_env(WANDB_MODE="disabled")
     me = [str(Path(__file__).resolve()), "worker", "--shards", str(synth_shards)]
-    port = free_port()
+    port = launch.free_port()
     # two "nodes" of one process each: separate torchrun agents meeting at a c10d rendezvous
     nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc_per_node=1",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}",
+        launch.start(
+            launch.torchrun(
                 "--rdzv_id=emomae-test",
                 f"--node_rank={k}",
-                "--max_restarts=0",
                 *me,
                 "--out",
-                str(tmp_path / "ddp"),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+                tmp_path / "ddp",
+                nproc=1,
+                nnodes=2,
+                port=port,
+            ),
+            env,
         )
         for k in range(2)
     ]
     # the 1-rank reference runs at the same time (same seed, same global batches)
-    single = subprocess.Popen(
-        [sys.executable, *me, "--out", str(tmp_path / "single")],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    single = launch.start([sys.executable, *me, "--out", str(tmp_path / "single")], env)
     try:
         outs = [p.communicate(timeout=400)[0] for p in (*nodes, single)]
     finally:
@@ -356,23 +322,8 @@ def test_deepspeed_zero2_and_zero3_checkpoints_of_two_cpu_ranks_export_to_the_tr
     from finetune import load_encoder
     from finetune.export import export
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        "--max_restarts=0",
-        str(Path(__file__).resolve()),
-        "deepspeed-worker",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    cmd = launch.torchrun(Path(__file__).resolve(), "deepspeed-worker", "--out", tmp_path)
+    launch.run_ok(cmd, launch.child_env(DS_ACCELERATOR="cpu"), timeout=500)
 
     for stage in (2, 3):
         ckpt = tmp_path / f"zero{stage}" / "last.ckpt"

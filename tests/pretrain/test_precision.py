@@ -8,26 +8,14 @@ import logging
 
 import pytest
 import torch
+from tiny_model import tiny
 
 from pretrain import losses
 from pretrain.encoders import ModelConfig
 from pretrain.losses import GatheredInfoNCE, initial_logit_scale, mse_over_present
 from pretrain.mae import MaskedAVAutoencoder
 
-TINY = dict(
-    num_frames=4,
-    img_size=32,
-    fbank_frames=64,
-    mel_bins=32,
-    width=64,
-    heads=2,
-    depth=3,
-    fusion_depth=1,
-    decoder_width=32,
-    decoder_heads=2,
-    decoder_depth=3,
-    skip_layers=[1, 3],
-)
+TINY = tiny()
 FP32_PLACES = (
     "video reconstruction target",
     "audio reconstruction target",

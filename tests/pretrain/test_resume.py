@@ -3,45 +3,42 @@ makes a real training process save `last.ckpt` and exit cleanly so `resume=auto`
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import demo_run
+import launch
 import torch
+from demo_run import DEMO, csv_rows
 
 from emomae.cli import main as emomae
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
-
 
 def tiny_run(shards: Path, run_dir: Path, **changes) -> list[str]:
-    values = {
-        "data.shards": str(shards),
-        "run_dir": str(run_dir),
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 16,
-        "trainer.log_every_n_steps": 1,
-        "trainer.progress_bar": "false",
-        "optim.warmup_steps": 2,
-        "optim.schedule_steps": 6,
-        "logging.logger": "[csv]",
-        "logging.image_every_n_steps": 0,
-        "trainer.ckpt_every_n_steps": 3,
+    """The shared seconds-long run (tests/demo_run.py), its lr schedule 6 steps long, no pictures."""
+    return demo_run.tiny_run(
+        shards, run_dir, **{"optim.schedule_steps": 6, "logging.image_every_n_steps": 0, **changes}
+    )
+
+
+def endless_run(shards: Path, run_dir: Path) -> list[str]:
+    """A run that only a signal stops: no periodic checkpoints (a last.ckpt can only come from the signal
+    handler), and a reconstruction picture at step 2 that tells the test training is under way."""
+    endless = {
+        "trainer.max_steps": 10_000,
+        "optim.schedule_steps": 10_000,
+        "trainer.ckpt_every_n_steps": 10_000,
+        "logging.image_every_n_steps": 2,
     }
-    values.update(changes)
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_run(shards, run_dir, **endless)
 
 
 def logged(run_dir: Path, version: int, key: str) -> dict[int, float]:
     """step -> value of `key` from one CSV logger version (one per start of the run)."""
-    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
-        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+    return {int(r["step"]): float(r[key]) for r in csv_rows(run_dir, version) if r.get(key)}
 
 
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(synth_shards, tmp_path):
@@ -88,27 +85,9 @@ def test_resume_never_starts_from_scratch_even_with_a_checkpoint(synth_shards, t
 
 def test_sigterm_saves_last_checkpoint_and_resume_continues_from_that_step(synth_shards, tmp_path):
     run = tmp_path / "run"
-    # no periodic checkpoints: a last.ckpt can only come from the signal handler; the first
-    # reconstruction picture tells us training is under way
-    args = tiny_run(
-        synth_shards,
-        run,
-        **{
-            "trainer.max_steps": 10_000,
-            "optim.schedule_steps": 10_000,
-            "trainer.ckpt_every_n_steps": 10_000,
-            "logging.image_every_n_steps": 2,
-        },
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emomae.cli", "pretrain", DEMO, *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = endless_run(synth_shards, run)
+    env = launch.child_env()
+    proc = launch.start([sys.executable, "-m", "emomae.cli", "pretrain", DEMO, *args], env)
     try:
         deadline = time.monotonic() + 240
         while not (run / "images" / "step0000002.png").exists():
@@ -147,16 +126,7 @@ def test_sigusr1_outside_slurm_saves_and_stops_cleanly(synth_shards, tmp_path, m
     for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(var, raising=False)
     run = tmp_path / "run"
-    args = tiny_run(
-        synth_shards,
-        run,
-        **{
-            "trainer.max_steps": 10_000,
-            "optim.schedule_steps": 10_000,
-            "trainer.ckpt_every_n_steps": 10_000,
-            "logging.image_every_n_steps": 2,
-        },
-    )
+    args = endless_run(synth_shards, run)
 
     def signal_at_step_2() -> None:
         deadline = time.monotonic() + 120

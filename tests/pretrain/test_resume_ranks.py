@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
 STEPS, STOP = 6, 3
-# the smallest model of tests/pretrain/tiny_model.py, two blocks deep: steps cost milliseconds
+# the smallest model of tests/tiny_model.py, two blocks deep: steps cost milliseconds
 TINY_MODEL = {
     "model.num_frames": 4,
     "model.img_size": 32,
@@ -122,33 +121,10 @@ def worker(argv: list[str]) -> None:
 # ---------------------------------------------------------------- the tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(shards: Path, out: Path, *phases: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        "--max_restarts=0",
-        str(Path(__file__).resolve()),
-        "worker",
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        *[f"--phase={p}" for p in phases],
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    me = Path(__file__).resolve()
+    cmd = launch.torchrun(me, "worker", "--shards", shards, "--out", out, *[f"--phase={p}" for p in phases])
+    launch.run_ok(cmd, launch.child_env(WANDB_MODE="disabled"))
 
 
 @pytest.fixture(scope="module")

@@ -3,42 +3,22 @@ the config errors the CLI reports."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+import demo_run
 import pytest
 import torch
 import yaml
+from demo_run import DEMO, csv_rows
 
 from emomae.cli import main as emomae
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")
-
 
 def tiny_run(shards: Path, run_dir: Path, **changes) -> list[str]:
-    """Overrides that turn the demo config into a seconds-long test run."""
-    values = {
-        "data.shards": str(shards),
-        "run_dir": str(run_dir),
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 16,
-        "trainer.max_steps": 6,
-        "trainer.log_every_n_steps": 1,
-        "trainer.ckpt_every_n_steps": 3,
-        "trainer.progress_bar": "false",
-        "optim.warmup_steps": 2,
-        "logging.logger": "[csv]",
-        "logging.image_every_n_steps": 3,
-    }
-    values.update(changes)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def csv_rows(run_dir: Path, version: int = 0) -> list[dict]:
-    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    """The shared seconds-long run (tests/demo_run.py): 6 steps, a reconstruction picture every 3."""
+    return demo_run.tiny_run(
+        shards, run_dir, **{"trainer.max_steps": 6, "logging.image_every_n_steps": 3, **changes}
+    )
 
 
 @pytest.fixture(scope="module")

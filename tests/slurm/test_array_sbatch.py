@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import SHARD_TINY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,38 @@ def wait_done(job: str, timeout: float = 300) -> dict[str, str]:
     raise AssertionError(f"array job {job} did not finish within {timeout} s")
 
 
+def run_array(
+    partition: str, script: str, args: list[str], logs: Path, env: dict, timeout: float = 300
+) -> None:
+    """Runs `script` as a 2-task array job (one CPU each, logs in `logs`) and waits for it; fails with
+    the logs' tail unless both tasks completed."""
+    logs.mkdir()
+    submit = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--partition={partition}",
+            "--array=0-1",
+            "--cpus-per-task=1",
+            f"--output={logs}/%x-%A_%a.out",
+            f"--chdir={REPO}",
+            script,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        states = wait_done(job, timeout)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert states == {"0": "COMPLETED", "1": "COMPLETED"}, log_text[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_shard_array_tasks_write_disjoint_parts_that_cover_the_manifest_once(
@@ -46,38 +79,11 @@ def test_shard_array_tasks_write_disjoint_parts_that_cover_the_manifest_once(
     from data_pipelines.features import FbankConfig
     from data_pipelines.stream import StreamConfig, eval_pipeline, shard_sizes
 
-    out, logs = tmp_path / "shards", tmp_path / "logs"
-    logs.mkdir()
+    out = tmp_path / "shards"
+    sizes = ["num_frames=8", "frame_stride=4", "img_size=64", "samples_per_shard=16"]
+    script = str(REPO / "slurm" / "shards.sbatch")
     env = dict(os.environ, EMOMAE_PYTHON=sys.executable)
-    submit = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--partition={slurm_cluster}",
-            "--array=0-1",
-            "--cpus-per-task=1",
-            f"--output={logs}/%x-%A_%a.out",
-            f"--chdir={REPO}",
-            str(REPO / "slurm" / "shards.sbatch"),
-            str(synth_manifest),
-            str(out),
-            "num_frames=8",
-            "frame_stride=4",
-            "img_size=64",
-            "samples_per_shard=16",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
-    try:
-        states = wait_done(job)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
-    assert states == {"0": "COMPLETED", "1": "COMPLETED"}, log_text[-4000:]
+    run_array(slurm_cluster, script, [str(synth_manifest), str(out), *sizes], tmp_path / "logs", env)
 
     with open(synth_manifest, newline="") as f:
         clips = [row["key"] for row in csv.DictReader(f)]
@@ -151,60 +157,27 @@ def test_finetune_fold_tasks_run_their_folds_and_share_one_feature_cache(
     from pretrain.encoders import AVEncoder, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        num_frames=8,
-        img_size=64,
-        fbank_frames=128,
-        mel_bins=128,
-        width=64,
-        heads=2,
-        depth=2,
-        fusion_depth=1,
-        decoder_width=32,
-        decoder_heads=1,
-        decoder_depth=2,
-        skip_layers=[2],
-    )
+    cfg = ModelConfig(**{**SHARD_TINY, "decoder_depth": 2, "skip_layers": [2]})
     export = save_export(
         AVEncoder(cfg), cfg.to_dict(), input_spec({}, cfg.to_dict()), tmp_path / "export", "test"
     )
-    out, cache, logs = tmp_path / "runs", tmp_path / "cache", tmp_path / "logs"
-    logs.mkdir()
+    out, cache = tmp_path / "runs", tmp_path / "cache"
     env = dict(os.environ, EMOMAE_PYTHON=sys.executable, EMOMAE_ACCELERATOR="cpu")
-    submit = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--partition={slurm_cluster}",
-            "--array=0-1",
-            "--cpus-per-task=1",
-            f"--output={logs}/%x-%A_%a.out",
-            f"--chdir={REPO}",
-            str(REPO / "slurm" / "finetune_folds.sbatch"),
-            str(REPO / "configs" / "finetune" / "synth.yaml"),
-            "--",
-            f"encoder={export}",
-            f"protocol.manifest={synth_manifest}",
-            f"protocol.shards={synth_shards}",
-            f"out_dir={out}",
-            f"cache_dir={cache}",
-            "head=linear",
-            "recipes.linear.epochs=5",
-            "num_workers=0",
-            "speed_batches=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
-    try:
-        states = wait_done(job, timeout=600)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    log_text = "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
-    assert states == {"0": "COMPLETED", "1": "COMPLETED"}, log_text[-4000:]
+    args = [
+        str(REPO / "configs" / "finetune" / "synth.yaml"),
+        "--",
+        f"encoder={export}",
+        f"protocol.manifest={synth_manifest}",
+        f"protocol.shards={synth_shards}",
+        f"out_dir={out}",
+        f"cache_dir={cache}",
+        "head=linear",
+        "recipes.linear.epochs=5",
+        "num_workers=0",
+        "speed_batches=1",
+    ]
+    script = str(REPO / "slurm" / "finetune_folds.sbatch")
+    run_array(slurm_cluster, script, args, tmp_path / "logs", env, timeout=600)
     for fold in (0, 1):
         results = json.loads((out / f"synth-linear-fold{fold}" / "results.json").read_text())
         assert [f["fold"] for f in results["folds"]] == [fold]
