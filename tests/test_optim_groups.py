@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm.optim import param_groups_weight_decay
 
-from finetune.heads import AttentiveProbe, FeatureFusionHead, layer_decay_param_groups
-from finetune.module import build_optimizer as finetune_optimizer
+from emomae.optim import param_groups
+from finetune.heads import AttentiveProbe, FeatureFusionHead
+from finetune.optim import build_optimizer as finetune_optimizer
+from finetune.optim import layer_decay_param_groups
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
 from pretrain.optim import OptimConfig
@@ -88,7 +89,7 @@ def full_finetuning(kind: str) -> dict:
 
 
 def probe(head: torch.nn.Module) -> dict:
-    groups = param_groups_weight_decay(head, RECIPE.weight_decay)
+    groups = param_groups(head, RECIPE.weight_decay)  # the probes' rule (finetune/probe.py)
     optimizer, scheduler = finetune_optimizer(groups, RECIPE, peak_lr=1e-3, steps_per_epoch=STEPS_PER_EPOCH)
     return describe(optimizer, scheduler, head, steps=RECIPE.epochs * STEPS_PER_EPOCH)
 

@@ -134,7 +134,7 @@ def probe_rows() -> dict:
 
 
 def split_worker(argv: list[str]) -> None:
-    from finetune.module import all_ranks
+    from finetune.distributed import all_ranks
 
     p = argparse.ArgumentParser()
     for name in ("--export", "--manifest", "--shards", "--out"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from finetune.full_model import FullFinetuneModel
 from finetune.heads import FeatureFusionHead
-from finetune.module import FinetuneModule, FullFinetuneModel
+from finetune.module import FinetuneModule
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 
