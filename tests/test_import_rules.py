@@ -1,5 +1,10 @@
-"""Which parts of emomae may import which: each module is imported in a fresh interpreter and the
-modules it pulled in are checked against the rules (docs/architecture.md, "Import rules")."""
+"""Which parts of emomae may import which, and that no two of its files import each other.
+
+Layer rules: each module is imported in a fresh process and the modules it pulled in are checked
+against the rules (docs/architecture.md, "Import rules"). One interpreter imports torch, numpy, timm
+and einops (third-party code no rule forbids) once, then forks a child per module, so each child
+starts from the same clean state as a fresh interpreter without paying for torch again.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,25 @@ import json
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("emomae", "pretrain", "finetune", "data_pipelines")
+
+
+def project_modules(root: Path, packages: tuple[str, ...] = CODE_PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of `packages` under `root` (subpackages too)."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
 LIGHTNING = ("pytorch_lightning", "lightning_fabric", "lightning")
 TRAINING = (
     "pretrain.module",
@@ -21,48 +39,112 @@ TRAINING = (
     "pretrain.callbacks",
     "pretrain.inject",
     "pretrain.deepspeed",
+    "pretrain.optim",
+)
+# fine-tuning's Lightning side: the LightningModule, its training streams and the `emomae finetune` driver
+FINETUNE_WITH_LIGHTNING = ("finetune.module", "finetune.streams", "finetune.train")
+# the pieces of fine-tuning that work on tensors alone: no data code either
+FINETUNE_MODEL_SIDE = (
+    "finetune.heads",
+    "finetune.mixup",
+    "finetune.modality",
+    "finetune.losses",
+    "finetune.optim",
+    "finetune.full_model",
+    "finetune.metrics",
+    "finetune.selection",
+    "finetune.distributed",
 )
 
 RULES = {
     # the exported model: torch, timm, einops only; no Lightning, no data code, no training code
     "pretrain.encoders": (*LIGHTNING, "deepspeed", "data_pipelines", "finetune", "emomae", *TRAINING),
+    # the optimizer pieces both stages share: torch and timm only
+    "emomae.optim": (*LIGHTNING, "data_pipelines", "pretrain", "finetune"),
     # the data side stands alone: it never imports the model or the tasks
     "data_pipelines.shards": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.stream": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.datamodule": ("pretrain", "finetune"),
     "data_pipelines.synthetic": ("pretrain", "finetune", *LIGHTNING),
-    # load_encoder, embed and zero-shot run without Lightning and only use the model side of pretrain
-    "finetune.export": (*LIGHTNING, *TRAINING),
-    "finetune.embed": (*LIGHTNING, *TRAINING),
-    "finetune.zeroshot": (*LIGHTNING, *TRAINING),
-    "finetune.heads": (*LIGHTNING, *TRAINING, "data_pipelines"),
+    # load_encoder, embed, zero-shot, the probes and every other part of fine-tuning outside its
+    # Lightning side run without Lightning and only use the model side of pretrain
+    **{
+        module: (*LIGHTNING, *TRAINING)
+        for module in project_modules(REPO, ("finetune",))
+        if module not in FINETUNE_WITH_LIGHTNING
+    },
+    **{module: (*LIGHTNING, *TRAINING, "data_pipelines") for module in FINETUNE_MODEL_SIDE},
     # fine-tuning uses Lightning, but not pretraining's training code
-    "finetune.train": TRAINING,
+    **{module: TRAINING for module in FINETUNE_WITH_LIGHTNING},
 }
+# imported once, before the forks: third-party modules that no rule forbids
+PRELOAD = ("torch", "numpy", "timm", "einops")
+# run by one fresh interpreter: preload, then per module a forked child imports it and reports
+# sys.modules through a pipe (or the error that stopped the import)
+FORK_PER_MODULE = """
+import importlib, json, os, sys
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+found = {"preloaded": sorted(sys.modules)}
+for module in sys.argv[2].split(","):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            importlib.import_module(module)
+            report = sorted(sys.modules)
+        except BaseException as err:
+            report = f"{type(err).__name__}: {err}"
+        with os.fdopen(write, "w") as out:
+            json.dump(report, out)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as inp:
+        found[module] = json.load(inp)
+    os.waitpid(pid, 0)
+print(json.dumps(found))
+"""
 
 
-def imported_by(module: str) -> set[str]:
-    code = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
-    ).stdout
-    return set(json.loads(out.splitlines()[-1]))
+def imported_by_each(modules: Iterable[str]) -> dict[str, set[str] | str]:
+    """module -> every module loaded once it is imported (from a clean start), or the import's error;
+    "preloaded" -> what each child started with."""
+    argv = [sys.executable, "-c", FORK_PER_MODULE, ",".join(PRELOAD), ",".join(modules)]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, check=True).stdout
+    found = json.loads(out.splitlines()[-1])
+    return {k: v if isinstance(v, str) else set(v) for k, v in found.items()}
 
 
 def forbidden_in(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules for f in forbidden if m == f or m.startswith(f + "."))
 
 
+@pytest.fixture(scope="module")
+def imports() -> dict[str, set[str] | str]:
+    return imported_by_each([*sorted(RULES), "pretrain.module", "pretrain.train"])
+
+
 @pytest.mark.parametrize("module", sorted(RULES))
-def test_each_module_imports_only_what_its_layer_may(module):
-    bad = forbidden_in(imported_by(module), RULES[module])
+def test_each_module_imports_only_what_its_layer_may(module, imports):
+    loaded = imports[module]
+    assert not isinstance(loaded, str), f"importing {module} failed: {loaded}"
+    bad = forbidden_in(loaded, RULES[module])
     assert not bad, f"{module} imports {bad[:5]}"
 
 
-def test_the_check_sees_a_forbidden_import():
+def test_the_check_sees_a_forbidden_import(imports):
     # the training module does import Lightning and the data side: the same check must name them
-    assert forbidden_in(imported_by("pretrain.module"), LIGHTNING)
-    assert forbidden_in(imported_by("pretrain.train"), ("data_pipelines",))
+    assert forbidden_in(imports["pretrain.module"], LIGHTNING)
+    assert forbidden_in(imports["pretrain.train"], ("data_pipelines",))
+    # and the preload hides nothing: no forbidden module is loaded before a child imports its own
+    assert not forbidden_in(imports["preloaded"], tuple({f for rule in RULES.values() for f in rule}))
+    assert not forbidden_in(imports["preloaded"], CODE_PACKAGES)
+
+
+def test_every_finetune_module_has_a_rule():
+    assert set(project_modules(REPO, ("finetune",))) <= set(RULES)
+    assert set(FINETUNE_MODEL_SIDE) <= set(project_modules(REPO, ("finetune",)))
 
 
 # ---------------------------------------------------------------- import cycles between files
@@ -76,18 +158,6 @@ def test_the_check_sees_a_forbidden_import():
 # submodule (`import a.b.c` runs a/__init__.py and a/b/__init__.py first) are not edges: every
 # submodule would then depend on its package's __init__, and any __init__ that re-exports would close
 # a cycle that cannot fail at import time (the parent is always initialised first).
-
-CODE_PACKAGES = ("emomae", "pretrain", "finetune", "data_pipelines")
-
-
-def project_modules(root: Path, packages: tuple[str, ...] = CODE_PACKAGES) -> dict[str, Path]:
-    """Dotted module name -> file, for every .py file of `packages` under `root` (subpackages too)."""
-    modules = {}
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return modules
 
 
 def _is_type_checking(test: ast.expr) -> bool:
