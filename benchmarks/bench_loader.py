@@ -9,6 +9,8 @@ Then, in one process with one thread (what one DataLoader worker has), for both 
 - raw JPEG decode: `torchvision.io.decode_jpeg` on the same frames already in memory;
 - fbank: `torchaudio.compliance.kaldi.fbank` vs the vectorised path vs reading the stored one;
 - the random-resized-crop resize alone (part of pretrain mode's cost, not overhead);
+- a batch's shared-memory buffer alone (a new segment per batch, its pages allocated and zeroed by
+  the kernel as the worker writes them), per decoded clip and per JPEG-bytes clip;
 - the eval and pretrain loaders through a real `DataLoader(num_workers=1)`: the worker's CPU time
   per clip, where batches are built in shared memory and sent to the main process;
 - the JPEG-bytes loaders that feed decoding on the GPU (`data.decode_device`, StreamConfig.jpeg_bytes):
@@ -272,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                 augment(clip, gen)
             return 8
 
+        def shared_buffer_run(nbytes: int) -> Callable[[], int]:
+            # What a loader worker pays per batch for its shared-memory buffer: a new segment whose
+            # pages the kernel allocates and zeroes as the batch is written (8 clips per run).
+            source = torch.ones(nbytes * 8, dtype=torch.uint8)
+
+            def run() -> int:
+                storage = torch.UntypedStorage._new_shared(source.numel())
+                torch.empty(0, dtype=torch.uint8).set_(storage, 0, source.shape).copy_(source)
+                return 8
+
+            return run
+
+        clip_bytes = 16 * 160 * 160 * 3 + 256 * 128 * 4  # a decoded clip and its fbank
+        bytes_clip = sum(len(f) for f in jpegs[0]) + 256 * 128 * 2  # its JPEGs and float16 log-mel
         runs = {
             "loader_eval": eval_run(urls["fbank_npy"]),
             "loader_pretrain": pretrain_run(urls["fbank_npy"]),
@@ -281,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             "loader_eval_jpeg_bytes": eval_bytes_run(urls["fbank_npy"]),
             "raw_jpeg_decode": raw_run,
             "random_resized_crop": crop_resize_run,
+            "shared_buffer_decoded_clip": shared_buffer_run(clip_bytes),
+            "shared_buffer_jpeg_bytes_clip": shared_buffer_run(bytes_clip),
         }
         rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
         for _ in range(args.rounds):
@@ -366,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_loader": round(ms["loader_pretrain"], 3),
         "jpeg_decode": round(ms["raw_jpeg_decode"], 3),
         "random_resized_crop": round(ms["random_resized_crop"], 3),
+        "shared_buffer_decoded_clip": round(ms["shared_buffer_decoded_clip"], 3),
+        "shared_buffer_jpeg_bytes_clip": round(ms["shared_buffer_jpeg_bytes_clip"], 3),
         "eval_rest": round(ms["loader_eval"] - ms["raw_jpeg_decode"], 3),
         "pretrain_rest": round(ms["loader_pretrain"] - ms["raw_jpeg_decode"] - ms["random_resized_crop"], 3),
     }
@@ -432,6 +452,16 @@ def main(argv: list[str] | None = None) -> int:
             f"target {BYTES_TARGET}",
         ),
         ("random resized crop alone", f"{per_clip['random_resized_crop']} ms/clip", "part of pretrain"),
+        (
+            "shared-memory batch buffer, decoded clip",
+            f"{per_clip['shared_buffer_decoded_clip']} ms/clip",
+            "DataLoader worker only: new pages per batch",
+        ),
+        (
+            "shared-memory batch buffer, JPEG bytes clip",
+            f"{per_clip['shared_buffer_jpeg_bytes_clip']} ms/clip",
+            "JPEGs + float16 log-mel",
+        ),
         ("fbank, torchaudio kaldi", f"{fbank_ms['torchaudio_kaldi']} ms/clip", ""),
         (
             "fbank, vectorised per clip",

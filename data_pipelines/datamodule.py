@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -218,17 +219,51 @@ class AVDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ loaders
 
     def train_dataloader(self) -> StreamLoader:
+        return self.train_loader(self.train_stream(self.shard_urls(self.cfg.train_groups)))
+
+    # The public parts of the train loader, for datamodules that build it differently
+    # (data_pipelines/caption_mix.py); each hides the rank, the index checks and the resume state.
+
+    def shard_urls(self, groups: list[str] | None, shards: str | None = None) -> list[str]:
+        """URLs of `groups` (None: all) of `shards` (default data.shards), checked against the shard
+        folder's index.json (frames per clip and audio rate must be data.*'s)."""
+        urls = resolve_shards(shards or self.cfg.shards, groups)
+        self._check_index(urls)
+        return urls
+
+    def train_stream(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        keep: SampleFilter | None = None,
+        decode_in_workers: bool = False,
+    ) -> AVStream:
+        """This rank's resampled training stream over `urls` with data.*'s settings and train filter.
+
+        `batch_size`/`seed` replace data.batch_size/data.seed; `keep(meta) -> bool` (picklable)
+        filters on top of the train filter; `decode_in_workers` decodes frames in the loader workers
+        whatever data.decode_device says (batches that are combined before they reach the GPU).
+        """
         cfg = self.cfg
-        urls = self._urls(cfg.train_groups)
-        stream = pretrain_pipeline(
+        stream_cfg = cfg.stream(True) if decode_in_workers else self._stream_config(train=True)
+        changes = {name: v for name, v in (("batch_size", batch_size), ("seed", seed)) if v is not None}
+        train_filter = self.filters["train"]
+        return pretrain_pipeline(
             urls,
-            self._stream_config(train=True),
-            sample_filter=self.filters["train"],
+            dataclasses.replace(stream_cfg, **changes),
+            sample_filter=train_filter if keep is None else partial(_both, keep, train_filter),
             log_dir=cfg.error_log_dir,
             **self._ranks(),
         )
+
+    def train_loader(self, dataset: AVStream) -> StreamLoader:
+        """The training DataLoader over `dataset` (an AVStream, or a dataset with its `epoch`, `start`
+        and length): each iteration starts at the Trainer's epoch or the resume point, and the
+        consumed batches are counted for `state_dict` (by `on_before_batch_transfer` under a Trainer)."""
         return StreamLoader(
-            stream,
+            dataset,
             on_iter=self._begin_train_epoch,
             on_batch=None if self.trainer is not None else self._consumed,
             **self._loader_kwargs(persistent=False),
@@ -244,7 +279,7 @@ class AVDataModule(pl.LightningDataModule):
         if groups is None:
             return []
         stream = eval_pipeline(
-            self._urls(groups),
+            self.shard_urls(groups),
             self._stream_config(train=False),
             sample_filter=self.filters[split],
             log_dir=self.cfg.error_log_dir,
@@ -280,11 +315,6 @@ class AVDataModule(pl.LightningDataModule):
         if choice == "auto" and root is not None and root.type == "cuda":
             return root
         return None
-
-    def _urls(self, groups: list[str] | None) -> list[str]:
-        urls = resolve_shards(self.cfg.shards, groups)
-        self._check_index(urls)
-        return urls
 
     def _ranks(self) -> dict:
         rank, world_size = resolve_rank(self._rank, self._world_size)
@@ -419,6 +449,11 @@ class AVDataModule(pl.LightningDataModule):
                 f"cannot resume the data stream: the checkpoint holds no position for rank {rank}"
             )
         return own
+
+
+def _both(first: SampleFilter, second: SampleFilter | None, meta: dict) -> bool:
+    """`first` and (when given) `second` keep the sample; a module-level function, so workers get it."""
+    return first(meta) and (second is None or second(meta))
 
 
 def _gather_positions(own: dict, rank: int, world_size: int) -> list[dict | None]:

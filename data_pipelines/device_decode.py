@@ -7,6 +7,9 @@ batched decoder on CUDA); then each clip gets the crop box, flip and jitter its 
 call per group of clips of the same size. With `device="cpu"` this is the same code on the CPU, which
 is how the tests compare it with the decoding loader pixel for pixel.
 
+When the batch carries the shards' stored log-mels (float16, `jpeg["log_mel"]`) instead of `fbank`,
+they are finished here too (`features.finish_log_mels`: gain, padding, normalisation), on `device`.
+
 A batched decode fails as a whole. Then each clip is decoded alone to find the bad ones, which are
 dropped from the batch (all its fields), logged with their key and counted in `dropped`: the worker
 has already checked every JPEG's header and end marker (`jpeg_bytes.jpeg_frame_size`), so this
@@ -23,6 +26,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipelines.augment import ClipAugParams, VideoAugConfig, VideoAugment, eval_video_transform
+from data_pipelines.features import FbankConfig, finish_log_mels
 from data_pipelines.samples import stack_channels_last, stack_frames
 
 log = logging.getLogger("emomae.data")
@@ -39,6 +43,13 @@ class DeviceFrameDecoder:
 
     def __call__(self, batch: dict) -> dict:
         jpeg = batch.pop("jpeg")
+        if "log_mel" in jpeg:  # the stored log-mels, finished here (before any clip is dropped)
+            batch["fbank"] = finish_log_mels(
+                jpeg["log_mel"].to(self.device),
+                jpeg["log_mel_frames"].to(self.device),
+                jpeg["fbank_shift"].to(self.device),
+                FbankConfig(mean=jpeg["fbank_mean"], std=jpeg["fbank_std"]),
+            )
         clips, failures = decode_clips(split_frames(jpeg), jpeg["num_frames"], self.device)
         if failures:
             kept = [b for b in range(len(clips)) if b not in failures]

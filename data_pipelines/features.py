@@ -130,9 +130,28 @@ def precomputed_fbank(
     fbank[:n] = log_mel[:n]  # float16 -> float32
     fbank[n:] = 0.0
     if gain_db:
-        fbank[:n].add_(gain_db / 10 * math.log(10)).clamp_(min=LOG_FLOOR)
+        fbank[:n].add_(gain_shift(gain_db)).clamp_(min=LOG_FLOOR)
     if spec_augment is not None:
         fbank = spec_augment(fbank, seed)
+    return fbank.sub_(cfg.mean).mul_(0.5 / cfg.std)
+
+
+def gain_shift(gain_db: float) -> float:
+    """What a gain of `gain_db` adds to every log-mel value (a power ratio of 10^(dB/10))."""
+    return gain_db / 10 * math.log(10)
+
+
+def finish_log_mels(
+    log_mel: Tensor, frames: Tensor, shift: Tensor, cfg: FbankConfig = FbankConfig()
+) -> Tensor:
+    """`precomputed_fbank` of a batch, on any device, without SpecAugment: log_mel (B, fbank_frames,
+    M) float16 zero-padded after each row's `frames` (B,), `shift` (B,) float32 `gain_shift` of each
+    row's gain (0: none) -> (B, fbank_frames, M) float32, equal to it element for element (the
+    same float32 operations, row by row)."""
+    fbank = log_mel.float()
+    steps = torch.arange(fbank.shape[1], device=fbank.device)
+    gained = ((steps[None, :] < frames[:, None]) & (shift != 0)[:, None])[:, :, None]
+    fbank = torch.where(gained, (fbank + shift[:, None, None]).clamp_(min=LOG_FLOOR), fbank)
     return fbank.sub_(cfg.mean).mul_(0.5 / cfg.std)
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import wave
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipelines.augment import VideoAugment, eval_video_transform
+from data_pipelines.augment import ClipAugParams, VideoAugment, eval_video_transform
 from data_pipelines.features import (
     SpecAugment,
     decode_log_mel,
@@ -45,6 +46,33 @@ FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
 FBANK_MEMBER = "fbank.npy"
 
 
+@dataclass(frozen=True)
+class PendingAugment:
+    """A training clip's decoded frames and drawn augmentation; `BatchBuilder` writes the augmented
+    clip straight into its batch slot (`VideoAugment.apply_into`), and `tensor()` gives it alone."""
+
+    frames: list[Tensor]
+    params: ClipAugParams
+    augment: VideoAugment
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(T, 3, S, S) of the augmented clip."""
+        size = self.augment.cfg.img_size
+        return len(self.frames), self.frames[0].shape[0], size, size
+
+    def write_into(self, out: Tensor) -> None:
+        """Into `out`, (T, S, S, 3) uint8."""
+        self.augment.apply_into(self.frames, self.params, out)
+
+    def tensor(self) -> Tensor:
+        """(T, 3, S, S) uint8, a view of channels-last memory."""
+        frames, channels, height, width = self.shape
+        out = torch.empty(frames, height, width, channels, dtype=torch.uint8)
+        self.write_into(out)
+        return out.permute(0, 3, 1, 2)
+
+
 class CorruptSampleError(ValueError):
     """A sample that cannot be used; the message is the reason that goes to the corrupt log."""
 
@@ -53,8 +81,9 @@ class SampleDecoder:
     """Raw member bytes -> `{video, fbank (F,M) float32, audio_present, label, target, key, clip_key,
     caption}`; a sample whose json says `"audio_missing": true` has `audio_present` False and a zero fbank.
 
-    `video` is (T, 3, S, S) uint8, or the list of T decoded (3, S, S) frames when they need no
-    resize (eval at the shard's size): `BatchBuilder` copies either into the batch.
+    `video` is (T, 3, S, S) uint8, the list of T decoded (3, S, S) frames when they need no resize
+    (eval at the shard's size), or in training a `PendingAugment`: `BatchBuilder` copies or
+    augments each into the batch.
     """
 
     def __init__(self, cfg: StreamConfig, train: bool) -> None:
@@ -71,8 +100,9 @@ class SampleDecoder:
         generator = torch.Generator().manual_seed(seed) if self.train else None
         frames = self.decode_frames(raw)
         gain_db = 0.0
-        if self.train:
-            video = self.augment(stack_frames(frames), generator)
+        if self.train:  # the pixels are augmented straight into the batch (`BatchBuilder.add`)
+            params = self.augment.sample_params(*frames[0].shape[-2:], generator)
+            video = PendingAugment(frames, params, self.augment)
             if self.cfg.audio_gain_db > 0:
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
         elif frames[0].shape[-1] == frames[0].shape[-2] == self.cfg.img_size:
@@ -136,22 +166,10 @@ class SampleDecoder:
         """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
         this loader's parameters, else computed from the audio member."""
         cfg = self.cfg.fbank
-        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
-        if FBANK_MEMBER in raw and meta.get("fbank") == self.fbank_params:
-            try:
-                log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
-            except ValueError as err:
-                raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
-            expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
-            if "audio_samples" in meta and log_mel.shape[0] != expected:
-                raise CorruptSampleError(
-                    f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
-                    f"for {meta['audio_samples']} audio samples"
-                )
-            self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
-            if real is not None:
-                log_mel = log_mel[: num_fbank_frames(real, cfg.sample_rate)]
+        log_mel = self.stored_log_mel(raw, meta)
+        if log_mel is not None:
             return precomputed_fbank(log_mel, cfg, gain_db, self.spec_augment, seed)
+        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
         if FBANK_MEMBER not in raw:
             self.log_audio_path(
                 "wav", f"computing it from the audio member: the shards have no {FBANK_MEMBER}"
@@ -168,6 +186,26 @@ class SampleDecoder:
         if gain_db:
             waveform = waveform * 10 ** (gain_db / 20)
         return fast_fbank(waveform, cfg, self.spec_augment, seed)
+
+    def stored_log_mel(self, raw: dict, meta: dict) -> Tensor | None:
+        """The shard's `fbank.npy` (F, M) float16 over the real audio, when it was made with this
+        loader's parameters; None when the fbank must be computed from the audio member."""
+        cfg = self.cfg.fbank
+        if FBANK_MEMBER not in raw or meta.get("fbank") != self.fbank_params:
+            return None
+        try:
+            log_mel = decode_log_mel(raw[FBANK_MEMBER], cfg.mel_bins)
+        except ValueError as err:
+            raise CorruptSampleError(f"bad {FBANK_MEMBER} member: {err}") from None
+        expected = num_fbank_frames(int(meta.get("audio_samples", -1)), cfg.sample_rate)
+        if "audio_samples" in meta and log_mel.shape[0] != expected:
+            raise CorruptSampleError(
+                f"{FBANK_MEMBER} has {log_mel.shape[0]} frames, expected {expected} "
+                f"for {meta['audio_samples']} audio samples"
+            )
+        self.log_audio_path("precomputed", f"{FBANK_MEMBER} from the shards ({self.fbank_params})")
+        real = real_samples(meta)  # the fbank covers the real audio only and is zero-padded after (HiCMAE)
+        return log_mel if real is None else log_mel[: num_fbank_frames(real, cfg.sample_rate)]
 
     def log_audio_path(self, path: str, message: str) -> None:
         if path not in self.audio_paths_logged:
@@ -270,10 +308,36 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
+    worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
+    segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
+    starts, end = {}, 0
+    for name, (shape, dtype) in specs.items():
+        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        starts[name] = end
+        end += math.prod(shape) * dtype.itemsize
+    buffer = batch_tensor((end,), torch.uint8)
+    return {
+        name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (shape, dtype) in specs.items()
+    }
+
+
+def row_field_specs(rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The per-sample scalars every batch carries, for `tensors_in_one_buffer`."""
+    return {
+        "label": ((rows,), torch.int64),
+        "has_caption": ((rows,), torch.bool),
+        "audio_present": ((rows,), torch.bool),
+    }
+
+
 class BatchBuilder:
     """Fills one batch as samples arrive: each clip's frames are copied into the preallocated
     (B, T, H, W, 3) batch tensor as soon as it is decoded and then dropped, so a worker holds one
-    clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults)."""
+    clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults).
+    Video and fbank are views of one buffer, the per-sample scalars of another (`tensors_in_one_buffer`)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -291,10 +355,19 @@ class BatchBuilder:
     def add(self, sample: dict) -> None:
         clip, b = sample.pop("video"), len(self.rows)
         if self.video is None:
-            channels, height, width = clip[0].shape
-            self.video = batch_tensor((self.batch_size, len(clip), height, width, channels), torch.uint8)
-            self.fbank = batch_tensor((self.batch_size, *sample["fbank"].shape), torch.float32)
-        if isinstance(clip, Tensor):
+            frames, channels, height, width = (
+                clip.shape if isinstance(clip, (Tensor, PendingAugment)) else (len(clip), *clip[0].shape)
+            )
+            shared = tensors_in_one_buffer(
+                {
+                    "video": ((self.batch_size, frames, height, width, channels), torch.uint8),
+                    "fbank": ((self.batch_size, *sample["fbank"].shape), torch.float32),
+                }
+            )
+            self.video, self.fbank = shared["video"], shared["fbank"]
+        if isinstance(clip, PendingAugment):
+            clip.write_into(self.video[b])
+        elif isinstance(clip, Tensor):
             self.video[b].copy_(clip.permute(0, 2, 3, 1))
         else:
             for t, frame in enumerate(clip):
@@ -305,16 +378,28 @@ class BatchBuilder:
     def build(self) -> dict:
         """The batch dict of docs/architecture.md (`target` only when some sample has one; rows
         without a target are NaN); `video` is the (B, T, 3, H, W) view of channels-last memory."""
-        rows, n = self.rows, len(self.rows)
-        batch = {
+        n = len(self.rows)
+        return {
             "video": self.video[:n].permute(0, 1, 4, 2, 3),
             "fbank": self.fbank[:n],
-            "label": torch.tensor([s["label"] for s in rows], dtype=torch.int64),
+            **self.row_fields(),
+        }
+
+    def row_fields(self) -> dict:
+        """Everything per sample but video and fbank. Its tensors share a buffer of their own, not the
+        video's: code that keeps labels across batches must not keep every batch's frames alive."""
+        rows = self.rows
+        out = tensors_in_one_buffer(row_field_specs(len(rows)))
+        out["label"].copy_(torch.tensor([s["label"] for s in rows], dtype=torch.int64))
+        out["has_caption"].copy_(torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool))
+        out["audio_present"].copy_(torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool))
+        batch = {
+            "label": out["label"],
             "key": [s["key"] for s in rows],
             "clip_key": [s["clip_key"] for s in rows],
             "caption": [s["caption"] for s in rows],
-            "has_caption": torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool),
-            "audio_present": torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool),
+            "has_caption": out["has_caption"],
+            "audio_present": out["audio_present"],
             "__last_pos__": rows[-1]["__pos__"],
         }
         targets = [s["target"] for s in rows]

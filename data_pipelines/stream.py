@@ -313,7 +313,7 @@ def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilde
     """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples."""
     if not cfg.jpeg_bytes:
         return BatchBuilder
-    return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train)
+    return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train, cfg.fbank)
 
 
 def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:

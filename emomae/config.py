@@ -10,6 +10,7 @@ works from any working directory.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,21 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+class RenamedKeyWarning(FutureWarning):
+    """A config file or override used a key's old name (`RENAMED_KEYS`); it still works for now."""
+
+
+# Keys that were renamed, per schema: old dotted key -> new dotted key (from the config's root). YAML
+# files and `key=value` overrides that use an old key keep working: it is moved to the new key,
+# with a RenamedKeyWarning naming both. Giving both names in one file or command line is an error.
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "PretrainConfig": {
+        "inject.paths": "inject.branches",  # the alignment branches (video, audio, fused)
+        "inject.path_weights": "inject.branch_weights",
+    },
+}
 
 
 # schema -> the folder of configs/ its named configs live in (load_config resolves names by schema)
@@ -85,16 +101,68 @@ def load_config(
     type, a missing or unparsable file and an override without `=` raise ConfigError naming it.
     """
     cfg = OmegaConf.structured(schema)
+    renamed = RENAMED_KEYS.get(schema.__name__, {})
     if path is not None:
         path = resolve_config_path(path, kind or CONFIG_KINDS.get(schema.__name__))
         for layer in _yaml_chain(path):
-            cfg = _merge(cfg, layer, where=str(path))
+            cfg = _merge(cfg, rename_keys(layer, renamed, where=str(path)), where=str(path))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), where="command line")
+        overrides = rename_overrides(list(overrides), renamed)
+        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), where="command line")
     return cfg
+
+
+def _warn_renamed(old: str, new: str, where: str) -> None:
+    warnings.warn(
+        f"config key {old!r} ({where}) is now {new!r}: the old name still works but will go; write {new!r}",
+        RenamedKeyWarning,
+        stacklevel=4,
+    )
+
+
+def rename_keys(layer: DictConfig, renamed: dict[str, str], where: str) -> DictConfig:
+    """Move every old key of `renamed` that `layer` (one YAML file, its includes merged) holds to its
+    new name, warning once per key; `${...}` values move as written, unresolved."""
+    for old, new in renamed.items():
+        parent, leaf = _parent_of(layer, old)
+        if parent is None:
+            continue
+        if _parent_of(layer, new)[0] is not None:
+            raise ConfigError(f"{where} sets both {old!r} and its new name {new!r}: keep only {new!r}")
+        value = OmegaConf.to_container(parent, resolve=False)[leaf]
+        del parent[leaf]
+        OmegaConf.update(layer, new, value, force_add=True)
+        _warn_renamed(old, new, where)
+    return layer
+
+
+def _parent_of(layer: Any, dotted: str) -> tuple[DictConfig | None, str]:
+    """(the mapping that holds `dotted`'s last part, that part), or (None, part) when it is absent."""
+    *parents, leaf = dotted.split(".")
+    node = layer
+    for key in parents:
+        node = node.get(key) if isinstance(node, DictConfig) and key in node else None
+    return (node, leaf) if isinstance(node, DictConfig) and leaf in node else (None, leaf)
+
+
+def rename_overrides(overrides: list[str], renamed: dict[str, str]) -> list[str]:
+    """`key=value` overrides with old keys (and keys below them) written with their new names."""
+    out = []
+    for override in overrides:
+        key, value = override.split("=", 1)
+        for old, new in renamed.items():
+            if key == old or key.startswith(old + "."):
+                new_key = new + key[len(old) :]
+                if any(o.split("=", 1)[0] in (new, new_key) for o in overrides):
+                    raise ConfigError(f"the command line sets both {key!r} and its new name {new_key!r}")
+                _warn_renamed(key, new_key, "command line")
+                key = new_key
+                break
+        out.append(f"{key}={value}")
+    return out
 
 
 def _yaml_chain(path: Path) -> list[DictConfig]:

@@ -483,6 +483,9 @@ def read_export_config(export_dir: str | Path) -> dict:
     for key in ("architecture", "input"):
         if not isinstance(config.get(key), dict):
             raise ExportError(f"{path}: key {key!r} is missing or not a mapping")
+    text = config.get("text")
+    if isinstance(text, dict) and "paths" in text and "branches" not in text:
+        text["branches"] = text.pop("paths")  # stage-2 exports written before the rename
     return config
 
 
@@ -573,7 +576,7 @@ def export_text_heads(checkpoint: str | Path, out_dir: str | Path) -> bool:
     config["text"] = {
         "encoder": run_config["inject"]["text_encoder"],
         "dim": int(dim),
-        "paths": sorted({k.split(".")[1] for k in state if k.startswith("proj.")}),
+        "branches": sorted({k.split(".")[1] for k in state if k.startswith("proj.")}),
     }
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     return True

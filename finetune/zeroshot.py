@@ -2,7 +2,7 @@
 training at all, by cosine similarity between a clip's projected AV embedding and the text embedding
 of each class's prompts (averaged over a class's prompts, CLIP-style prompt ensembling).
 
-Scores per alignment path (video, audio, fused) and their mean (`ensemble`); windows of a clip are
+Scores per alignment branch (video, audio, fused) and their mean (`ensemble`); windows of a clip are
 averaged and UAR / WAR / macro-F1 reported as for the fine-tuning protocols.
 
 Prompt files (YAML), e.g. configs/zeroshot/crema-d.yaml:
@@ -32,11 +32,12 @@ from finetune.export import (
     input_spec,
     load_encoder,
     load_weights,
+    read_export_config,
     text_heads_state,
 )
 from finetune.metrics import average_clips, classification_metrics
 from pretrain.encoders import normalize_video
-from pretrain.text import FrozenTextEncoder, TextHeads, pool_paths
+from pretrain.text import FrozenTextEncoder, TextHeads, pool_branches
 
 DEFAULT_TEMPLATES = (
     "a person who seems {}.",
@@ -49,12 +50,12 @@ DEFAULT_TEMPLATES = (
 
 
 def _heads_from_state(state: dict[str, torch.Tensor], text_dim: int, width: int, where: str) -> TextHeads:
-    paths = sorted({k.split(".")[1] for k in state if k.startswith("proj.")})
-    if not paths:
+    branches = sorted({k.split(".")[1] for k in state if k.startswith("proj.")})
+    if not branches:
         raise ExportError(
             f"{where}: no text projection heads (text_heads.proj.*); is this a stage-2 (inject) model?"
         )
-    heads = TextHeads(width, text_dim, paths=paths)
+    heads = TextHeads(width, text_dim, branches=branches)
     heads.load_state_dict(state, strict=True)
     return heads.eval()
 
@@ -65,7 +66,7 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
     source = Path(source)
     if source.is_dir():
         encoder = load_encoder(source)
-        config = json.loads((source / "config.json").read_text())
+        config = read_export_config(source)  # also reads exports that name the branches `paths`
         text = config.get("text")
         heads_file = source / TEXT_HEADS_FILE
         if not isinstance(text, dict) or not heads_file.is_file():
@@ -77,6 +78,12 @@ def load_zeroshot_model(source: str | Path) -> tuple[torch.nn.Module, TextHeads,
         heads = _heads_from_state(
             load_file(str(heads_file)), int(text["dim"]), int(arch["width"]), str(heads_file)
         )
+        recorded = text.get("branches")
+        if recorded is not None and sorted(recorded) != sorted(heads.proj):
+            raise ExportError(
+                f"{source}: {TEXT_HEADS_FILE} holds heads for {sorted(heads.proj)}, but config.json's "
+                f"text entry names the branches {sorted(recorded)}"
+            )
         return (
             encoder,
             heads,
@@ -159,9 +166,9 @@ def zeroshot_scores(
     batches,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Softmax class probabilities per path for every window of an evaluation stream.
+    """Softmax class probabilities per branch for every window of an evaluation stream.
 
-    -> {"keys", "clip_keys", "labels": (N,), "probs": {path: (N, C)}} (paths + "ensemble")."""
+    -> {"keys", "clip_keys", "labels": (N,), "probs": {branch: (N, C)}} (branches + "ensemble")."""
     encoder.eval().to(device)
     heads.eval().to(device)
     classifier = classifier.to(device)
@@ -172,10 +179,10 @@ def zeroshot_scores(
             normalize_video(batch["video"].to(device)), batch["fbank"].to(device).float()
         )
         embedded = heads(
-            pool_paths(out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio)
+            pool_branches(out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio)
         )
-        for path, z in embedded.items():
-            probs.setdefault(path, []).append((scale * z @ classifier.T).softmax(-1).float().cpu())
+        for branch, z in embedded.items():
+            probs.setdefault(branch, []).append((scale * z @ classifier.T).softmax(-1).float().cpu())
         keys += list(batch["key"])
         clip_keys += list(batch["clip_key"])
         labels.append(batch["label"].cpu())
@@ -187,15 +194,15 @@ def zeroshot_scores(
 
 
 def zeroshot_metrics(scores: dict, num_classes: int) -> dict[str, dict]:
-    """Clip-level (window-averaged) UAR / WAR / macro-F1 per path; unlabelled windows are ignored."""
+    """Clip-level (window-averaged) UAR / WAR / macro-F1 per branch; unlabelled windows are ignored."""
     labelled = scores["labels"] >= 0
     if not labelled.any():
         raise ValueError("no labelled samples in the shards: zero-shot accuracy needs labels")
     clip_keys = [k for k, keep in zip(scores["clip_keys"], labelled) if keep]
     out = {}
-    for path, probs in scores["probs"].items():
+    for branch, probs in scores["probs"].items():
         _, clip_probs, clip_labels = average_clips(clip_keys, probs[labelled], scores["labels"][labelled])
-        out[path] = classification_metrics(clip_probs, clip_labels, num_classes)
+        out[branch] = classification_metrics(clip_probs, clip_labels, num_classes)
     return out
 
 
@@ -271,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"zero-shot on {result['num_windows']} windows, {len(prompts)} classes (chance UAR {result['chance_uar']:.3f})"
     )
-    print(f"{'path':<10} {'UAR':>7} {'WAR':>7} {'F1':>7}")
-    for path, m in result["metrics"].items():
-        print(f"{path:<10} {m['uar']:7.4f} {m['war']:7.4f} {m['macro_f1']:7.4f}")
+    print(f"{'branch':<10} {'UAR':>7} {'WAR':>7} {'F1':>7}")
+    for branch, m in result["metrics"].items():
+        print(f"{branch:<10} {m['uar']:7.4f} {m['war']:7.4f} {m['macro_f1']:7.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

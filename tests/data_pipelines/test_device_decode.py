@@ -16,14 +16,14 @@ import torch
 import webdataset as wds
 from shard_factory import make_sample, write_shard_dir
 from torch.utils.data import DataLoader
-from torchvision.io import decode_jpeg
+from torchvision.io import decode_jpeg, encode_jpeg
 
 from data_pipelines.augment import VideoAugConfig
 from data_pipelines.corrupt import read_corrupt_logs
 from data_pipelines.datamodule import AVDataModule
 from data_pipelines.device_decode import DeviceFrameDecoder
 from data_pipelines.features import FbankConfig
-from data_pipelines.jpeg_bytes import jpeg_frame_size
+from data_pipelines.jpeg_bytes import clip_frame_size, jpeg_frame_size
 from data_pipelines.samples import CorruptSampleError
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
@@ -64,7 +64,7 @@ def assert_same_rows(bytes_batch: dict, classic: dict) -> None:
     for name in ("key", "clip_key", "caption"):
         assert bytes_batch[name] == classic[name]
     for name in ("fbank", "label", "has_caption", "audio_present"):
-        assert torch.equal(bytes_batch[name], classic[name])
+        assert torch.equal(bytes_batch[name].cpu(), classic[name])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,9 +80,11 @@ def test_pretrain_bytes_path_gives_the_decoding_paths_batches(synth_shards, devi
     decode = DeviceFrameDecoder(device)
     assert len(shipped) == len(classic) == TRAIN.epoch_length
     for got, want in zip(shipped, classic):
-        assert_same_rows(got, want)
-        assert got["stream"] == want["stream"]
-        assert_same_video(decode(got)["video"], want["video"], device)
+        assert "fbank" not in got and got["jpeg"]["log_mel"].dtype == torch.float16  # finished by decode
+        decoded = decode(got)
+        assert_same_rows(decoded, want)
+        assert decoded["stream"] == want["stream"]
+        assert_same_video(decoded["video"], want["video"], device)
     assert decode.dropped == []
 
 
@@ -96,8 +98,9 @@ def test_eval_bytes_path_gives_the_decoding_paths_batches(synth_shards, device, 
     decode = DeviceFrameDecoder(device)
     assert len(shipped) == len(classic) > 1
     for got, want in zip(shipped, classic):
-        assert_same_rows(got, want)
-        assert_same_video(decode(got)["video"], want["video"], device)
+        decoded = decode(got)
+        assert_same_rows(decoded, want)
+        assert_same_video(decoded["video"], want["video"], device)
 
 
 def test_a_bytes_batch_holds_the_frames_compressed_and_no_decoded_pixels(synth_shards):
@@ -126,6 +129,26 @@ def test_the_header_gives_the_decoded_frame_size_and_rejects_damaged_files(synth
     ):
         with pytest.raises(CorruptSampleError, match=reason):
             jpeg_frame_size(damaged)
+
+
+def test_a_clips_frame_size_is_checked_on_every_frame_whatever_its_header(synth_shards):
+    frames = [make_sample("k", num_frames=3, size=40, seed=s)[f"f0{t}.jpg"] for s in (1, 2) for t in range(3)]
+    assert clip_frame_size(frames) == (40, 40)
+    pixels = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    other_quality = encode_jpeg(pixels, quality=50).numpy().tobytes()  # other tables: parsed, not compared
+    assert not other_quality.startswith(frames[0][:200])
+    assert clip_frame_size([*frames, other_quality]) == (40, 40)
+    wider = encode_jpeg(torch.zeros(3, 40, 48, dtype=torch.uint8), quality=90).numpy().tobytes()
+    for bad, reason in (
+        (wider, "differ in size"),
+        (frames[1][:-2], "truncated"),  # the first frame's header, no end marker
+        (frames[1][:2] + b"\xff\xda" + frames[1][-2:], "no readable frame header"),
+    ):
+        with pytest.raises(CorruptSampleError, match=reason):
+            clip_frame_size([*frames, bad])
+        if reason != "differ in size":
+            with pytest.raises(CorruptSampleError, match=reason):
+                clip_frame_size([bad, *frames])
 
 
 def damaged_inside(frame: bytes) -> bytes:

@@ -14,9 +14,12 @@ from data_pipelines.features import (
     FbankConfig,
     SpecAugment,
     batched_fbank,
+    finish_log_mels,
+    gain_shift,
     kaldi_fbank,
     normalise,
     num_fbank_frames,
+    precomputed_fbank,
     waveform_to_fbank,
 )
 
@@ -190,3 +193,23 @@ def test_stored_log_mel_must_be_a_float16_matrix_of_the_loaders_mel_bins():
         np.save(buf, bad, allow_pickle=True)
         with pytest.raises(ValueError):
             decode_log_mel(buf.getvalue(), 128)
+
+
+def test_finishing_a_batch_of_stored_log_mels_equals_precomputed_fbank_row_by_row():
+    """The JPEG-bytes loader ships stored log-mels as float16 and `device_decode` finishes them as a
+    batch (`finish_log_mels`); the decoding loader finishes each in its worker (`precomputed_fbank`).
+    Rows: short (padded), long (cut), no gain, values under Kaldi's floor (float16 rounding)."""
+    cfg = FbankConfig(fbank_frames=50, mel_bins=8)
+    g = torch.Generator().manual_seed(0)
+    rows = [(30, 2.5), (50, -1.7), (80, 0.0), (10, 0.0), (45, -3.0)]
+    log_mels = [(torch.randn(n, 8, generator=g) * 6 - 6).clamp(min=LOG_FLOOR - 0.01).half() for n, _ in rows]
+    assert any((m.float() < LOG_FLOOR).any() for m in log_mels)
+    padded = torch.zeros(len(rows), 50, 8, dtype=torch.float16)
+    for b, m in enumerate(log_mels):
+        padded[b, : min(len(m), 50)] = m[:50]
+    frames = torch.tensor([min(n, 50) for n, _ in rows])
+    shifts = torch.tensor([gain_shift(gain) if gain else 0.0 for _, gain in rows], dtype=torch.float32)
+    finished = finish_log_mels(padded, frames, shifts, cfg)
+    for b, (m, (_, gain)) in enumerate(zip(log_mels, rows)):
+        assert torch.equal(finished[b], precomputed_fbank(m, cfg, gain)), b
+    assert not torch.equal(finished[0], finish_log_mels(padded, frames, torch.zeros(5), cfg)[0])

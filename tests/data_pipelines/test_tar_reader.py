@@ -90,3 +90,32 @@ def test_plain_ustar_shards_read_like_webdataset_and_garbage_is_rejected(tmp_pat
         for sample in tar_samples(io.BytesIO(bytes(broken)), path):
             got.append(sample["__key__"])
     assert got == ["k0_w000"]  # k1 starts at the damaged header
+
+
+class Trickle(io.RawIOBase):
+    """A stream that hands out at most `step` bytes per call, as a pipe may, and has no `readinto`
+    beyond `read`'s."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.pos, self.step = data, 0, step
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.step if n < 0 else min(n, self.step)
+        self.pos += len(chunk := self.data[self.pos : self.pos + n])
+        return chunk
+
+    readinto = None
+
+
+def test_members_larger_than_a_read_chunk_and_short_reads_give_the_same_samples(tmp_path):
+    path = str(tmp_path / "e.tar")
+    with wds.TarWriter(path) as sink:
+        for i in range(3):  # a 1.5 MB caption: more than the reader's 1 MB chunk
+            sink.write(make_sample(f"k{i}_w000", num_frames=2, size=16, seed=i, caption="x" * (i * 750_000)))
+    data = open(path, "rb").read()
+    expected = reference_samples(path)
+    assert len(expected[2]["txt"]) == 1_500_000
+    assert list(tar_samples(io.BytesIO(data), path)) == expected
+    assert list(tar_samples(Trickle(data, 777), path)) == expected
+    with pytest.raises(ShardReadError, match="unexpected end of data"):
+        list(tar_samples(Trickle(data[: len(data) - 600_000], 777), path))

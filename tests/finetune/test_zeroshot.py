@@ -97,7 +97,7 @@ def test_export_of_a_stage2_checkpoint_keeps_the_text_heads_and_scores_identical
     assert config["text"] == {
         "encoder": DEFAULT_TEXT_ENCODER,
         "dim": 384,
-        "paths": ["audio", "fused", "video"],
+        "branches": ["audio", "fused", "video"],
     }
 
     text = FrozenTextEncoder(DEFAULT_TEXT_ENCODER)
@@ -113,13 +113,32 @@ def test_export_of_a_stage2_checkpoint_keeps_the_text_heads_and_scores_identical
         )
         results.append(zeroshot_scores(encoder, heads, classifier, loader(stream, 0)))
     assert results[0]["keys"] == results[1]["keys"] and len(results[0]["keys"]) == 24
-    for path in ("video", "audio", "fused", "ensemble"):
-        probs = results[0]["probs"][path]
+    for branch in ("video", "audio", "fused", "ensemble"):
+        probs = results[0]["probs"][branch]
         assert probs.shape == (24, 6)
-        torch.testing.assert_close(torch.tensor(probs), torch.tensor(results[1]["probs"][path]))
+        torch.testing.assert_close(torch.tensor(probs), torch.tensor(results[1]["probs"][branch]))
 
 
-def test_cli_reports_uar_and_war_per_path_on_real_shards(tmp_path, synth_shards, capsys):
+def test_an_export_that_names_the_branches_paths_still_loads(tmp_path):
+    """Exports written before the rename say `paths` in config.json's text entry."""
+    from finetune.export import read_export_config
+
+    export(_checkpoint(tmp_path / "s2.ckpt", "inject"), tmp_path / "export")
+    config_file = tmp_path / "export" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text"]["paths"] = config["text"].pop("branches")
+    config_file.write_text(json.dumps(config))
+    assert read_export_config(tmp_path / "export")["text"]["branches"] == ["audio", "fused", "video"]
+    _, heads, _ = load_zeroshot_model(tmp_path / "export")
+    assert sorted(heads.proj) == ["audio", "fused", "video"]
+    # the old key is read, not ignored: a list that does not match the heads file is refused
+    config["text"]["paths"] = ["video"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"names the branches \['video'\]"):
+        load_zeroshot_model(tmp_path / "export")
+
+
+def test_cli_reports_uar_and_war_per_branch_on_real_shards(tmp_path, synth_shards, capsys):
     ckpt = _checkpoint(tmp_path / "s2.ckpt", "inject")
     out = tmp_path / "zs.json"
     code = main(
@@ -139,8 +158,8 @@ def test_cli_reports_uar_and_war_per_path_on_real_shards(tmp_path, synth_shards,
     assert code == 0
     result = json.loads(out.read_text())
     assert result["num_windows"] == 24 and result["chance_uar"] == pytest.approx(1 / 6)
-    for path in ("video", "audio", "fused", "ensemble"):
-        m = result["metrics"][path]
+    for branch in ("video", "audio", "fused", "ensemble"):
+        m = result["metrics"][branch]
         assert 0 <= m["uar"] <= 1 and m["num_samples"] == 12  # 12 clips, windows averaged
     assert "ensemble" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.ckpt"), str(synth_shards), "--classes", "a", "b"]) == 2

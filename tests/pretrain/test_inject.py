@@ -14,13 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.caption_mix import CaptionMixDataModule
 from data_pipelines.captions import load_captions, merge_captions
-from pretrain.inject import (
-    CaptionMixDataModule,
-    InjectModule,
-    caption_ids,
-    caption_infonce,
-)
+from pretrain.caption_loss import caption_ids, caption_infonce
+from pretrain.inject import InjectModule
 from pretrain.train import load_pretrain_config, pretrain
 from pretrain.warm_start import load_initial_weights
 
@@ -152,7 +149,43 @@ def test_stage2_config_needs_a_stage1_checkpoint_and_checks_its_keys():
             REPO / "configs/pretrain/inject_micro.yaml", ["init=x.ckpt", "inject.caption_ratio=1.5"]
         )
     cfg = load_pretrain_config(REPO / "configs/pretrain/inject_micro.yaml", ["init=x.ckpt"])
-    assert cfg.stage == "inject" and cfg.inject.paths == ["video", "audio", "fused"]
+    assert cfg.stage == "inject" and cfg.inject.branches == ["video", "audio", "fused"]
+
+
+def test_old_inject_key_names_still_load_with_a_warning_naming_the_new_ones(tmp_path):
+    from emomae.config import ConfigError, RenamedKeyWarning
+
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        f"base: {REPO / 'configs/pretrain/inject_micro.yaml'}\n"
+        "inject:\n  paths: [video, fused]\n  path_weights: {fused: 2.0}\n"
+    )
+    with pytest.warns(RenamedKeyWarning) as caught:
+        cfg = load_pretrain_config(old, ["init=x.ckpt"])
+    said = [str(w.message) for w in caught]
+    assert any("'inject.paths'" in m and "'inject.branches'" in m and "old.yaml" in m for m in said)
+    assert any("'inject.path_weights'" in m and "'inject.branch_weights'" in m for m in said)
+    assert cfg.inject.branches == ["video", "fused"]
+    assert cfg.inject.branch_weights == {"video": 1.0, "audio": 1.0, "fused": 2.0}
+    # command-line overrides, a key below a renamed one included
+    with pytest.warns(RenamedKeyWarning) as caught:
+        cfg = load_pretrain_config(
+            REPO / "configs/pretrain/inject_micro.yaml",
+            ["init=x.ckpt", "inject.paths=[audio]", "inject.path_weights.audio=0.5"],
+        )
+    said = [str(w.message) for w in caught]
+    assert any("'inject.paths' (command line)" in m and "'inject.branches'" in m for m in said)
+    assert any("'inject.path_weights.audio'" in m and "'inject.branch_weights.audio'" in m for m in said)
+    assert cfg.inject.branches == ["audio"] and cfg.inject.branch_weights["audio"] == 0.5
+    with pytest.raises(ConfigError, match="'inject.paths'.*'inject.branches'"):
+        load_pretrain_config(
+            REPO / "configs/pretrain/inject_micro.yaml",
+            ["init=x.ckpt", "inject.paths=[audio]", "inject.branches=[video]"],
+        )
+    both = tmp_path / "both.yaml"
+    both.write_text(old.read_text() + "  branches: [audio]\n")
+    with pytest.raises(ConfigError, match="both 'inject.paths' and its new name 'inject.branches'"):
+        load_pretrain_config(both, ["init=x.ckpt"])
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +216,7 @@ def test_batches_mix_captioned_and_plain_clips_at_the_configured_ratio(partly_ca
             "data.epoch_length=6",
         ],
     )
-    dm = CaptionMixDataModule(cfg.data, cfg.inject)
+    dm = CaptionMixDataModule(cfg.data, caption_ratio=cfg.inject.caption_ratio)
     assert dm.split_batch() == (6, 2)
     batches = list(dm.train_dataloader())
     assert len(batches) == 6
@@ -250,7 +283,7 @@ def test_training_leaves_the_text_encoder_untouched_and_out_of_optimizer_and_che
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=CaptionMixDataModule(cfg.data, cfg.inject))
+    trainer.fit(module, datamodule=CaptionMixDataModule(cfg.data, caption_ratio=cfg.inject.caption_ratio))
     assert trainer.global_step == 3
     assert module.text.state_fingerprint() == before
     text_params = {id(p) for p in module.text.model.parameters()}
@@ -301,14 +334,14 @@ def two_stage_runs(partly_captioned, tmp_path_factory) -> dict[str, Path]:
 
 
 def _probe_uar(export_dir: Path, shards: Path) -> float:
-    """Leave-one-fold-out logistic regression on frozen clip features (window-averaged pooled paths)."""
+    """Leave-one-fold-out logistic regression on frozen clip features (window-averaged pooled branches)."""
     from data_pipelines.datamodule import resolve_shards
     from data_pipelines.stream import eval_pipeline
     from finetune.export import load_encoder, read_export_config
     from finetune.metrics import average_clips, classification_metrics
     from finetune.streams import loader, stream_config
     from pretrain.encoders import normalize_video
-    from pretrain.text import pool_paths
+    from pretrain.text import pool_branches
 
     config = read_export_config(export_dir)
     encoder = load_encoder(export_dir)
@@ -326,7 +359,7 @@ def _probe_uar(export_dir: Path, shards: Path) -> float:
                 feats.append(
                     torch.cat(
                         list(
-                            pool_paths(
+                            pool_branches(
                                 out.video_layers[-1], out.audio_layers[-1], out.fused_video, out.fused_audio
                             ).values()
                         ),
@@ -376,7 +409,7 @@ def test_stage2_beats_stage1_on_a_linear_probe_and_classifies_unseen_speakers_ze
         uar[stage] = _probe_uar(root / f"export_{stage}", shards)
     prompts = class_prompts(REPO / "configs/zeroshot/crema-d.yaml")
     zs = run_zeroshot(root / "export_stage2", str(shards), prompts, groups=["fold0"], num_workers=0)
-    zs_uar = {path: m["uar"] for path, m in zs["metrics"].items()}
+    zs_uar = {branch: m["uar"] for branch, m in zs["metrics"].items()}
     print(
         f"\nlinear-probe UAR: stage 1 {uar['stage1']:.3f}, stage 2 {uar['stage2']:.3f}; "
         f"zero-shot UAR on never-captioned fold 0: {json.dumps({k: round(v, 3) for k, v in zs_uar.items()})}"

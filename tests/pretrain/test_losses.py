@@ -7,14 +7,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tiny_model import TINY
 
+from pretrain.encoders import ModelConfig
 from pretrain.losses import (
     GatheredInfoNCE,
-    HierarchicalContrastiveLoss,
     audio_target,
     frame_difference,
+    initial_logit_scale,
     video_target,
 )
+from pretrain.objective import ObjectiveConfig, PretrainObjective
+from pretrain.pooling import token_mean
 
 WORLD, ROWS, LEVELS, DIM = 2, 3, 2, 8
 
@@ -58,33 +62,48 @@ def _manual_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> to
 def test_info_nce_is_symmetric_cross_entropy_with_temperature_per_level():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, LEVELS, DIM, generator=g), torch.randn(5, LEVELS, DIM, generator=g)
-    losses = GatheredInfoNCE(temperature=0.07)(a, b)
+    losses = GatheredInfoNCE()(a, b, initial_logit_scale(0.07))
     assert losses.shape == (LEVELS,)
     for level in range(LEVELS):
         torch.testing.assert_close(losses[level], _manual_info_nce(a[:, level], b[:, level], 0.07))
     torch.testing.assert_close(
-        GatheredInfoNCE(0.5)(a[:, 0], b[:, 0]), _manual_info_nce(a[:, 0], b[:, 0], 0.5)
+        GatheredInfoNCE()(a[:, 0], b[:, 0], initial_logit_scale(0.5)),
+        _manual_info_nce(a[:, 0], b[:, 0], 0.5),
     )
+
+
+def objective(gather_negatives: bool = True) -> PretrainObjective:
+    return PretrainObjective(ObjectiveConfig(gather_negatives=gather_negatives), ModelConfig(**TINY))
+
+
+def hierarchical(levels: dict, temperature: float, loss_fn: PretrainObjective) -> dict:
+    """The objective's contrastive terms of `levels` (layer -> (video tokens, audio tokens)),
+    mean-pooled as the model's `predict` pools them."""
+    video, audio = token_mean([v for v, _ in levels.values()]), token_mean([a for _, a in levels.values()])
+    return loss_fn.contrastive_terms(video, audio, list(levels), initial_logit_scale(temperature))
 
 
 def test_hierarchical_loss_sums_levels_of_mean_pooled_tokens():
     g = torch.Generator().manual_seed(1)
     levels = {
-        f"l{k}": (torch.randn(4, 6, DIM, generator=g), torch.randn(4, 3, DIM, generator=g)) for k in (1, 2, 3)
+        k: (torch.randn(4, 6, DIM, generator=g), torch.randn(4, 3, DIM, generator=g)) for k in (1, 2, 3)
     }
-    total, per_level = HierarchicalContrastiveLoss(0.1)(levels)
-    assert list(per_level) == ["l1", "l2", "l3"]
-    for name, (v, a) in levels.items():
-        torch.testing.assert_close(per_level[name], _manual_info_nce(v.mean(1), a.mean(1), 0.1))
+    terms = hierarchical(levels, 0.1, objective())
+    total, per_level = terms.pop("contrastive"), terms
+    assert list(per_level) == ["contrastive_l1", "contrastive_l2", "contrastive_l3"]
+    for k, (v, a) in levels.items():
+        torch.testing.assert_close(
+            per_level[f"contrastive_l{k}"], _manual_info_nce(v.mean(1), a.mean(1), 0.1)
+        )
     torch.testing.assert_close(total, sum(per_level.values()))
 
 
-def test_learnable_temperature_is_a_parameter_that_receives_gradient():
-    loss_fn = GatheredInfoNCE(temperature=0.07, learnable_temperature=True)
-    assert math.isclose(loss_fn.temperature, 0.07, rel_tol=1e-6)
-    loss_fn(torch.randn(4, DIM), torch.randn(4, DIM)).backward()
-    assert loss_fn.logit_scale.grad is not None and loss_fn.logit_scale.grad != 0
-    assert "logit_scale" not in dict(GatheredInfoNCE(0.07).named_parameters())
+def test_the_logit_scale_is_an_argument_and_its_gradient_flows_back_to_it():
+    logit_scale = initial_logit_scale(0.07).requires_grad_()
+    assert math.isclose(float(1 / logit_scale.detach().exp()), 0.07, rel_tol=1e-6)
+    GatheredInfoNCE()(torch.randn(4, DIM), torch.randn(4, DIM), logit_scale).backward()
+    assert logit_scale.grad is not None and logit_scale.grad != 0
+    assert not list(GatheredInfoNCE().parameters()) and not list(GatheredInfoNCE().buffers())
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
@@ -99,8 +118,8 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
 
 
 def _loss(proj, video, audio, loss_fn):
-    levels = {f"l{k}": (proj(video[:, k]), audio[:, k]) for k in range(LEVELS)}
-    return loss_fn(levels)[0]
+    levels = {k + 1: (proj(video[:, k]), audio[:, k]) for k in range(LEVELS)}
+    return hierarchical(levels, 0.07, loss_fn)["contrastive"]
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
@@ -111,10 +130,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * ROWS, (rank + 1) * ROWS)
         video, audio = video[rows].clone().requires_grad_(), audio[rows].clone().requires_grad_()
         ddp = torch.nn.parallel.DistributedDataParallel(proj)  # averages gradients over ranks
-        loss = _loss(ddp, video, audio, HierarchicalContrastiveLoss(0.07, gather_negatives=True))
+        loss = _loss(ddp, video, audio, objective(gather_negatives=True))
         loss.backward()
         with torch.no_grad():
-            local = _loss(proj, video, audio, HierarchicalContrastiveLoss(0.07, gather_negatives=False))
+            local = _loss(proj, video, audio, objective(gather_negatives=False))
         result = {
             "loss": loss.detach(),
             "local_loss": local,
@@ -142,7 +161,7 @@ def test_gathered_loss_and_ddp_gradients_equal_the_single_process_batch_with_two
 
     video, audio, proj = _global_batch()
     video.requires_grad_(), audio.requires_grad_()
-    loss = _loss(proj, video, audio, HierarchicalContrastiveLoss(0.07))
+    loss = _loss(proj, video, audio, objective())
     loss.backward()
     # the mean of the rank losses is the single-process loss on the concatenated batch
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss.detach())
@@ -163,9 +182,9 @@ def test_contrastive_logits_stay_float32_under_bf16_autocast():
     # 0.07 is the whole range of an easy batch; the logits must leave autocast in float32
     g = torch.Generator().manual_seed(0)
     video, audio = torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
-    loss_fn = GatheredInfoNCE(0.07, gather_negatives=False)
+    loss_fn, logit_scale = GatheredInfoNCE(gather_negatives=False), initial_logit_scale(0.07)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        per_video, per_audio, _ = loss_fn.logits(video.bfloat16(), audio.bfloat16())
+        per_video, per_audio, _ = loss_fn.logits(video.bfloat16(), audio.bfloat16(), logit_scale)
     assert per_video.dtype == per_audio.dtype == torch.float32
-    exact, _, _ = loss_fn.logits(video.bfloat16().float(), audio.bfloat16().float())
+    exact, _, _ = loss_fn.logits(video.bfloat16().float(), audio.bfloat16().float(), logit_scale)
     torch.testing.assert_close(per_video, exact)

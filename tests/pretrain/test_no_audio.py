@@ -21,9 +21,11 @@ from tiny_model import TINY
 from data_pipelines.features import FbankConfig
 from data_pipelines.stream import StreamConfig, eval_pipeline
 from pretrain.encoders import ModelConfig, normalize_video
-from pretrain.losses import HierarchicalContrastiveLoss
+from pretrain.losses import initial_logit_scale
 from pretrain.mae import MaskedAVAutoencoder, ObjectiveConfig
 from pretrain.masking import Mask
+from pretrain.objective import PretrainObjective
+from pretrain.pooling import token_mean
 
 REPO = Path(__file__).resolve().parents[2]
 NO_AUDIO = frozenset({1, 4})  # sample indices written without audio
@@ -122,7 +124,7 @@ def test_a_batch_without_any_audio_gives_zero_audio_terms_and_finite_gradients(b
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), "a NaN or missing gradient"
     # nothing pulls on the audio decoder or the temperature; the video objective still trains
     assert grads["audio_decoder.head.weight"].abs().max() == 0
-    assert grads["contrastive.info_nce.logit_scale"] == 0
+    assert grads["temperature.logit_scale"] == 0
     assert grads["video_decoder.head.weight"].abs().max() > 0
 
 
@@ -141,8 +143,12 @@ def global_features() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def contrastive(video: torch.Tensor, audio: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
-    levels = {f"l{k}": (video[:, k], audio[:, k]) for k in range(LEVELS)}
-    return HierarchicalContrastiveLoss(0.07, gather_negatives=True)(levels, present)[0]
+    """The objective's contrastive sum over LEVELS levels of (B, LEVELS, N, D) tokens, mean-pooled as
+    the model's `predict` pools them."""
+    objective = PretrainObjective(ObjectiveConfig(gather_negatives=True), ModelConfig(**TINY))
+    pooled = [token_mean([x[:, k] for k in range(LEVELS)]) for x in (video, audio)]
+    levels = list(range(1, LEVELS + 1))
+    return objective.contrastive_terms(*pooled, levels, initial_logit_scale(0.07), present)["contrastive"]
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:

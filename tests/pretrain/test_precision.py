@@ -11,7 +11,7 @@ import torch
 
 from pretrain import losses
 from pretrain.encoders import ModelConfig
-from pretrain.losses import GatheredInfoNCE, mse_over_present
+from pretrain.losses import GatheredInfoNCE, initial_logit_scale, mse_over_present
 from pretrain.mae import MaskedAVAutoencoder
 
 TINY = dict(
@@ -83,7 +83,7 @@ def test_bf16_tensors_without_autocast_log_too(caplog):
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
     for _ in range(2):
         mse_over_present(a, b)
-        logits, _, _ = GatheredInfoNCE().logits(a.unsqueeze(1), b.unsqueeze(1))
+        logits, _, _ = GatheredInfoNCE().logits(a.unsqueeze(1), b.unsqueeze(1), initial_logit_scale(0.07))
     assert logits.dtype == torch.float32
     assert [m.split(" computes")[0] for m in messages(caplog)] == [
         "low-precision run: reconstruction MSE",

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextHeads, pool_paths, resolve_text_encoder
+from pretrain.text import (
+    DEFAULT_TEXT_ENCODER,
+    FrozenTextEncoder,
+    TextHeads,
+    pool_branches,
+    resolve_text_encoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,9 @@ def test_disk_cache_of_another_model_is_refused(encoder, tmp_path):
         FrozenTextEncoder("other/model", cache_dir=tmp_path)
 
 
-def test_text_heads_project_every_path_to_unit_vectors():
+def test_text_heads_project_every_branch_to_unit_vectors():
     heads = TextHeads(width=16, text_dim=8)
-    pooled = pool_paths(
+    pooled = pool_branches(
         torch.randn(3, 5, 16), torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 4, 16)
     )
     assert pooled["fused"].shape == (3, 32)
