@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from finetune.full_model import FullFinetuneModel
 from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens
-from finetune.module import FullFinetuneModel, task_loss
+from finetune.losses import task_loss
 from finetune.report import device_name
 from pretrain.encoders import AVEncoder, ModelConfig
 from pretrain.pooling import pool_tokens

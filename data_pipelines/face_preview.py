@@ -4,6 +4,7 @@ hold, so the face step can be checked before a long run. Writes no shards."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from data_pipelines.decode import DecodeError, frame_files
 from data_pipelines.manifests import ManifestRow, read_manifest
+from data_pipelines.shards import decode_row
 
 TILE = 192  # pixels: height of each source frame and side of each crop in the sheet
 CAPTION = 28
@@ -28,10 +30,6 @@ def source_frame(video: Path, index: int) -> np.ndarray:
 def preview_tile(row: ManifestRow, cfg) -> Image.Image:
     """One clip: source frame (middle frame of its middle window) with the crop square in red, and the
     crop itself; a clip that would be skipped shows the reason instead of a crop."""
-    from dataclasses import replace
-
-    from data_pipelines.shards import decode_row
-
     one_window = replace(cfg, max_windows=1)
     try:
         clip = decode_row(row, one_window)

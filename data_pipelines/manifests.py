@@ -1,18 +1,15 @@
 """The manifest CSV (docs/architecture.md): its row schema, reading and writing, the dataset registry
-(class names, fold schemes) and speaker-independent folds; `emomae manifest`.
+(class names, fold schemes) and speaker-independent folds.
 
-`emomae manifest <dataset> <root> --out manifest.csv [--folds K] [--seed S]` runs the dataset's
-adapter (data_pipelines/adapters/: one scanner per layout, each returning `ManifestRow`s with absolute
-paths) and writes the CSV. The adapters are importable from here too (`manifests.scan_cremad`).
+The dataset adapters (data_pipelines/adapters/) build on this schema, so this module never imports
+them; `emomae manifest` (data_pipelines/manifest_cli.py) puts the two together.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import random
 import re
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -224,77 +221,3 @@ def _check_keys(keys: list[str], where: Path) -> None:
     dup = [k for k, c in Counter(keys).items() if c > 1]
     if dup:
         raise ManifestError(f"{where}: duplicate keys, e.g. {dup[:3]}")
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="emomae manifest", description="Scan a dataset root and write a manifest CSV."
-    )
-    p.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("root", type=Path, help="dataset root (hicmae: an annotation list or a folder of them)")
-    p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
-    p.add_argument(
-        "--folds", type=int, default=None, help="speaker-independent folds (replaces official ones)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of --folds")
-    p.add_argument(
-        "--rewrite-root", action="append", default=[], metavar="OLD=NEW", help="hicmae: path prefix rewrite"
-    )
-    p.add_argument("--labels-from-parent", action="store_true", help="folder: class = parent folder name")
-    args = p.parse_args(argv)
-    from data_pipelines.adapters import ADAPTERS
-
-    try:
-        info = dataset_info(args.dataset)
-        kwargs = {"rewrite_root": args.rewrite_root} if info.name == "hicmae" else {}
-        if info.name == "folder":
-            kwargs = {"labels_from_parent": args.labels_from_parent}
-        rows = ADAPTERS[info.name](args.root, **kwargs)
-        if args.folds:
-            assign = speaker_folds([r.speaker for r in rows], args.folds, args.seed)
-            for r in rows:
-                r.fold = assign[r.speaker]
-        write_manifest(rows, args.out)
-        skipped_log = _log_skipped(rows, args.out.parent / "errors.jsonl")
-    except ManifestError as err:
-        print(f"emomae manifest: {err}", file=sys.stderr)
-        return 2
-    folds = Counter(r.fold for r in rows if r.fold is not None)
-    print(
-        f"wrote {len(rows)} clips to {args.out}"
-        + (f"; clips per fold {dict(sorted(folds.items()))}" if folds else "")
-        + (f"; skipped files listed in {skipped_log}" if skipped_log else "")
-    )
-    return 0
-
-
-def _log_skipped(rows, path: Path) -> Path | None:
-    """The files an adapter skipped (`rows.skipped`) as `errors.jsonl` beside the manifest; a stale
-    list from an earlier scan is removed when nothing was skipped."""
-    from data_pipelines.adapters.common import write_skipped
-
-    skipped = getattr(rows, "skipped", [])
-    if skipped:
-        return write_skipped(skipped, path)
-    path.unlink(missing_ok=True)
-    return None
-
-
-# Names of data_pipelines.adapters also importable from here.
-_ADAPTER_NAMES = frozenset(
-    ("ADAPTERS", "scan_cremad", "scan_ravdess", "scan_mafw", "scan_dfew", "scan_msp_improv")
-    + ("scan_voxceleb2", "scan_folder", "scan_hicmae")
-)
-
-
-def __getattr__(name: str):
-    # The adapters import this module's schema, so they are re-exported lazily (PEP 562): an eager
-    # import here would be circular.
-    if name in _ADAPTER_NAMES:
-        from data_pipelines import adapters
-
-        return getattr(adapters, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

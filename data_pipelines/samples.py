@@ -127,7 +127,7 @@ class SampleDecoder:
 
     def blank_fbank(self) -> Tensor:
         """The fbank of a clip without audio: zeros of the normalised input, the blank that
-        missing-modality evaluation feeds (finetune/heads.py `drop_modality`), not the log-mel
+        missing-modality evaluation feeds (finetune/modality.py `drop_modality`), not the log-mel
         floor that the zero waveform in the shard would give."""
         return torch.zeros(self.cfg.fbank.fbank_frames, self.cfg.fbank.mel_bins)
 

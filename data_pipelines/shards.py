@@ -4,14 +4,11 @@ The manifest is cut, per group (fold / split / all), into chunks of clips; each 
 chunk and writes one shard to a temporary name, renamed atomically when complete. The parent appends
 each finished shard (with a hash of its chunk) to `progress.jsonl`, so a rerun skips shards whose
 file exists and whose chunk is unchanged, and rewrites the rest. Undecodable clips are skipped,
-counted and listed in `errors.jsonl`.
-
-`emomae shards <manifest.csv> <out_dir> [--workers N] [--captions FILE] [key=value ...]`
+counted and listed in `errors.jsonl`. The command line, `emomae shards`, is data_pipelines/shards_cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -30,13 +27,12 @@ import numpy as np
 
 from data_pipelines.decode import SILENCE_DBFS, DecodedClip, DecodeError, SamplingConfig, Window, decode_clip
 from data_pipelines.face_track import MULTI_FACE_SHARE, FaceConfig
-from data_pipelines.faces import FaceModelError
 from data_pipelines.features import fbank_params
-from data_pipelines.manifests import ManifestError, ManifestRow, read_manifest
+from data_pipelines.manifests import ManifestRow, read_manifest
 from data_pipelines.shard_index import PROGRESS, finalize_index, provenance, read_progress, shard_urls
 
 # Re-exported: importers use `data_pipelines.shards` for the whole shard API.
-__all__ = ["ShardConfig", "clip_samples", "main", "plan_shards", "provenance", "shard_urls", "write_shards"]
+__all__ = ["ShardConfig", "clip_samples", "plan_shards", "provenance", "shard_urls", "write_shards"]
 
 
 @dataclass
@@ -612,78 +608,3 @@ def add_media_report(out_dir: Path, index: dict, records: list[dict], cfg: Shard
             "their frames"
         )
     return index
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="emomae shards", description="Decode the clips of a manifest into WebDataset shards."
-    )
-    p.add_argument("manifest", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--captions", type=Path, default=None, help="CSV key,caption or JSONL {key, caption|text}")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--silent-audio",
-        choices=("keep", "skip"),
-        default=None,
-        help=f"clips whose audio is below {SILENCE_DBFS:g} dBFS: keep (default, flagged audio_silent) or skip",
-    )
-    p.add_argument(
-        "--allow-missing-audio",
-        action="store_true",
-        help="write clips without audio with zero audio (json audio_missing: true) instead of skipping them",
-    )
-    p.add_argument(
-        "--face",
-        choices=("auto", "none"),
-        default=None,
-        help="auto: detect, track and crop the face of each clip without a manifest bbox; none (default): as before",
-    )
-    p.add_argument(
-        "--preview",
-        type=int,
-        default=None,
-        metavar="N",
-        help="write out_dir/preview.png (source frame with the crop box, and the crop) of the first N clips; no shards",
-    )
-    p.add_argument("overrides", nargs="*", help="ShardConfig key=value, e.g. img_size=160 max_windows=2")
-    args = p.parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.silent_audio:
-        overrides.append(f"silent_audio={args.silent_audio}")
-    if args.allow_missing_audio:
-        overrides.append("allow_missing_audio=true")
-    if args.face:
-        overrides.append(f"face={args.face}")
-    from omegaconf import OmegaConf
-
-    from emomae.config import ConfigError, load_config
-
-    try:
-        cfg = ShardConfig(**OmegaConf.to_container(load_config(ShardConfig, None, overrides)))
-        if args.preview is not None:
-            from data_pipelines.face_preview import write_preview
-
-            print(f"wrote {write_preview(args.manifest, args.out_dir / 'preview.png', cfg, args.preview)}")
-            return 0
-        write_shards(
-            args.manifest,
-            args.out_dir,
-            cfg,
-            args.workers,
-            args.captions,
-            not args.no_progress,
-            argv=["emomae", "shards", *(argv if argv is not None else sys.argv[1:])],
-        )
-    except (ConfigError, ManifestError, ValueError, FileNotFoundError, FaceModelError) as err:
-        print(f"emomae shards: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

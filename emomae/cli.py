@@ -12,8 +12,8 @@ import sys
 # name -> ("module:function", one-line help). Each function takes the remaining argv list.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_pipelines.synthetic:main", "generate the built-in procedural AV emotion dataset (mp4)"),
-    "manifest": ("data_pipelines.manifests:main", "scan a dataset root and write a manifest CSV"),
-    "shards": ("data_pipelines.shards:main", "decode clips of a manifest into WebDataset tar shards"),
+    "manifest": ("data_pipelines.manifest_cli:main", "scan a dataset root and write a manifest CSV"),
+    "shards": ("data_pipelines.shards_cli:main", "decode clips of a manifest into WebDataset tar shards"),
     "merge-captions": ("data_pipelines.captions:main", "add text captions to existing shards"),
     "pretrain": ("pretrain.train:main", "pretrain a masked AV autoencoder from a YAML config"),
     "info": ("pretrain.info:main", "print parameter counts and FLOPs of a model config"),

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from data_pipelines.atomic import atomic_write, write_json
 from finetune.heads import fusion_tokens
-from finetune.module import batch_targets, drop_modality
+from finetune.losses import batch_targets
+from finetune.modality import drop_modality
 from pretrain.encoders import normalize_video
 from pretrain.pooling import pool_tokens
 

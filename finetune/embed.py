@@ -8,7 +8,7 @@ its windows.
 
 A window without audio (`audio_present` False, the flag of shard samples written with
 `--allow-missing-audio`) is embedded with its audio input blanked: zeros in place of the normalised
-fbank, as missing-modality evaluation does (`finetune.heads.drop_modality`), decided per window.
+fbank, as missing-modality evaluation does (`finetune.modality.drop_modality`), decided per window.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from data_pipelines.face_track import face_config_of_spec
 from data_pipelines.faces import FaceModelError
 from data_pipelines.features import FbankConfig, waveform_to_fbank
 from finetune.export import ExportError, load_encoder, read_export_config
-from finetune.heads import zero_rows
+from finetune.modality import zero_rows
 from pretrain.encoders import normalize_video
 from pretrain.pooling import pool_tokens
 

@@ -121,3 +121,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population std over folds (NaN-free inputs expected)."""
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()), float(arr.std())
+
+
+def evaluate(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    clip_keys: list[str],
+    task: str,
+    classes: list[str],
+    target_names: list[str] | None = None,
+) -> dict:
+    """Clip-level metrics: window scores (softmax or regression outputs) averaged per clip first."""
+    _, clip_scores, clip_targets = average_clips(clip_keys, scores, targets)
+    if task == "classification":
+        return classification_metrics(clip_scores, clip_targets, len(classes))
+    return regression_metrics(clip_scores, clip_targets, target_names)

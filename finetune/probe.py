@@ -17,19 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from timm.optim import param_groups_weight_decay
 
+from emomae.optim import param_groups
 from finetune.cache import FeatureCache
-from finetune.module import (
-    SelectionTracker,
-    build_optimizer,
-    cpu_group,
-    evaluate,
-    process_group,
-    selection_metric,
-    task_loss,
-)
+from finetune.distributed import cpu_group, process_group
+from finetune.losses import task_loss
+from finetune.metrics import evaluate
+from finetune.optim import build_optimizer
 from finetune.protocols import FoldSplit
+from finetune.selection import SelectionTracker, selection_metric
 
 
 def fold_indices(cache: FeatureCache, split: FoldSplit, clip_meta: dict[str, dict]) -> dict[str, np.ndarray]:
@@ -100,7 +96,7 @@ def _fit(
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)
     peak_lr = recipe.blr * batch / 256
-    groups = param_groups_weight_decay(head, recipe.weight_decay)
+    groups = param_groups(head, recipe.weight_decay)
     optimizer, scheduler = build_optimizer(groups, recipe, peak_lr, steps_per_epoch)
     for epoch in range(recipe.epochs):
         head.train()

@@ -38,19 +38,13 @@ from finetune.cache import (
     save_cache,
     speaker_normalized,
 )
+from finetune.distributed import all_ranks, from_rank0, process_group
 from finetune.export import build_encoder, load_encoder, read_export_config, resolve_export_dir, weights_file
+from finetune.full_model import FullFinetuneModel, predict
 from finetune.heads import AttentiveProbe, FeatureFusionHead
 from finetune.hicmae_import import load_head
-from finetune.module import (
-    FinetuneModule,
-    FullFinetuneModel,
-    all_ranks,
-    evaluate,
-    from_rank0,
-    predict,
-    process_group,
-    selection_metric,
-)
+from finetune.metrics import evaluate
+from finetune.module import FinetuneModule
 from finetune.probe import fold_indices, fold_result, train_probe
 from finetune.protocols import FinetuneConfig, FoldSplit, fold_ids, fold_splits, read_clips, validate
 from finetune.report import (
@@ -62,6 +56,7 @@ from finetune.report import (
     summarise,
     write_results,
 )
+from finetune.selection import selection_metric
 from finetune.streams import (
     FoldTrainStream,
     PartEvalStream,

@@ -11,15 +11,9 @@ import hicmae_layout as hl
 import pytest
 import soundfile as sf
 
-from data_pipelines.manifests import (
-    ManifestError,
-    main,
-    read_manifest,
-    scan_cremad,
-    scan_hicmae,
-    scan_msp_improv,
-    scan_ravdess,
-)
+from data_pipelines.adapters import scan_cremad, scan_hicmae, scan_msp_improv, scan_ravdess
+from data_pipelines.manifest_cli import main
+from data_pipelines.manifests import ManifestError, read_manifest
 
 
 @pytest.fixture(scope="module")

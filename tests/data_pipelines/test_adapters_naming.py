@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.manifests import ManifestError, scan_cremad, scan_msp_improv, scan_ravdess, scan_voxceleb2
+from data_pipelines.adapters import scan_cremad, scan_msp_improv, scan_ravdess, scan_voxceleb2
+from data_pipelines.manifests import ManifestError
 
 
 def touch(root: Path, *rels: str) -> None:
@@ -135,7 +136,7 @@ def test_voxceleb2_counts_mp4_files_outside_the_speaker_video_clip_layout(tmp_pa
 
 
 def test_emomae_manifest_writes_the_skipped_files_beside_the_manifest(tmp_path, capsys):
-    from data_pipelines.manifests import main
+    from data_pipelines.manifest_cli import main
 
     touch(tmp_path / "data", "VideoFlash/1001_DFA_ANG_XX.flv", "VideoFlash/1003_DFA_SAD_X.flv")
     out = tmp_path / "out" / "manifest.csv"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from data_pipelines.adapters import scan_folder
 from data_pipelines.captions import CaptionError, load_captions, main
-from data_pipelines.manifests import scan_folder, write_manifest
+from data_pipelines.manifests import write_manifest
 from data_pipelines.shards import ShardConfig, write_shards
 
 CFG = ShardConfig(num_frames=2, frame_stride=4, img_size=16, max_windows=2, samples_per_shard=4)

@@ -17,11 +17,13 @@ import pytest
 from PIL import Image
 from shard_factory import read_samples
 
+from data_pipelines.adapters import scan_folder
 from data_pipelines.decode import crop_resize
 from data_pipelines.face_track import square_in_frame
 from data_pipelines.faces import FULL_RANGE, MODEL_FILE, FaceDetector, blazeface_anchors
-from data_pipelines.manifests import ManifestRow, read_manifest, scan_folder, write_manifest
-from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
+from data_pipelines.manifests import ManifestRow, read_manifest, write_manifest
+from data_pipelines.shards import ShardConfig, shard_urls, write_shards
+from data_pipelines.shards_cli import main
 from data_pipelines.synthetic import write_mp4
 
 # 4 frames 8 grid steps apart per window, 2 windows: 8 sampled frames (0.32 s apart) per clip.

@@ -19,7 +19,8 @@ from shard_factory import read_samples
 from data_pipelines.decode import SILENCE_DBFS, explain, rms_dbfs
 from data_pipelines.manifests import ManifestRow, write_manifest
 from data_pipelines.samples import SampleDecoder
-from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
+from data_pipelines.shards import ShardConfig, shard_urls, write_shards
+from data_pipelines.shards_cli import main
 from data_pipelines.stream import StreamConfig
 
 CLIP = "voxceleb2_pcavs/00015.mp4"  # 7.02 s, 25 fps, H.264 + AAC at 16 kHz, index (moov) at the end

@@ -13,8 +13,10 @@ import soundfile as sf
 from PIL import Image
 from shard_factory import read_samples
 
-from data_pipelines.manifests import read_manifest, scan_folder, write_manifest
-from data_pipelines.shards import ShardConfig, main, shard_urls, write_shards
+from data_pipelines.adapters import scan_folder
+from data_pipelines.manifests import read_manifest, write_manifest
+from data_pipelines.shards import ShardConfig, shard_urls, write_shards
+from data_pipelines.shards_cli import main
 
 CFG = ShardConfig(num_frames=8, frame_stride=4, img_size=64, max_windows=1, samples_per_shard=8)
 AUDIO_SAMPLES = 8 * 4 * 16000 // 25  # the frames' span, 1.28 s at 16 kHz

@@ -11,10 +11,11 @@ import pytest
 import torch
 from tiny_model import tiny
 
+from data_pipelines.adapters import scan_folder
 from data_pipelines.decode import SamplingConfig, decode_clip
 from data_pipelines.face_track import FaceConfig
 from data_pipelines.faces import model_sha256
-from data_pipelines.manifests import scan_folder, write_manifest
+from data_pipelines.manifests import write_manifest
 from data_pipelines.shards import ShardConfig, write_shards
 from finetune.embed import clip_inputs, embed_clip
 from finetune.embed import main as embed_main

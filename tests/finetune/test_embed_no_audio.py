@@ -1,6 +1,6 @@
 """`emomae embed` on clips without audio (issue 13): a window flagged `audio_present` False is embedded
 with its audio input blanked exactly as missing-modality evaluation blanks it
-(`finetune.module.drop_modality(..., "video")`: zeros after normalisation), per window."""
+(`finetune.modality.drop_modality(..., "video")`: zeros after normalisation), per window."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tiny_model import tiny
 from data_pipelines.features import FbankConfig
 from data_pipelines.stream import StreamConfig, eval_pipeline
 from finetune.embed import embed_batch, embed_clip, window_embeddings
-from finetune.module import drop_modality
+from finetune.modality import drop_modality
 from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 
 REPO = Path(__file__).resolve().parents[2]

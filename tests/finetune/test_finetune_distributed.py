@@ -142,7 +142,7 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
 
 
 def split_worker(argv: list[str]) -> None:
-    from finetune.module import all_ranks
+    from finetune.distributed import all_ranks
 
     args = worker_args(argv)
     torch.distributed.init_process_group("gloo")

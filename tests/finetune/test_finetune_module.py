@@ -6,8 +6,9 @@ import pytorch_lightning as pl
 import torch
 from tiny_model import tiny
 
+from finetune.full_model import FullFinetuneModel
 from finetune.heads import FeatureFusionHead
-from finetune.module import FinetuneModule, FullFinetuneModel
+from finetune.module import FinetuneModule
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig, normalize_video
 

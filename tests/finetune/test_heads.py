@@ -1,4 +1,4 @@
-"""Heads, AV mixup/cutmix, layer-wise lr decay."""
+"""Heads, AV mixup/cutmix, modality dropout and layer-wise lr decay (heads.py, mixup.py, modality.py, optim.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import torch
 from tiny_model import tiny
 
 from finetune.cache import FeatureCache, speaker_normalized
-from finetune.heads import (
-    AttentiveProbe,
-    AVMixup,
-    FeatureFusionHead,
-    drop_modality_per_sample,
-    fusion_tokens,
-    layer_decay_param_groups,
-    pool_tokens,
-)
-from finetune.module import FullFinetuneModel, build_optimizer
+from finetune.full_model import FullFinetuneModel
+from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens, pool_tokens
+from finetune.mixup import AVMixup
+from finetune.modality import drop_modality_per_sample
+from finetune.optim import build_optimizer, layer_decay_param_groups
 from finetune.probe import train_probe
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig

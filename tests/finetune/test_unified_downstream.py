@@ -9,14 +9,9 @@ from tiny_model import tiny
 
 from finetune import load_encoder
 from finetune.export import export
-from finetune.heads import (
-    AttentiveProbe,
-    FeatureFusionHead,
-    fusion_tokens,
-    layer_decay_param_groups,
-    pool_tokens,
-)
-from finetune.module import FullFinetuneModel
+from finetune.full_model import FullFinetuneModel
+from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens, pool_tokens
+from finetune.optim import layer_decay_param_groups
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
 

@@ -10,17 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from emomae.optim import no_decay_names, param_groups, warmup_cosine_factor
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MaskedAVAutoencoder, ObjectiveConfig
 from pretrain.module import PretrainModule, mask_seed
-from pretrain.optim import (
-    OptimConfig,
-    build_optimizer,
-    no_decay_names,
-    param_groups,
-    scaled_lr,
-    warmup_cosine_factor,
-)
+from pretrain.optim import OptimConfig, build_optimizer, scaled_lr
 
 REPO = Path(__file__).resolve().parents[2]
 
