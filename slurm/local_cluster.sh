@@ -24,6 +24,8 @@ die() { echo "local_cluster: $*" >&2; exit 2; }
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+owns_config() { [ "$(id -u)" = 0 ] && [ -f "$CONF" ] && grep -qF "$MARKER" "$CONF"; }
+
 node_ready() {
   # `idle`, `mixed` or `allocated` all accept (or queue) jobs; `down`/`drain` do not.
   local state
@@ -45,7 +47,9 @@ write_config() {
     die "$CONF exists and was not written by this script; refusing to replace a real cluster's config"
   fi
   local cpus mem_mb
-  cpus="$(nproc)"
+  # Every CPU this process may run on. Plain `nproc` also honours OMP_NUM_THREADS, so a shell with
+  # OMP_NUM_THREADS=1 would otherwise write a 1-CPU node and 2-task jobs would never start.
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   # slurmd drains a node that reports less memory than configured: stay well below MemTotal.
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
   mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
@@ -66,11 +70,11 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-# Jobs may requeue themselves (Lightning's SIGUSR1 handler runs `scontrol requeue`).
+# Jobs may requeue themselves (Lightning's SIGUSR1 handler runs "scontrol requeue").
 JobRequeue=1
 # Preemption and time-limit kills: SIGTERM, then SIGKILL this many seconds later.
 KillWait=10
-# Keep finished jobs visible to `scontrol show job` for 10 minutes (no accounting database).
+# Keep finished jobs visible to "scontrol show job" for 10 minutes (no accounting database).
 MinJobAge=600
 MpiDefault=none
 StateSaveLocation=/var/spool/slurmctld
@@ -109,9 +113,24 @@ start_munge() {
   die "munged started but credentials do not round-trip (munge -n | unmunge)"
 }
 
+stop_daemon() {
+  pid_alive "$1" || return 0
+  local pid
+  pid="$(cat "$1")"
+  kill "$pid"
+  for _ in $(seq 40); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.25
+  done
+  die "$2 (pid $pid) did not stop within 10 s"
+}
+
 start_daemons() {
-  if [ "${CONFIG_CHANGED:-0}" = 1 ] && pid_alive "$CTLD_PID"; then
-    scontrol reconfigure >/dev/null 2>&1 || true
+  # A node's CPUs or memory only change when both daemons restart (`scontrol reconfigure` keeps them);
+  # jobs survive in StateSaveLocation.
+  if [ "${CONFIG_CHANGED:-0}" = 1 ]; then
+    stop_daemon "$SLURMD_PID" slurmd
+    stop_daemon "$CTLD_PID" slurmctld
   fi
   if ! pid_alive "$CTLD_PID"; then
     /usr/sbin/slurmctld || die "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
@@ -124,7 +143,7 @@ start_daemons() {
 wait_ready() {
   for i in $(seq 60); do
     if node_ready; then
-      echo "local_cluster: node $NODE ready in partition $PARTITION ($(nproc) CPUs)"
+      echo "local_cluster: node $NODE ready in partition $PARTITION ($(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs)"
       return 0
     fi
     # A node left `down`/`drained` by an earlier unclean stop is fine to put back in service.
@@ -143,7 +162,9 @@ stop() {
 
 case "${1:-start}" in
   start)
-    if command -v sinfo >/dev/null && node_ready; then
+    # A cluster this script configured is brought up to date (its config may be stale); any other
+    # cluster that accepts jobs is left as it is.
+    if command -v sinfo >/dev/null && node_ready && ! owns_config; then
       echo "local_cluster: node $NODE already up"
       exit 0
     fi
