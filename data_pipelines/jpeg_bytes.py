@@ -33,7 +33,6 @@ from data_pipelines.samples import (
     CorruptSampleError,
     SampleDecoder,
     has_audio,
-    parse_label,
     tensors_in_one_buffer,
 )
 
@@ -124,8 +123,6 @@ class JpegBytesDecoder(SampleDecoder):
         fbank = None
         if log_mel is None:
             fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
-        label, target = parse_label(meta.get("label"))
-        caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
         return {
             "jpeg_frames": frames,
             "frame_hw": (height, width),
@@ -134,12 +131,7 @@ class JpegBytesDecoder(SampleDecoder):
             "log_mel": log_mel,
             "gain_db": gain_db,
             "audio_present": audio_present,
-            "label": label,
-            "target": target,
-            "key": raw["__key__"],
-            "clip_key": str(meta.get("clip_key", raw["__key__"])),
-            "caption": caption,
-            "__pos__": raw.get("__pos__", 0),
+            **self.clip_fields(raw, meta),
         }
 
     def frame_bytes(self, raw: dict) -> list[bytes]:

@@ -111,17 +111,19 @@ class SampleDecoder:
             video = eval_video_transform(stack_frames(frames), self.cfg.img_size)
         audio_present = has_audio(meta)
         fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
+        return {"video": video, "fbank": fbank, "audio_present": audio_present, **self.clip_fields(raw, meta)}
+
+    @staticmethod
+    def clip_fields(raw: dict, meta: dict) -> dict:
+        """What a decoded sample carries besides its pictures and sound: label, target, keys, caption
+        and stream position."""
         label, target = parse_label(meta.get("label"))
-        caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
         return {
-            "video": video,
-            "fbank": fbank,
-            "audio_present": audio_present,
             "label": label,
             "target": target,
             "key": raw["__key__"],
             "clip_key": str(meta.get("clip_key", raw["__key__"])),
-            "caption": caption,
+            "caption": raw["txt"].decode("utf-8") if "txt" in raw else "",
             "__pos__": raw.get("__pos__", 0),
         }
 

@@ -388,7 +388,8 @@ class AVStream(IterableDataset):
 
 
 class PretrainStream(AVStream):
-    """Infinite resampled stream cut into epochs of `epoch_length` batches per rank."""
+    """Infinite resampled stream cut into epochs of `epoch_length` batches per rank (see the module
+    docstring). Set `.epoch` before each epoch and `.start` (a `StreamStart`) to resume mid-epoch."""
 
     mode = "pretrain"
 
@@ -400,28 +401,44 @@ class PretrainStream(AVStream):
         logical = (base.worker + self.start.offset(base.num_workers)) % base.num_workers
         return WorkerContext(base.rank, base.world_size, logical, base.num_workers, base.epoch)
 
-    def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
-        cfg, W = self.cfg, ctx.num_workers
-        batches = cfg.epoch_length // W + int(ctx.worker < cfg.epoch_length % W)
-        batches -= self.start.consumed(ctx.worker, W)
-        if batches <= 0:
-            return iter(())
-        decoder = sample_decoder(cfg, train=True)
-        shards = wds.ResampledShards(
-            self.urls, seed=ctx.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True
-        )
-        return wds.DataPipeline(
-            shards,
+    def batches_per_worker(self, ctx: WorkerContext) -> int:
+        """This worker's share of the epoch's `epoch_length` batches (the first workers take the rest)."""
+        length, W = self.cfg.epoch_length, ctx.num_workers
+        return length // W + int(ctx.worker < length % W)
+
+    def numbered_samples(self, seeds: WorkerContext, errors: CorruptLog) -> list:
+        """The stages a training pipeline starts with: the shards resampled forever, read, filtered,
+        shuffled and numbered, the draws seeded from `seeds`."""
+        cfg = self.cfg
+        return [
+            wds.ResampledShards(
+                self.urls, seed=seeds.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True
+            ),
             lambda src: read_shards(src, errors),
             lambda src: keep_samples(src, self.sample_filter, errors),
             wds.shuffle(
-                cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(ctx.seed(cfg.seed, 2))
+                cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seeds.seed(cfg.seed, 2))
             ),
             number_samples,
+        ]
+
+    def augmented(self, decoder: SampleDecoder, seeds: WorkerContext, errors: CorruptLog) -> Callable:
+        """The decoding stage, each sample augmented with a seed from `seeds` and its position, so a
+        sample gets the same augmentation wherever and whenever it is decoded."""
+        seed = self.cfg.seed
+        return lambda src: decode_samples(
+            src, lambda raw: decoder(raw, seeds.seed(seed, 3, raw["__pos__"])), errors
+        )
+
+    def build(self, ctx: WorkerContext, errors: CorruptLog) -> Iterable[dict]:
+        cfg = self.cfg
+        batches = self.batches_per_worker(ctx) - self.start.consumed(ctx.worker, ctx.num_workers)
+        if batches <= 0:
+            return iter(())
+        return wds.DataPipeline(
+            *self.numbered_samples(ctx, errors),
             lambda src: skip_consumed(src, self.start.position(ctx.worker)),
-            lambda src: decode_samples(
-                src, lambda raw: decoder(raw, ctx.seed(cfg.seed, 3, raw["__pos__"])), errors
-            ),
+            self.augmented(sample_decoder(cfg, train=True), ctx, errors),
             lambda src: batch_samples(
                 src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True)
             ),
@@ -430,7 +447,8 @@ class PretrainStream(AVStream):
 
 
 class EvalStream(AVStream):
-    """Each sample of `urls` exactly once over all ranks x workers, in shard order, no augmentation."""
+    """Each sample of `urls` exactly once over all ranks x workers, in shard order, no augmentation
+    (see the module docstring). `shard_sizes` default: the shards' index.json."""
 
     mode = "eval"
 
@@ -461,41 +479,7 @@ class EvalStream(AVStream):
         )
 
 
-def pretrain_pipeline(
-    urls: list[str] | str,
-    cfg: StreamConfig,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    sample_filter: SampleFilter | None = None,
-    log_dir: str | Path | None = None,
-) -> PretrainStream:
-    """Pretraining stream (see module docstring); iterate it through a DataLoader with `batch_size=None`.
-
-    Set `.epoch` before each epoch and `.start` (a `StreamStart`) to resume mid-epoch.
-    """
-    return PretrainStream(
-        urls, cfg, rank=rank, world_size=world_size, sample_filter=sample_filter, log_dir=log_dir
-    )
-
-
-def eval_pipeline(
-    urls: list[str] | str,
-    cfg: StreamConfig,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    sample_filter: SampleFilter | None = None,
-    log_dir: str | Path | None = None,
-    shard_sizes: list[int] | None = None,
-) -> EvalStream:
-    """Exact-once evaluation stream (see module docstring). `shard_sizes` default: index.json."""
-    return EvalStream(
-        urls,
-        cfg,
-        rank=rank,
-        world_size=world_size,
-        sample_filter=sample_filter,
-        log_dir=log_dir,
-        shard_sizes=shard_sizes,
-    )
+# The streams under the names the loaders know them by; iterate one through a DataLoader with
+# `batch_size=None`.
+pretrain_pipeline = PretrainStream
+eval_pipeline = EvalStream

@@ -5,7 +5,6 @@ scan that finds each window's address."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytorch_lightning as pl
 import torch
@@ -23,10 +22,6 @@ from data_pipelines.stream import (
     StreamConfig,
     WorkerContext,
     batch_samples,
-    decode_samples,
-    keep_samples,
-    number_samples,
-    read_shards,
     tag_batches,
 )
 from data_pipelines.tar_reader import tar_samples
@@ -104,26 +99,13 @@ class FoldTrainStream(PretrainStream):
     def build(self, ctx: WorkerContext, errors) -> wds.DataPipeline:
         cfg, rank, world = self.cfg, self.rank, self.world_size
         shared = WorkerContext(0, 1, ctx.worker, ctx.num_workers, ctx.epoch)
-        batches = cfg.epoch_length // ctx.num_workers + int(ctx.worker < cfg.epoch_length % ctx.num_workers)
-        decoder = SampleDecoder(cfg, train=True)
-        shards = wds.ResampledShards(
-            self.urls, seed=shared.seed(cfg.seed, 1), worker_seed=lambda: 0, deterministic=True
-        )
         return wds.DataPipeline(
-            shards,
-            lambda src: read_shards(src, errors),
-            lambda src: keep_samples(src, self.sample_filter, errors),
-            wds.shuffle(
-                cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(shared.seed(cfg.seed, 2))
-            ),
-            number_samples,
+            *self.numbered_samples(shared, errors),
             lambda src: (raw for raw in src if raw["__pos__"] % world == rank),
-            lambda src: decode_samples(
-                src, lambda raw: decoder(raw, shared.seed(cfg.seed, 3, raw["__pos__"])), errors
-            ),
+            self.augmented(SampleDecoder(cfg, train=True), shared, errors),
             lambda src: batch_samples(src, cfg.batch_size, partial=False),
             lambda src: tag_batches(src, ctx, errors),
-        ).with_epoch(nbatches=batches)
+        ).with_epoch(nbatches=self.batches_per_worker(ctx))
 
 
 class PartEvalStream(EvalStream):

@@ -28,7 +28,7 @@ from pretrain.encoders import (
 )
 from pretrain.losses import initial_logit_scale, note_fp32
 from pretrain.masking import Mask, random_mask, tube_mask
-from pretrain.objective import ObjectiveConfig, PretrainObjective
+from pretrain.objective import ObjectiveConfig, PretrainObjective, per_level_terms
 from pretrain.patches import patchify_audio, patchify_video, unpatchify_audio, unpatchify_video
 from pretrain.pooling import token_mean
 
@@ -325,9 +325,10 @@ class MaskedAVAutoencoder(nn.Module):
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Per level: (logits per video (B, W*B), logits per audio (B, W*B)), temperature applied;
         the columns of clips without audio are -inf."""
-        return self.objective.contrastive_logits(
-            *self.pool_levels(enc), self.contrastive_levels, self.logit_scale, audio_present
+        per_video, per_audio, _ = self.objective.info_nce.logits(
+            *self.pool_levels(enc), self.logit_scale, audio_present
         )
+        return per_level_terms(self.contrastive_levels, zip(per_video, per_audio))
 
     @torch.no_grad()
     def reconstruct(

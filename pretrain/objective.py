@@ -57,6 +57,11 @@ def level_term(level: int | str) -> str:
     return "contrastive_fused" if level == "fused" else f"contrastive_l{level}"
 
 
+def per_level_terms(levels: list, values) -> dict:
+    """{term name of each level: its value}, `values` in the order of `levels`."""
+    return dict(zip(map(level_term, levels), values))
+
+
 class PretrainObjective(nn.Module):
     """Reconstruction + hierarchical contrastive loss of one micro-batch; no parameters, no buffers.
 
@@ -107,20 +112,7 @@ class PretrainObjective(nn.Module):
         """video_pooled, audio_pooled: (B, L, D) token means of the L `levels` -> `contrastive` (their
         sum) and one term per level; one gather serves every level."""
         per_level = self.info_nce(video_pooled, audio_pooled, logit_scale, audio_present)
-        return {"contrastive": per_level.sum(), **dict(zip(map(level_term, levels), per_level.unbind(0)))}
-
-    def contrastive_logits(
-        self,
-        video_pooled: Tensor,
-        audio_pooled: Tensor,
-        levels: list,
-        logit_scale: Tensor,
-        audio_present: Tensor | None = None,
-    ) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per level term name: (logits per video (B, W*B), logits per audio (B, W*B)), temperature
-        applied; the columns of clips without audio are -inf."""
-        per_video, per_audio, _ = self.info_nce.logits(video_pooled, audio_pooled, logit_scale, audio_present)
-        return {level_term(level): (per_video[i], per_audio[i]) for i, level in enumerate(levels)}
+        return {"contrastive": per_level.sum(), **per_level_terms(levels, per_level.unbind(0))}
 
     def forward(
         self,

@@ -1,5 +1,5 @@
 """Starting the processes of the multi-process tests: a free port, the child environment, torchrun's
-command line, and a run that must succeed."""
+command line, a run that must succeed, and spawned gloo ranks that hand back their tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +57,25 @@ def start(cmd: list[str], env: dict[str, str], **options) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options
     )
+
+
+def gloo_ranks(rank_fn: Callable[[int], dict], world: int, out_dir: Path) -> list[dict]:
+    """Runs `rank_fn(rank) -> {name: tensor}` in `world` spawned processes joined in one gloo process
+    group (one thread each) -> each rank's tensors, detached, in rank order (saved under `out_dir`)."""
+    mp.spawn(_gloo_rank, args=(rank_fn, world, free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def _gloo_rank(rank: int, rank_fn: Callable[[int], dict], world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # only detached tensors outlive rank_fn: what it held (a DDP reducer, a graph) must go
+        # before the process group does
+        result = {name: value.detach() for name, value in rank_fn(rank).items()}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+        # no rank may tear the group down while another still talks to it ("terminate called
+        # without an active exception" now and then)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

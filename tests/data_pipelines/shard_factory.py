@@ -15,6 +15,9 @@ import torch
 import webdataset as wds
 from torchvision.io import encode_jpeg
 
+from data_pipelines.features import FbankConfig
+from data_pipelines.stream import StreamConfig
+
 SAMPLE_RATE = 16000
 
 
@@ -104,6 +107,12 @@ def write_shard_dir(
     index["config"] = {"num_frames": num_frames, "img_size": size}
     index_path.write_text(json.dumps(index))
     return urls
+
+
+def stream_config(**over) -> StreamConfig:
+    """A stream that reads the samples written here as they are (4 frames of 32 x 32, no resize) into a
+    64-frame fbank; `over` sets the rest."""
+    return StreamConfig(**{"num_frames": 4, "img_size": 32, "fbank": FbankConfig(fbank_frames=64), **over})
 
 
 def keys_of(sizes: list[int], first_index: int = 0) -> list[str]:

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
-from shard_factory import make_sample, write_shard_dir
+from shard_factory import make_sample, stream_config, write_shard_dir
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, encode_jpeg
 
@@ -172,7 +172,7 @@ def shard_with_bad_frames(tmp_path_factory):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_jpegs_in_bytes_mode_are_dropped_and_named(shard_with_bad_frames, tmp_path, device):
-    cfg = StreamConfig(batch_size=6, num_frames=4, img_size=32, fbank=FbankConfig(fbank_frames=64))
+    cfg = stream_config(batch_size=6)
     classic = next(iter(eval_pipeline([shard_with_bad_frames], cfg, rank=0, world_size=1, shard_sizes=[6])))
     batch = next(
         iter(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from shard_factory import keys_of, make_sample, write_shard_dir
+from shard_factory import keys_of, make_sample, stream_config, write_shard_dir
 from torch.utils.data import DataLoader
 
 from data_pipelines.augment import VideoAugConfig
@@ -28,16 +28,12 @@ from data_pipelines.stream import (
     read_corrupt_logs,
 )
 
-CFG = StreamConfig(
+CFG = stream_config(
     batch_size=4,
-    num_frames=4,
-    img_size=32,
-    fbank=FbankConfig(fbank_frames=64),
     video_aug=VideoAugConfig(img_size=32, crop_scale=(0.5, 1.0), hflip=0.5),
     audio_gain_db=3.0,
     shuffle_buffer=8,
     epoch_length=5,
-    seed=0,
 )
 SEVEN_UNEVEN = [5, 3, 4, 6, 2, 5, 3]  # 28 samples; 6 slots do not divide 7 shards
 

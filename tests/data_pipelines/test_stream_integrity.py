@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_factory import keys_of, write_shard_dir
+from shard_factory import keys_of, stream_config, write_shard_dir
 from torch.utils.data import DataLoader
 
 from data_pipelines.corrupt import CorruptLog
-from data_pipelines.features import FbankConfig
 from data_pipelines.stream import (
     PipeUrlError,
     StreamConfig,
@@ -26,15 +25,7 @@ from data_pipelines.stream import (
     read_shard,
 )
 
-CFG = StreamConfig(
-    batch_size=2,
-    num_frames=4,
-    img_size=32,
-    fbank=FbankConfig(fbank_frames=64),
-    shuffle_buffer=4,
-    epoch_length=4,
-    seed=0,
-)
+CFG = stream_config(batch_size=2, shuffle_buffer=4, epoch_length=4)
 
 
 def cut_before_sample(url: str, key: str) -> None:

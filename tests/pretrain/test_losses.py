@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import math
-import socket
 
+import launch
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tiny_model import TINY
 
@@ -122,42 +120,28 @@ def _loss(proj, video, audio, loss_fn):
     return hierarchical(levels, 0.07, loss_fn)["contrastive"]
 
 
-def _rank(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        video, audio, proj = _global_batch()
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        video, audio = video[rows].clone().requires_grad_(), audio[rows].clone().requires_grad_()
-        ddp = torch.nn.parallel.DistributedDataParallel(proj)  # averages gradients over ranks
-        loss = _loss(ddp, video, audio, objective(gather_negatives=True))
-        loss.backward()
-        with torch.no_grad():
-            local = _loss(proj, video, audio, objective(gather_negatives=False))
-        result = {
-            "loss": loss.detach(),
-            "local_loss": local,
-            "video_grad": video.grad,
-            "audio_grad": audio.grad,
-            "weight_grad": proj.weight.grad,
-            "bias_grad": proj.bias.grad,
-        }
-        torch.save({k: v.detach() for k, v in result.items()}, f"{out_dir}/rank{rank}.pt")
-        # DDP's reducer must go before its process group, and no rank may tear the group down while
-        # the other still talks to it: either race aborts a process now and then ("terminate called
-        # without an active exception")
-        del ddp, loss
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int) -> dict:
+    video, audio, proj = _global_batch()
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    video, audio = video[rows].clone().requires_grad_(), audio[rows].clone().requires_grad_()
+    # averages gradients over ranks; its reducer goes when this returns, before the process group
+    ddp = torch.nn.parallel.DistributedDataParallel(proj)
+    loss = _loss(ddp, video, audio, objective(gather_negatives=True))
+    loss.backward()
+    with torch.no_grad():
+        local = _loss(proj, video, audio, objective(gather_negatives=False))
+    return {
+        "loss": loss.detach(),
+        "local_loss": local,
+        "video_grad": video.grad,
+        "audio_grad": audio.grad,
+        "weight_grad": proj.weight.grad,
+        "bias_grad": proj.bias.grad,
+    }
 
 
 def test_gathered_loss_and_ddp_gradients_equal_the_single_process_batch_with_two_gloo_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = launch.gloo_ranks(_rank, WORLD, tmp_path)
 
     video, audio, proj = _global_batch()
     video.requires_grad_(), audio.requires_grad_()

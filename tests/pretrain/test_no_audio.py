@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 import math
-import socket
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from tiny_model import TINY
 
 from data_pipelines.features import FbankConfig
@@ -151,29 +149,16 @@ def contrastive(video: torch.Tensor, audio: torch.Tensor, present: torch.Tensor 
     return objective.contrastive_terms(*pooled, levels, initial_logit_scale(0.07), present)["contrastive"]
 
 
-def _rank(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        video, audio = (x[rows].clone().requires_grad_() for x in global_features())
-        loss = contrastive(video, audio, GLOBAL_PRESENT[rows])
-        loss.backward()
-        torch.save(
-            {"loss": loss.detach(), "video_grad": video.grad, "audio_grad": audio.grad},
-            f"{out_dir}/rank{rank}.pt",
-        )
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int) -> dict:
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    video, audio = (x[rows].clone().requires_grad_() for x in global_features())
+    loss = contrastive(video, audio, GLOBAL_PRESENT[rows])
+    loss.backward()
+    return {"loss": loss, "video_grad": video.grad, "audio_grad": audio.grad}
 
 
 def test_gathered_ranks_leave_every_rank_s_clips_without_audio_out_of_the_contrastive_loss(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = launch.gloo_ranks(_rank, WORLD, tmp_path)
 
     video, audio = global_features()
     kept = GLOBAL_PRESENT.nonzero().squeeze(1)
