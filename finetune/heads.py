@@ -15,7 +15,6 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from pretrain.layers import LN_EPS
-from pretrain.pooling import pool_tokens  # noqa: F401  (the heads' input; imported from here too)
 
 # what a probe caches per sample: token-means of every layer and of the fusion outputs
 POOLED_KEYS = ("video_layers", "audio_layers", "fused_video", "fused_audio")

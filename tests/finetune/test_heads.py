@@ -9,13 +9,14 @@ from tiny_model import tiny
 
 from finetune.cache import FeatureCache, speaker_normalized
 from finetune.full_model import FullFinetuneModel
-from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens, pool_tokens
+from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens
 from finetune.mixup import AVMixup
 from finetune.modality import drop_modality_per_sample
 from finetune.optim import build_optimizer, layer_decay_param_groups
 from finetune.probe import train_probe
 from finetune.protocols import RecipeConfig
 from pretrain.encoders import AVEncoder, ModelConfig
+from pretrain.pooling import pool_tokens
 
 CFG = ModelConfig(**tiny(fusion_depth=2, decoder_depth=2, skip_layers=[3]))
 

@@ -19,8 +19,8 @@ from synth_finetune import synth_finetune
 
 from emomae.cli import main as emomae
 from finetune.export import load_encoder, read_export_config
-from finetune.heads import pool_tokens
 from finetune.hicmae_import import HEAD_FILE, PRETRAIN_FILE, load_head
+from pretrain.pooling import pool_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = Path(

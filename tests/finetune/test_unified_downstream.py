@@ -10,10 +10,11 @@ from tiny_model import tiny
 from finetune import load_encoder
 from finetune.export import export
 from finetune.full_model import FullFinetuneModel
-from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens, pool_tokens
+from finetune.heads import AttentiveProbe, FeatureFusionHead, fusion_tokens
 from finetune.optim import layer_decay_param_groups
 from pretrain.encoders import ModelConfig
 from pretrain.mae import MaskedAVAutoencoder
+from pretrain.pooling import pool_tokens
 
 SMALL = tiny()
 

@@ -106,7 +106,7 @@ def pretraining_outputs(
 def finetuning_outputs(t: dict, cfg: ModelConfig) -> dict:
     state, _ = read_hicmae_checkpoint(FIXTURE / "finetune_checkpoint.pth")
     encoder, head = finetuning_model(state, cfg)
-    from finetune.heads import pool_tokens
+    from pretrain.pooling import pool_tokens
 
     with torch.no_grad():
         pooled = pool_tokens(encoder.forward_features(t["video"].permute(0, 2, 1, 3, 4), t["audio"][:, 0]))
@@ -235,7 +235,7 @@ def test_the_fine_tuning_norm_eps_of_layernorm_s_default_is_caught(fixture):
     state, _ = read_hicmae_checkpoint(FIXTURE / "finetune_checkpoint.pth")
     encoder, head = finetuning_model(state, cfg)
     head.norm.eps = 1e-5  # nn.LayerNorm's default, which emomae's head used before
-    from finetune.heads import pool_tokens
+    from pretrain.pooling import pool_tokens
 
     with torch.no_grad():
         pooled = pool_tokens(
