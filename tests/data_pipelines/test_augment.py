@@ -48,9 +48,9 @@ def test_augment_is_a_function_of_the_generator_seed():
     assert not torch.equal(aug(video, gen(3)), aug(video, gen(4)))
 
 
-def channels_last_frames(video: torch.Tensor) -> list[torch.Tensor]:
-    """(T, 3, H, W) -> T (3, H, W) views of (H, W, 3) memory, as decode_jpeg returns frames."""
-    return [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in video]
+def channels_last_frames(video: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) -> the same, a view of (T, H, W, 3) memory, as the loader decodes clips."""
+    return video.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("size", [(48, 40), (32, 32), (20, 64), (160, 160)])

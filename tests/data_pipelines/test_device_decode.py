@@ -24,7 +24,7 @@ from data_pipelines.datamodule import AVDataModule
 from data_pipelines.device_decode import DeviceFrameDecoder
 from data_pipelines.features import FbankConfig
 from data_pipelines.jpeg_bytes import clip_frame_size, jpeg_frame_size
-from data_pipelines.samples import CorruptSampleError
+from data_pipelines.corrupt import CorruptSampleError
 from data_pipelines.shards import shard_urls
 from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
 
