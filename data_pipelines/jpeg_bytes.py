@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from data_pipelines.augment import ClipAugParams
+from data_pipelines.batch_buffers import BatchBufferPool
 from data_pipelines.corrupt import CorruptSampleError
 from data_pipelines.features import FbankConfig, gain_shift, precomputed_fbank
 from data_pipelines.samples import (
@@ -161,9 +162,15 @@ class JpegBatchBuilder(BatchBuilder):
     into `fbank`; otherwise the worker finishes them here (`precomputed_fbank`)."""
 
     def __init__(
-        self, batch_size: int, num_frames: int, img_size: int, train: bool, fbank: FbankConfig = FbankConfig()
+        self,
+        batch_size: int,
+        num_frames: int,
+        img_size: int,
+        train: bool,
+        fbank: FbankConfig = FbankConfig(),
+        pool: BatchBufferPool | None = None,
     ) -> None:
-        super().__init__(batch_size)
+        super().__init__(batch_size, pool)
         self.num_frames, self.img_size, self.train, self.fbank_cfg = num_frames, img_size, train, fbank
         self.frames: list[bytes] = []
         self.audio: list[tuple[Tensor | None, Tensor | None, float]] = []  # (fbank, log_mel, gain_db)
@@ -193,7 +200,7 @@ class JpegBatchBuilder(BatchBuilder):
                 for fbank, log_mel, gain_db in self.audio
             ]
             audio_specs = {"fbank": ((rows, *fbanks[0].shape), torch.float32)}
-        out = tensors_in_one_buffer(
+        out, lease = tensors_in_one_buffer(
             {
                 **audio_specs,
                 "data": ((sum(lengths),), torch.uint8),
@@ -203,9 +210,10 @@ class JpegBatchBuilder(BatchBuilder):
                 "flip": ((rows,), torch.bool),
                 "jitter": ((rows, 3), torch.float32),
                 "jitter_order": ((rows, 3), torch.int64),
-            }
+            },
+            self.pool,
         )
-        batch = {}
+        batch = {} if lease is None else {"__lease__": lease}
         if ship_log_mel:
             self.fill_log_mels(out)
             out["fbank_mean"], out["fbank_std"] = cfg.mean, cfg.std

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from data_pipelines.augment import ClipAugParams, VideoAugment, eval_video_transform
+from data_pipelines.batch_buffers import BatchBufferPool, BufferLease, shared_bytes
 from data_pipelines.corrupt import CorruptSampleError
 from data_pipelines.features import (
     SpecAugment,
@@ -290,25 +291,33 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     `default_collate` does it, so sending the batch to the main process copies nothing."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return shared_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
-def tensors_in_one_buffer(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
-    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
-    worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
-    segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py)."""
+def buffer_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict[str, int], int]:
+    """Byte offsets of `{name: (shape, dtype)}` packed into one buffer, 8-byte aligned so any dtype
+    can view its slice, and the buffer's size."""
     starts, end = {}, 0
     for name, (shape, dtype) in specs.items():
-        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        end = -(-end // 8) * 8
         starts[name] = end
         end += math.prod(shape) * dtype.itemsize
-    buffer = batch_tensor((end,), torch.uint8)
+    return starts, end
+
+
+def tensors_in_one_buffer(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pool: BatchBufferPool | None = None
+) -> tuple[dict[str, Tensor], BufferLease | None]:
+    """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
+    worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
+    segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py). From `pool`,
+    the buffer comes with the lease the batch must carry (`batch_buffers.py`)."""
+    starts, end = buffer_layout(specs)
+    buffer, lease = pool.take(end) if pool is not None else (batch_tensor((end,), torch.uint8), None)
     return {
         name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         for name, (shape, dtype) in specs.items()
-    }
+    }, lease
 
 
 def row_field_specs(rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -324,10 +333,12 @@ class BatchBuilder:
     """Fills one batch as samples arrive: each clip's frames are copied into the preallocated
     (B, T, H, W, 3) batch tensor as soon as it is decoded and then dropped, so a worker holds one
     clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults).
-    Video and fbank are views of one buffer, the per-sample scalars of another (`tensors_in_one_buffer`)."""
+    Video and fbank are views of one buffer, the per-sample scalars of another (`tensors_in_one_buffer`);
+    with a `pool` (in a loader worker) the first is a reused one, and the batch carries its lease."""
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, pool: BatchBufferPool | None = None) -> None:
+        self.batch_size, self.pool = batch_size, pool
+        self.lease: BufferLease | None = None
         self.video: Tensor | None = None
         self.fbank: Tensor | None = None
         self.rows: list[dict] = []
@@ -343,11 +354,12 @@ class BatchBuilder:
         clip, b = sample.pop("video"), len(self.rows)
         if self.video is None:
             frames, channels, height, width = clip.shape
-            shared = tensors_in_one_buffer(
+            shared, self.lease = tensors_in_one_buffer(
                 {
                     "video": ((self.batch_size, frames, height, width, channels), torch.uint8),
                     "fbank": ((self.batch_size, *sample["fbank"].shape), torch.float32),
-                }
+                },
+                self.pool,
             )
             self.video, self.fbank = shared["video"], shared["fbank"]
         if isinstance(clip, PendingAugment):
@@ -365,13 +377,14 @@ class BatchBuilder:
             "video": self.video[:n].permute(0, 1, 4, 2, 3),
             "fbank": self.fbank[:n],
             **self.row_fields(),
+            **({"__lease__": self.lease} if self.lease is not None else {}),
         }
 
     def row_fields(self) -> dict:
         """Everything per sample but video and fbank. Its tensors share a buffer of their own, not the
         video's: code that keeps labels across batches must not keep every batch's frames alive."""
         rows = self.rows
-        out = tensors_in_one_buffer(row_field_specs(len(rows)))
+        out, _ = tensors_in_one_buffer(row_field_specs(len(rows)))
         out["label"].copy_(torch.tensor([s["label"] for s in rows], dtype=torch.int64))
         out["has_caption"].copy_(torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool))
         out["audio_present"].copy_(torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool))

@@ -40,6 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from data_pipelines.augment import VideoAugConfig
+from data_pipelines.batch_buffers import BatchBufferPool
 from data_pipelines.corrupt import CorruptLog, CorruptSampleError, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
@@ -103,6 +104,9 @@ class StreamConfig:
     # Workers ship undecoded JPEG bytes + drawn augmentation; the frames are decoded on the device
     # (jpeg_bytes.py, device_decode.py, docs/loader.md).
     jpeg_bytes: bool = False
+    # Shared-memory batch buffers each loader worker keeps and reuses once the main process has
+    # dropped the batch (batch_buffers.py); 0 allocates every batch anew, as default_collate does.
+    batch_buffers: int = 5
 
 
 # ---------------------------------------------------------------- who am I
@@ -313,11 +317,14 @@ def sample_decoder(cfg: StreamConfig, train: bool) -> SampleDecoder:
     return SampleDecoder(cfg, train, reuse_frame_buffer=True)
 
 
-def batch_builder(cfg: StreamConfig, train: bool) -> Callable[[int], BatchBuilder]:
-    """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples."""
+def batch_builder(
+    cfg: StreamConfig, train: bool, pool: BatchBufferPool | None = None
+) -> Callable[[int], BatchBuilder]:
+    """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples, their
+    buffers taken from `pool` when there is one (a loader worker's, `AVStream.buffer_pool`)."""
     if not cfg.jpeg_bytes:
-        return BatchBuilder
-    return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train, cfg.fbank)
+        return lambda size: BatchBuilder(size, pool)
+    return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train, cfg.fbank, pool)
 
 
 def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog) -> Iterator[dict]:
@@ -328,6 +335,8 @@ def tag_batches(batches: Iterable[dict], ctx: WorkerContext, errors: CorruptLog)
             "position": batch.pop("__last_pos__") + 1,
             "corrupt": errors.count,
         }
+        if "__lease__" in batch:  # a reused buffer's (batch_buffers.py); (pool id, slot) once received
+            batch["stream"]["lease"] = batch.pop("__lease__")
         yield batch
 
 
@@ -373,6 +382,7 @@ class AVStream(IterableDataset):
         self.sample_filter = sample_filter
         self.log_dir = None if log_dir is None else str(log_dir)
         self.epoch = 0
+        self.buffer_pool: BatchBufferPool | None = None  # a loader worker's, made in `__iter__`
         self.start = StreamStart()
 
     def context(self) -> WorkerContext:
@@ -381,8 +391,11 @@ class AVStream(IterableDataset):
         return WorkerContext(self.rank, self.world_size, worker, num_workers, self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
+        self.buffer_pool = None
         if get_worker_info() is not None:
             ignore_stop_signals()
+            if self.cfg.batch_buffers > 0:
+                self.buffer_pool = BatchBufferPool(self.cfg.batch_buffers)
         ctx = self.context()
         errors = CorruptLog(ctx, self.mode, self.log_dir, self.cfg.max_consecutive_errors)
         return iter(self.build(ctx, errors))
@@ -444,7 +457,7 @@ class PretrainStream(AVStream):
             lambda src: skip_consumed(src, self.start.position(ctx.worker)),
             self.augmented(sample_decoder(cfg, train=True), ctx, errors),
             lambda src: batch_samples(
-                src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True)
+                src, cfg.batch_size, partial=False, new_builder=batch_builder(cfg, True, self.buffer_pool)
             ),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=batches)
@@ -477,7 +490,10 @@ class EvalStream(AVStream):
             number_samples,
             lambda src: decode_samples(src, decoder, errors),
             lambda src: batch_samples(
-                src, self.cfg.batch_size, partial=True, new_builder=batch_builder(self.cfg, False)
+                src,
+                self.cfg.batch_size,
+                partial=True,
+                new_builder=batch_builder(self.cfg, False, self.buffer_pool),
             ),
             lambda src: tag_batches(src, ctx, errors),
         )

@@ -14,7 +14,7 @@ from webdataset.gopen import gopen
 from data_pipelines.augment import VideoAugConfig
 from data_pipelines.exact_once import split_addresses
 from data_pipelines.features import FbankConfig
-from data_pipelines.samples import SampleDecoder
+from data_pipelines.samples import BatchBuilder, SampleDecoder
 from data_pipelines.stream import (
     READ_BUFFER,
     EvalStream,
@@ -103,7 +103,12 @@ class FoldTrainStream(PretrainStream):
             *self.numbered_samples(shared, errors),
             lambda src: (raw for raw in src if raw["__pos__"] % world == rank),
             self.augmented(SampleDecoder(cfg, train=True, reuse_frame_buffer=True), shared, errors),
-            lambda src: batch_samples(src, cfg.batch_size, partial=False),
+            lambda src: batch_samples(
+                src,
+                cfg.batch_size,
+                partial=False,
+                new_builder=lambda size: BatchBuilder(size, self.buffer_pool),
+            ),
             lambda src: tag_batches(src, ctx, errors),
         ).with_epoch(nbatches=self.batches_per_worker(ctx))
 

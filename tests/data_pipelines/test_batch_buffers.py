@@ -1,0 +1,109 @@
+"""Loader workers reuse their shared batch buffers (data_pipelines/batch_buffers.py) only once the
+main process has dropped every view of a batch: real DataLoader workers, real shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.augment import VideoAugConfig
+from data_pipelines.features import FbankConfig
+from data_pipelines.shards import shard_urls
+from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline
+
+EVAL = StreamConfig(
+    batch_size=2, num_frames=8, img_size=48, fbank=FbankConfig(fbank_frames=64), batch_buffers=3
+)
+TRAIN = dataclasses.replace(
+    EVAL,
+    video_aug=VideoAugConfig(img_size=48, crop_scale=(0.3, 1.0), hflip=0.5),
+    audio_gain_db=3.0,
+    shuffle_buffer=4,
+    epoch_length=10,
+)
+
+
+def worker_batches(stream) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=1)
+
+
+def in_process(stream) -> list[dict]:
+    return [b for b in stream]
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert [b["key"] for b in got] == [b["key"] for b in want]
+    for g, w in zip(got, want):
+        assert torch.equal(g["video"], w["video"]) and torch.equal(g["fbank"], w["fbank"])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dropped_batches_give_their_buffers_back(synth_shards, mode):
+    urls = shard_urls(synth_shards)
+    make = (
+        (lambda: eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))
+        if mode == "eval"
+        else (lambda: pretrain_pipeline(urls, TRAIN, rank=0, world_size=1))
+    )
+    want = in_process(make())
+    got, slots = [], []
+    for batch in worker_batches(make()):
+        slots.append(batch["stream"]["lease"][1])  # no lease: a fresh buffer
+        got.append({"key": batch["key"], "video": batch["video"].clone(), "fbank": batch["fbank"].clone()})
+        del batch  # the clone is all that is kept: the worker may refill this buffer
+    assert len(got) >= 10
+    assert_same_batches(got, want)
+    assert set(slots) <= {0, 1, 2} and len(slots) == len(got)  # every batch was in a pooled buffer
+
+
+def test_kept_batches_are_never_overwritten(synth_shards):
+    urls = shard_urls(synth_shards)
+    want = in_process(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))
+    kept = list(worker_batches(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1)))
+    assert_same_batches(kept, want)
+    leased = [b for b in kept if "lease" in b["stream"]]
+    assert len(leased) == EVAL.batch_buffers < len(kept)  # the pool ran dry: the rest got fresh buffers
+
+
+def test_a_view_outliving_its_batch_keeps_the_buffer_taken(synth_shards):
+    """Only the last view counts: a slice of one batch's video, kept while the batch dict goes."""
+    urls = shard_urls(synth_shards)
+    want = in_process(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))
+    first_frames, slots = None, []
+    for i, batch in enumerate(worker_batches(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))):
+        slots.append(batch["stream"].get("lease", (None, None))[1])
+        if i == 0:
+            first_frames = batch["video"][0, 0]
+    assert torch.equal(first_frames, want[0]["video"][0, 0])
+    assert slots[0] not in slots[1:]  # never handed out again while the view lived
+
+
+def test_no_pool_without_workers_or_when_switched_off(synth_shards):
+    urls = shard_urls(synth_shards)
+    assert all("lease" not in b["stream"] for b in eval_pipeline(urls, EVAL, rank=0, world_size=1))
+    off = dataclasses.replace(EVAL, batch_buffers=0)
+    assert all(
+        "lease" not in b["stream"] for b in worker_batches(eval_pipeline(urls, off, rank=0, world_size=1))
+    )
+
+
+def test_jpeg_bytes_batches_reuse_buffers_too(synth_shards):
+    """The JPEG-bytes batches vary in size: a free buffer too small for the next one is replaced."""
+    urls = shard_urls(synth_shards)
+    cfg = dataclasses.replace(TRAIN, jpeg_bytes=True)
+    want = in_process(pretrain_pipeline(urls, cfg, rank=0, world_size=1))
+    got = []
+    for batch in worker_batches(pretrain_pipeline(urls, cfg, rank=0, world_size=1)):
+        jpeg = batch["jpeg"]
+        got.append(
+            (batch["stream"]["lease"][1], jpeg["data"].clone(), jpeg["offsets"].clone(), jpeg["crop"].clone())
+        )
+        del batch, jpeg
+    assert len(got) == len(want) == TRAIN.epoch_length
+    for (_, data, offsets, crop), w in zip(got, want):
+        assert torch.equal(data, w["jpeg"]["data"]) and torch.equal(offsets, w["jpeg"]["offsets"])
+        assert torch.equal(crop, w["jpeg"]["crop"])
+    assert {slot for slot, *_ in got} <= {0, 1, 2}
