@@ -74,12 +74,19 @@ class DataConfig:
     # Where frames are decoded: auto (cuda when the Trainer runs on a GPU, else cpu), cpu (in the
     # loader workers) or cuda (workers ship JPEG bytes, nvjpeg decodes them; docs/loader.md).
     decode_device: str = "auto"
+    # Shared-memory batch buffers each loader worker reuses once the batch is dropped (0: a new one
+    # per batch, as default_collate; docs/loader.md "Batch buffers").
+    batch_buffers: int = 5
     allow_pipe_urls: bool = False  # `pipe:<command>` shard URLs run a shell command each: opt in explicitly
 
     def __post_init__(self) -> None:
         if self.decode_device not in DECODE_DEVICES:
             raise ValueError(
                 f"data.decode_device must be one of {list(DECODE_DEVICES)}, got {self.decode_device!r}"
+            )
+        if self.batch_buffers < 0:
+            raise ValueError(
+                f"data.batch_buffers must be >= 0 (0 turns the reuse off), got {self.batch_buffers}"
             )
 
     @classmethod
@@ -122,6 +129,7 @@ class DataConfig:
             self.epoch_length,
             self.seed,
             self.max_consecutive_errors,
+            batch_buffers=self.batch_buffers,
         )
 
 

@@ -107,3 +107,14 @@ def test_jpeg_bytes_batches_reuse_buffers_too(synth_shards):
         assert torch.equal(data, w["jpeg"]["data"]) and torch.equal(offsets, w["jpeg"]["offsets"])
         assert torch.equal(crop, w["jpeg"]["crop"])
     assert {slot for slot, *_ in got} <= {0, 1, 2}
+
+
+def test_data_config_sets_the_pool_size_and_refuses_a_negative_one():
+    from data_pipelines.datamodule import DataConfig
+
+    assert DataConfig.from_any({"batch_buffers": 2}).stream(train=True).batch_buffers == 2
+    assert DataConfig().stream(train=False).batch_buffers == StreamConfig().batch_buffers == 5
+    with pytest.raises(
+        ValueError, match=r"data.batch_buffers must be >= 0 \(0 turns the reuse off\), got -1"
+    ):
+        DataConfig(batch_buffers=-1)
