@@ -13,7 +13,8 @@ Then, in one process with one thread (what one DataLoader worker has), for both 
 - a batch's shared-memory buffer alone (a new segment per batch, its pages allocated and zeroed by
   the kernel as the worker writes them), per decoded clip and per JPEG-bytes clip;
 - the eval and pretrain loaders through a real `DataLoader(num_workers=1)`: the worker's CPU time
-  per clip, where batches are built in shared memory and sent to the main process;
+  per clip, where batches are built in shared memory and sent to the main process, with the
+  worker's batch buffers reused (the default) and, for comparison, without (`batch_buffers=0`);
 - the JPEG-bytes loaders that feed decoding on the GPU (`data.decode_device`, StreamConfig.jpeg_bytes):
   read tar + check JPEG headers + draw the augmentation + fbank + batch the bytes, no pixel decoded;
 - CPU cores needed per GPU for each path, at the clips/s one GPU trains: bench_pretrain.json's
@@ -336,32 +337,38 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         # Through a real DataLoader worker (batches in shared memory, pickled to this process).
-        worker_rates = {}
         eval_urls = urls["fbank_npy"] * 10
-        for name, make in (
-            ("loader_eval", lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1)),
-            (
-                "loader_pretrain",
-                lambda: pretrain_pipeline(urls["fbank_npy"], pretrain_cfg, rank=0, world_size=1),
+        bytes40_cfg = dataclasses.replace(bytes_pretrain_cfg, batch_size=40, epoch_length=8)
+        no_reuse = {"batch_buffers": 0}  # every batch in new shared memory, as default_collate does
+        worker_runs = {
+            "loader_eval": lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1),
+            "loader_pretrain": lambda: pretrain_pipeline(
+                urls["fbank_npy"], pretrain_cfg, rank=0, world_size=1
             ),
-            (
-                "loader_pretrain_jpeg_bytes",
-                lambda: pretrain_pipeline(urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1),
+            "loader_pretrain_no_buffer_reuse": lambda: pretrain_pipeline(
+                urls["fbank_npy"], dataclasses.replace(pretrain_cfg, **no_reuse), rank=0, world_size=1
             ),
-            # the recipe's 40 clips per GPU: per-batch costs (shared-memory segments,
-            # pickling, the queue) spread over 5x the clips
-            (
-                "loader_pretrain_jpeg_bytes_batch40",
-                lambda: pretrain_pipeline(
-                    urls["fbank_npy"],
-                    dataclasses.replace(bytes_pretrain_cfg, batch_size=40, epoch_length=8),
-                    rank=0,
-                    world_size=1,
-                ),
+            "loader_pretrain_jpeg_bytes": lambda: pretrain_pipeline(
+                urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1
             ),
-        ):
-            clips, cpu = worker_timed(make, 800)
-            worker_rates[name] = round(clips / cpu, 2)
+            # the recipe's 40 clips per GPU: per-batch costs (pickling, sending the buffers, the
+            # queue) spread over 5x the clips
+            "loader_pretrain_jpeg_bytes_batch40": lambda: pretrain_pipeline(
+                urls["fbank_npy"], bytes40_cfg, rank=0, world_size=1
+            ),
+            "loader_pretrain_jpeg_bytes_batch40_no_buffer_reuse": lambda: pretrain_pipeline(
+                urls["fbank_npy"], dataclasses.replace(bytes40_cfg, **no_reuse), rank=0, world_size=1
+            ),
+        }
+        worker_rounds: dict[str, list[float]] = {k: [] for k in worker_runs}
+        for _ in range(args.rounds):  # interleaved, as above
+            for name, make in worker_runs.items():
+                clips, cpu = worker_timed(make, 400)
+                worker_rounds[name].append(clips / cpu)
+        worker_rates = {k: round(statistics.median(v), 2) for k, v in worker_rounds.items()}
+        results["dataloader_worker_clips_per_s_rounds"] = {
+            k: [round(r, 1) for r in v] for k, v in worker_rounds.items()
+        }
         results["dataloader_worker_clips_per_s"] = worker_rates
         results["ratio_to_raw_decode"]["eval_dataloader_worker"] = round(worker_rates["loader_eval"] / raw, 3)
         results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(
@@ -469,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("loader, eval, JPEG bytes (GPU decodes)", f"{rates['loader_eval_jpeg_bytes']:.1f} clips/s", ""),
         (
+            "DataLoader worker, pretrain, fbank.npy, no buffer reuse",
+            f"{worker_rates['loader_pretrain_no_buffer_reuse']:.1f} clips/s",
+            "data.batch_buffers=0",
+        ),
+        (
             "DataLoader worker, pretrain, JPEG bytes",
             f"{worker_rates['loader_pretrain_jpeg_bytes']:.1f} clips/s",
             f"target {BYTES_TARGET}",
@@ -477,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
             "DataLoader worker, pretrain, JPEG bytes, batch 40",
             f"{worker_rates['loader_pretrain_jpeg_bytes_batch40']:.1f} clips/s",
             f"target {BYTES_TARGET}",
+        ),
+        (
+            "DataLoader worker, pretrain, JPEG bytes, batch 40, no buffer reuse",
+            f"{worker_rates['loader_pretrain_jpeg_bytes_batch40_no_buffer_reuse']:.1f} clips/s",
+            "data.batch_buffers=0",
         ),
         ("random resized crop alone", f"{per_clip['random_resized_crop']} ms/clip", "part of pretrain"),
         (
