@@ -345,14 +345,20 @@ def main(argv: list[str] | None = None) -> int:
             "loader_pretrain": lambda: pretrain_pipeline(
                 urls["fbank_npy"], pretrain_cfg, rank=0, world_size=1
             ),
+            # the recipe's 40 clips per GPU: per-batch costs (pickling, sending the buffers, the
+            # queue) spread over 5x the clips
+            "loader_pretrain_batch40": lambda: pretrain_pipeline(
+                urls["fbank_npy"],
+                dataclasses.replace(pretrain_cfg, batch_size=40, epoch_length=8),
+                rank=0,
+                world_size=1,
+            ),
             "loader_pretrain_no_buffer_reuse": lambda: pretrain_pipeline(
                 urls["fbank_npy"], dataclasses.replace(pretrain_cfg, **no_reuse), rank=0, world_size=1
             ),
             "loader_pretrain_jpeg_bytes": lambda: pretrain_pipeline(
                 urls["fbank_npy"], bytes_pretrain_cfg, rank=0, world_size=1
             ),
-            # the recipe's 40 clips per GPU: per-batch costs (pickling, sending the buffers, the
-            # queue) spread over 5x the clips
             "loader_pretrain_jpeg_bytes_batch40": lambda: pretrain_pipeline(
                 urls["fbank_npy"], bytes40_cfg, rank=0, world_size=1
             ),
@@ -374,10 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(
             worker_rates["loader_pretrain"] / raw, 3
         )
+        results["ratio_to_raw_decode"]["pretrain_dataloader_worker_batch40"] = round(
+            worker_rates["loader_pretrain_batch40"] / raw, 3
+        )
 
     demand = gpu_demand(PRETRAIN_RESULTS, args.size, args.gpu_tflops, args.mfu)
     per_worker = {
         "cpu_pretrain": worker_rates["loader_pretrain"],
+        "cpu_pretrain_batch40": worker_rates["loader_pretrain_batch40"],
         "cpu_eval": worker_rates["loader_eval"],
         "jpeg_bytes_pretrain": worker_rates["loader_pretrain_jpeg_bytes"],
         "jpeg_bytes_pretrain_batch40": worker_rates["loader_pretrain_jpeg_bytes_batch40"],
@@ -475,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             f"target {BYTES_TARGET}",
         ),
         ("loader, eval, JPEG bytes (GPU decodes)", f"{rates['loader_eval_jpeg_bytes']:.1f} clips/s", ""),
+        (
+            "DataLoader worker, pretrain, fbank.npy, batch 40",
+            f"{worker_rates['loader_pretrain_batch40']:.1f} clips/s",
+            f"ratio {ratio['pretrain_dataloader_worker_batch40']:.3f}",
+        ),
         (
             "DataLoader worker, pretrain, fbank.npy, no buffer reuse",
             f"{worker_rates['loader_pretrain_no_buffer_reuse']:.1f} clips/s",
