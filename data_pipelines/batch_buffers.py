@@ -18,6 +18,7 @@ someone may still read.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import threading
@@ -26,6 +27,8 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger("emomae.data")
 
 FREE, TAKEN = 0, 1
 # Grow a replaced buffer by this much, so batches of JPEG bytes (their size varies) fit the next time.
@@ -72,6 +75,14 @@ class BatchBufferPool:
                 slot = free[0]
                 self.buffers[slot] = shared_bytes(math.ceil(nbytes * HEADROOM / PAGE) * PAGE)
             else:
+                if self.fresh == 0:
+                    log.warning(
+                        "loader worker (pid %d): all %d batch buffers are still held by the consumer, so "
+                        "this batch and any like it go to new shared memory (slower); keep fewer batches "
+                        "alive or raise data.batch_buffers",
+                        os.getpid(),
+                        self.size,
+                    )
                 self.fresh += 1
                 return shared_bytes(nbytes), None
         self.flags[slot] = TAKEN

@@ -118,3 +118,23 @@ def test_data_config_sets_the_pool_size_and_refuses_a_negative_one():
         ValueError, match=r"data.batch_buffers must be >= 0 \(0 turns the reuse off\), got -1"
     ):
         DataConfig(batch_buffers=-1)
+
+
+def test_the_pool_refills_free_buffers_grows_small_ones_and_says_once_when_it_runs_dry(caplog):
+    from data_pipelines.batch_buffers import FREE, HEADROOM, BatchBufferPool
+
+    pool = BatchBufferPool(1)
+    first, lease = pool.take(1000)
+    assert lease.slot == 0 and lease.flags is pool.flags and first.is_shared()
+    with caplog.at_level("WARNING", logger="emomae.data"):
+        spare, none = pool.take(1000)
+        pool.take(1000)
+    assert none is None and spare.data_ptr() != first.data_ptr() and pool.fresh == 2
+    assert [r.getMessage().count("all 1 batch buffers are still held") for r in caplog.records] == [1]
+
+    pool.flags[0] = FREE  # what the consumer's finaliser does
+    again, lease = pool.take(800)
+    assert again.data_ptr() == first.data_ptr() and again.numel() == 800 and lease.slot == 0
+    pool.flags[0] = FREE
+    larger, _ = pool.take(5000)  # the free buffer is too small: replaced, with headroom
+    assert larger.numel() == 5000 and pool.buffers[0].numel() >= 5000 * HEADROOM
