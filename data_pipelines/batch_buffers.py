@@ -21,7 +21,6 @@ import itertools
 import logging
 import math
 import os
-import threading
 import weakref
 from collections import OrderedDict
 
@@ -41,7 +40,6 @@ _ids = itertools.count()
 # epochs of short-lived workers do not pile up mappings; a lease whose pool fell out of it only
 # leaves its buffer taken.
 _flags_by_pool: OrderedDict[str, Tensor] = OrderedDict()
-_flags_lock = threading.Lock()
 MAX_POOLS_REMEMBERED = 1024
 
 
@@ -106,18 +104,18 @@ class BufferLease:
 
 def watch_buffer(pool_id: str, slot: int, anchor: Tensor, flags: Tensor | None) -> tuple[str, int]:
     """In the receiving process: free the worker's buffer once no tensor views it any more."""
-    with _flags_lock:
-        if flags is not None:
-            _flags_by_pool[pool_id] = flags
-            flags[-1] = TAKEN  # the worker may stop sending them
-            while len(_flags_by_pool) > MAX_POOLS_REMEMBERED:
-                _flags_by_pool.popitem(last=False)
+    # No lock: a finaliser may run inside this function (a collection freeing an old batch) and
+    # would deadlock on it; each dict operation is atomic, and a lost eviction race only evicts more.
+    if flags is not None:
+        _flags_by_pool[pool_id] = flags
+        flags[-1] = TAKEN  # the worker may stop sending them
+        while len(_flags_by_pool) > MAX_POOLS_REMEMBERED:
+            _flags_by_pool.popitem(last=False)
     weakref.finalize(anchor.untyped_storage(), release, pool_id, slot)
     return pool_id, slot
 
 
 def release(pool_id: str, slot: int) -> None:
-    with _flags_lock:
-        flags = _flags_by_pool.get(pool_id)
+    flags = _flags_by_pool.get(pool_id)
     if flags is not None:
         flags[slot] = FREE
