@@ -1,4 +1,5 @@
-"""Shared-memory batch buffers that a loader worker reuses once the main process has let go of them.
+"""Batch buffers that a stream reuses once its consumer has let go of them; shared memory in a loader
+worker.
 
 A DataLoader worker builds each batch in shared memory, which the main process then maps. Fresh
 shared memory costs the worker a page fault per 4 kB page as it writes the batch: on the VM of
@@ -13,6 +14,11 @@ marks the buffer free in a small shared flag tensor, which the worker reads. A b
 once it is marked free. If the mark never comes (a batch left in the queue at shutdown, or a batch
 kept), the buffer stays taken and the worker allocates another one. It never writes to memory that
 someone may still read.
+
+A stream iterated in the process that consumes it (`num_workers=0`) reuses its buffers the same way,
+without leases: each batch's memory is a fresh numpy view of a pooled array, handed to torch with
+`torch.from_numpy`, and the view's finaliser runs when the last tensor using it dies. This saves
+the page faults of a new batch tensor (~0.3 ms per decoded clip in process on that VM).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import weakref
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,41 +57,51 @@ def shared_bytes(nbytes: int) -> Tensor:
 
 
 class BatchBufferPool:
-    """At most `size` shared buffers of one loader worker, each taken by one batch at a time."""
+    """At most `size` buffers of one stream, each taken by one batch at a time: shared memory whose
+    batches carry leases (`shared`, in a loader worker), or plain memory freed by finalisers."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, shared: bool = True) -> None:
         self.id = f"{os.getpid()}-{next(_ids)}"
+        self.shared = shared
         # one FREE / TAKEN flag per buffer, then the receiver's "I have these flags"
-        self.flags = shared_bytes(size + 1).zero_()
+        self.flags = shared_bytes(size + 1).zero_() if shared else torch.zeros(size + 1, dtype=torch.uint8)
         self.size = size
-        self.buffers: list[Tensor] = []
+        self.buffers: list[Tensor | np.ndarray] = []
         self.fresh = 0  # batches that found no free buffer and got a new, unpooled one
 
+    def new_buffer(self, nbytes: int) -> Tensor | np.ndarray:
+        return shared_bytes(nbytes) if self.shared else np.empty(nbytes, dtype=np.uint8)
+
     def take(self, nbytes: int) -> tuple[Tensor, BufferLease | None]:
-        """A shared uint8 buffer of `nbytes` and the lease that frees it, or a fresh buffer and None
-        when every pooled one is taken."""
+        """A uint8 buffer of `nbytes` and, when shared, the lease that frees it; a fresh buffer and
+        None when every pooled one is taken."""
         free = [s for s in range(len(self.buffers)) if self.flags[s].item() == FREE]
-        slot = next((s for s in free if self.buffers[s].numel() >= nbytes), None)
+        slot = next((s for s in free if self.buffers[s].shape[0] >= nbytes), None)
         if slot is None:
             if len(self.buffers) < self.size:
                 slot = len(self.buffers)
-                self.buffers.append(shared_bytes(nbytes))
+                self.buffers.append(self.new_buffer(nbytes))
             elif free:  # a free buffer that is too small: replace it with a larger one
                 slot = free[0]
-                self.buffers[slot] = shared_bytes(math.ceil(nbytes * HEADROOM / PAGE) * PAGE)
+                self.buffers[slot] = self.new_buffer(math.ceil(nbytes * HEADROOM / PAGE) * PAGE)
             else:
                 if self.fresh == 0:
-                    log.warning(
-                        "loader worker (pid %d): all %d batch buffers are still held by the consumer, so "
-                        "this batch and any like it go to new shared memory (slower); keep fewer batches "
-                        "alive or raise data.batch_buffers",
+                    log.log(
+                        logging.WARNING if self.shared else logging.INFO,
+                        "batch stream (pid %d): all %d batch buffers are still held by the consumer, so "
+                        "this batch and any like it go to new memory (slower); keep fewer batches alive "
+                        "or raise data.batch_buffers",
                         os.getpid(),
                         self.size,
                     )
                 self.fresh += 1
-                return shared_bytes(nbytes), None
+                return (shared_bytes(nbytes) if self.shared else torch.empty(nbytes, dtype=torch.uint8)), None
         self.flags[slot] = TAKEN
         buffer = self.buffers[slot]
+        if not self.shared:
+            view = buffer[:nbytes]  # a new array object, alive exactly as long as the tensors on it
+            weakref.finalize(view, self.flags.__setitem__, slot, FREE)
+            return torch.from_numpy(view), None
         received = self.flags[self.size].item() == TAKEN
         return buffer[:nbytes], BufferLease(self.id, slot, buffer[:0], None if received else self.flags)
 

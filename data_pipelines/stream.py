@@ -321,7 +321,7 @@ def batch_builder(
     cfg: StreamConfig, train: bool, pool: BatchBufferPool | None = None
 ) -> Callable[[int], BatchBuilder]:
     """What `batch_samples` builds batches with for `sample_decoder(cfg, train)`'s samples, their
-    buffers taken from `pool` when there is one (a loader worker's, `AVStream.buffer_pool`)."""
+    buffers taken from `pool` when there is one (`AVStream.buffer_pool`)."""
     if not cfg.jpeg_bytes:
         return lambda size: BatchBuilder(size, pool)
     return lambda size: JpegBatchBuilder(size, cfg.num_frames, cfg.img_size, train, cfg.fbank, pool)
@@ -382,7 +382,7 @@ class AVStream(IterableDataset):
         self.sample_filter = sample_filter
         self.log_dir = None if log_dir is None else str(log_dir)
         self.epoch = 0
-        self.buffer_pool: BatchBufferPool | None = None  # a loader worker's, made in `__iter__`
+        self.buffer_pool: BatchBufferPool | None = None  # made in `__iter__`, where the stream runs
         self.start = StreamStart()
 
     def context(self) -> WorkerContext:
@@ -391,11 +391,11 @@ class AVStream(IterableDataset):
         return WorkerContext(self.rank, self.world_size, worker, num_workers, self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        self.buffer_pool = None
-        if get_worker_info() is not None:
+        in_worker = get_worker_info() is not None
+        if in_worker:
             ignore_stop_signals()
-            if self.cfg.batch_buffers > 0:
-                self.buffer_pool = BatchBufferPool(self.cfg.batch_buffers)
+        pool_size = self.cfg.batch_buffers
+        self.buffer_pool = BatchBufferPool(pool_size, shared=in_worker) if pool_size > 0 else None
         ctx = self.context()
         errors = CorruptLog(ctx, self.mode, self.log_dir, self.cfg.max_consecutive_errors)
         return iter(self.build(ctx, errors))

@@ -138,3 +138,21 @@ def test_the_pool_refills_free_buffers_grows_small_ones_and_says_once_when_it_ru
     pool.flags[0] = FREE
     larger, _ = pool.take(5000)  # the free buffer is too small: replaced, with headroom
     assert larger.numel() == 5000 and pool.buffers[0].numel() >= 5000 * HEADROOM
+
+
+def test_in_process_batches_reuse_memory_only_once_dropped(synth_shards):
+    urls = shard_urls(synth_shards)
+    off = [
+        b for b in eval_pipeline(urls * 3, dataclasses.replace(EVAL, batch_buffers=0), rank=0, world_size=1)
+    ]
+    kept = list(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))
+    assert_same_batches(kept, off)
+    assert len({b["video"].data_ptr() for b in kept}) == len(kept)  # none shares memory with another
+
+    got, pointers = [], []
+    for batch in eval_pipeline(urls * 3, EVAL, rank=0, world_size=1):
+        pointers.append(batch["video"].data_ptr())
+        got.append({"key": batch["key"], "video": batch["video"].clone(), "fbank": batch["fbank"].clone()})
+        del batch
+    assert_same_batches(got, off)
+    assert len(set(pointers)) <= EVAL.batch_buffers < len(pointers)  # recycled
