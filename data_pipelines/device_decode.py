@@ -40,6 +40,10 @@ class DeviceFrameDecoder:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.dropped: list[dict] = []  # {"key", "reason"} of every clip dropped so far
+        # The last batch's host bytes, kept until the next batch: a loader worker refills a batch
+        # buffer once nothing views it (batch_buffers.py), and this keeps that a whole step after
+        # the device was handed the bytes, whatever the decoder still reads asynchronously.
+        self.last_host_bytes: dict | None = None
 
     def __call__(self, batch: dict) -> dict:
         jpeg = batch.pop("jpeg")
@@ -58,6 +62,7 @@ class DeviceFrameDecoder:
             clips = [clips[b] for b in kept]
         videos = augment_clips(clips, jpeg) if jpeg["train"] else eval_clips(clips, jpeg["img_size"])
         batch["video"] = stack_channels_last(videos)
+        self.last_host_bytes = jpeg
         return batch
 
     def drop(self, batch: dict, failures: dict[int, str], kept: list[int]) -> None:

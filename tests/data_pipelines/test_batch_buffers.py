@@ -156,3 +156,21 @@ def test_in_process_batches_reuse_memory_only_once_dropped(synth_shards):
         del batch
     assert_same_batches(got, off)
     assert len(set(pointers)) <= EVAL.batch_buffers < len(pointers)  # recycled
+
+
+def test_the_device_decoder_keeps_a_batchs_bytes_until_the_next_batch(synth_shards):
+    """The GPU path's main process: a buffer goes back to the pool one batch after it was decoded."""
+    from data_pipelines.batch_buffers import FREE, TAKEN
+    from data_pipelines.device_decode import DeviceFrameDecoder
+
+    stream = eval_pipeline(
+        shard_urls(synth_shards) * 3, dataclasses.replace(EVAL, jpeg_bytes=True), rank=0, world_size=1
+    )
+    batches, decode = iter(stream), DeviceFrameDecoder("cpu")
+    first = decode(next(batches))
+    del first
+    flags = stream.buffer_pool.flags
+    assert flags[0].item() == TAKEN  # decoded and dropped, still held by the decoder
+    second = decode(next(batches))
+    del second
+    assert flags[0].item() == FREE and flags[1].item() == TAKEN
