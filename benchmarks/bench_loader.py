@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # Through a real DataLoader worker (batches in shared memory, pickled to this process).
         eval_urls = urls["fbank_npy"] * 10
-        bytes40_cfg = dataclasses.replace(bytes_pretrain_cfg, batch_size=40, epoch_length=8)
+        pretrain40_cfg = dataclasses.replace(pretrain_cfg, batch_size=40, epoch_length=8)
+        bytes40_cfg = dataclasses.replace(pretrain40_cfg, jpeg_bytes=True)
         no_reuse = {"batch_buffers": 0}  # every batch in new shared memory, as default_collate does
         worker_runs = {
             "loader_eval": lambda: eval_pipeline(eval_urls, cfg, rank=0, world_size=1),
@@ -348,10 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             # the recipe's 40 clips per GPU: per-batch costs (pickling, sending the buffers, the
             # queue) spread over 5x the clips
             "loader_pretrain_batch40": lambda: pretrain_pipeline(
-                urls["fbank_npy"],
-                dataclasses.replace(pretrain_cfg, batch_size=40, epoch_length=8),
-                rank=0,
-                world_size=1,
+                urls["fbank_npy"], pretrain40_cfg, rank=0, world_size=1
             ),
             "loader_pretrain_no_buffer_reuse": lambda: pretrain_pipeline(
                 urls["fbank_npy"], dataclasses.replace(pretrain_cfg, **no_reuse), rank=0, world_size=1

@@ -294,17 +294,6 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return shared_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
-def buffer_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict[str, int], int]:
-    """Byte offsets of `{name: (shape, dtype)}` packed into one buffer, 8-byte aligned so any dtype
-    can view its slice, and the buffer's size."""
-    starts, end = {}, 0
-    for name, (shape, dtype) in specs.items():
-        end = -(-end // 8) * 8
-        starts[name] = end
-        end += math.prod(shape) * dtype.itemsize
-    return starts, end
-
-
 def tensors_in_one_buffer(
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pool: BatchBufferPool | None = None
 ) -> tuple[dict[str, Tensor], BufferLease | None]:
@@ -312,7 +301,11 @@ def tensors_in_one_buffer(
     worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
     segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py). From `pool`,
     the buffer comes with the lease the batch must carry (`batch_buffers.py`)."""
-    starts, end = buffer_layout(specs)
+    starts, end = {}, 0
+    for name, (shape, dtype) in specs.items():
+        end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
+        starts[name] = end
+        end += math.prod(shape) * dtype.itemsize
     buffer, lease = pool.take(end) if pool is not None else (batch_tensor((end,), torch.uint8), None)
     return {
         name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
@@ -334,7 +327,7 @@ class BatchBuilder:
     (B, T, H, W, 3) batch tensor as soon as it is decoded and then dropped, so a worker holds one
     clip's frames at a time rather than a batch of them (less memory traffic, fewer page faults).
     Video and fbank are views of one buffer, the per-sample scalars of another (`tensors_in_one_buffer`);
-    with a `pool` (in a loader worker) the first is a reused one, and the batch carries its lease."""
+    with a `pool` the first is a reused one, and in a loader worker the batch carries its lease."""
 
     def __init__(self, batch_size: int, pool: BatchBufferPool | None = None) -> None:
         self.batch_size, self.pool = batch_size, pool
