@@ -20,7 +20,12 @@ Then, in one process with one thread (what one DataLoader worker has), for both 
 - CPU cores needed per GPU for each path, at the clips/s one GPU trains: bench_pretrain.json's
   measured CUDA rate when it has a cuda row, else its FLOPs per clip (forward + backward, `base`) at an
   assumed MFU of a named GPU (`--gpu-tflops`, `--mfu`; default 40 % of an H100 SXM's 989 dense bf16
-  TFLOP/s). The GPU's own decode cost is not in these figures.
+  TFLOP/s). The GPU's own decode cost is not in these figures;
+- decoding on the device (`--decode-device`, default cuda when there is one): batches of 40 JPEG-bytes
+  clips, kept in memory, through `DeviceFrameDecoder` (batched `decode_jpeg` + crop/resize + stored
+  log-mels finished, the code `data.decode_device=cuda` runs): clips/s of device time (wall clock,
+  synchronised) and the main process's CPU time per clip. `--decode-device cpu` runs the same code on
+  the CPU (a check of the code path, not a speed anyone trains at).
 
 Rates are clips per CPU-second of the process doing the work (see `timed`); each figure is the
 median of `--rounds` interleaved rounds, so a burst of load on a shared machine hits every path alike.
@@ -30,6 +35,7 @@ Targets: loader / raw decode >= 0.7 (docs/loader.md); JPEG-bytes worker >= 2,000
 (issue 15). Prints a table and writes benchmarks/results/bench_loader.json.
 
     python benchmarks/bench_loader.py [--clips 11] [--seconds 2] [--rounds 3] [--gpu-tflops 989 --mfu 0.4]
+        [--decode-device cuda|cpu|none] [--pretrain-results benchmarks/results/bench_pretrain.json]
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from child_process import write_results  # noqa: E402
+
 from data_pipelines.augment import VideoAugConfig, VideoAugment  # noqa: E402
 from data_pipelines.features import (  # noqa: E402
     FbankConfig,
@@ -75,10 +83,13 @@ BYTES_TARGET = 2000  # clips/s per worker on the JPEG-bytes path (issue 15)
 CLIP_FOLDER = "voxceleb2_pcavs"
 
 
-def write_bench_shards(out: Path, clips: int, precompute_fbank: bool = True) -> dict:
-    videos = sorted((REALDATA / CLIP_FOLDER).glob("*.mp4"))[:clips]
+def write_bench_shards(
+    out: Path, clips: int, precompute_fbank: bool = True, videos_dir: Path = REALDATA / CLIP_FOLDER
+) -> dict:
+    """Shards of the first `clips` .mp4 files of `videos_dir` (their own audio track) at 16 x 160 px."""
+    videos = sorted(videos_dir.glob("*.mp4"))[:clips]
     if not videos:
-        raise SystemExit(f"no clips found in {REALDATA / CLIP_FOLDER}")
+        raise SystemExit(f"no .mp4 clips found in {videos_dir} (--videos)")
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
@@ -176,6 +187,35 @@ def gpu_demand(results_file: Path, size: str, gpu_tflops: float, mfu: float) -> 
     }
 
 
+def device_decode_rates(batches: list[dict], device: str, min_seconds: float) -> dict:
+    """`DeviceFrameDecoder` on kept JPEG-bytes batches, over and over for at least `min_seconds`:
+    clips per second of wall clock (the device's rate, synchronised after each pass) and the CPU time
+    this process spends per clip (launching the work, the host side of the decoder)."""
+    from data_pipelines.device_decode import DeviceFrameDecoder
+
+    decoder = DeviceFrameDecoder(device)
+    synchronise = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def one_pass() -> int:
+        for batch in batches:
+            decoder({**batch})  # a shallow copy: the decoder pops the batch's "jpeg"
+        synchronise()
+        return sum(len(b["key"]) for b in batches)
+
+    one_pass()  # warm-up: nvjpeg handles, allocator, kernels
+    clips, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < min_seconds:
+        clips += one_pass()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {
+        "device": device,
+        "batch": len(batches[0]["key"]),
+        "clips_per_s": round(clips / wall, 1),
+        "host_cpu_ms_per_clip": round(1000 * cpu / clips, 3),
+        "dropped": len(decoder.dropped),
+    }
+
+
 def cores_per_gpu(demand: float, worker_rates: dict[str, float]) -> dict[str, float]:
     """Loader workers (one CPU core each) that one GPU needs on each path."""
     return {name: round(demand / rate, 1) for name, rate in worker_rates.items()}
@@ -184,12 +224,24 @@ def cores_per_gpu(demand: float, worker_rates: dict[str, float]) -> dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=11, help="real clips to shard (all 11 VoxCeleb2-style ones)")
+    p.add_argument(
+        "--videos",
+        type=Path,
+        default=REALDATA / CLIP_FOLDER,
+        help="folder of .mp4 clips with audio to shard (default: ../shared/realdata's VoxCeleb2-style clips)",
+    )
     p.add_argument("--seconds", type=float, default=2.0, help="minimum CPU time per measurement and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is their median")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_loader.json")
     p.add_argument("--size", default="base", help="model size whose GPU step rate sets the demand")
     p.add_argument("--gpu-tflops", type=float, default=989.0, help="GPU peak (default: H100 SXM dense bf16)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation on that GPU")
+    p.add_argument(
+        "--decode-device",
+        default="cuda" if torch.cuda.is_available() else "none",
+        help="where to time decoding of JPEG-bytes batches (DeviceFrameDecoder): cuda, cpu, or none",
+    )
+    p.add_argument("--pretrain-results", type=Path, default=PRETRAIN_RESULTS, help="bench_pretrain.py's JSON")
     args = p.parse_args(argv)
 
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -201,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         "threads": 1,
         "rounds": args.rounds,
         "load_average_at_start": os.getloadavg()[0],
+        "videos": os.path.relpath(args.videos, REPO),
     }
     with tempfile.TemporaryDirectory() as tmp:
         writing, urls = {}, {}
         for name, precompute in (("fbank_npy", True), ("wav_only", False)):
-            index = write_bench_shards(Path(tmp) / name, args.clips, precompute)
+            index = write_bench_shards(Path(tmp) / name, args.clips, precompute, args.videos)
             timing = index["timing"]
             shard_bytes = sum(p.stat().st_size for p in (Path(tmp) / name / "shards").glob("*.tar"))
             writing[name] = {
@@ -382,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
             worker_rates["loader_pretrain_batch40"] / raw, 3
         )
 
-    demand = gpu_demand(PRETRAIN_RESULTS, args.size, args.gpu_tflops, args.mfu)
+        if args.decode_device != "none":
+            stream = pretrain_pipeline(
+                urls["fbank_npy"], dataclasses.replace(bytes40_cfg, epoch_length=6), rank=0, world_size=1
+            )
+            results["device_decode"] = device_decode_rates(list(stream), args.decode_device, args.seconds)
+
+    demand = gpu_demand(args.pretrain_results, args.size, args.gpu_tflops, args.mfu)
     per_worker = {
         "cpu_pretrain": worker_rates["loader_pretrain"],
         "cpu_pretrain_batch40": worker_rates["loader_pretrain_batch40"],
@@ -552,9 +611,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  CPU cores (loader workers) per GPU, {name:<28} {cores:>7}  ({per_worker[name]:.1f} clips/s per worker)"
         )
     print("  the JPEG-bytes figure excludes the GPU's own decode and augmentation time")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    if "device_decode" in results:
+        d = results["device_decode"]
+        print(
+            f"decode on {d['device']} (DeviceFrameDecoder, batch {d['batch']}): {d['clips_per_s']} clips/s, "
+            f"{d['host_cpu_ms_per_clip']} ms of main-process CPU per clip"
+        )
+    write_results(args.out, results)
     return 0
 
 

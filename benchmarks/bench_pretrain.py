@@ -4,6 +4,7 @@ memory, model FLOPs per clip, and the fraction of this machine's measured matmul
 
     python benchmarks/bench_pretrain.py --sizes tiny base --batch 2 --threads 2      # CPU, fp32
     python benchmarks/bench_pretrain.py --sizes base --batch 40 --device cuda         # GPU, bf16 autocast
+    python benchmarks/bench_pretrain.py --sizes base --batch 40 --device cuda --compile   # + torch.compile
 
 Each size runs in its own process so peak RSS is that model's alone. Prints a table and writes
 benchmarks/results/bench_pretrain.json.
@@ -58,8 +59,9 @@ def peak_memory_bytes(device: str) -> int:
     return peak_rss_bytes()
 
 
-def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> dict:
-    """One model size in this process: returns the row of the table."""
+def bench_one(size: str, batch: int, steps: int, warmup: int, device: str, compile: bool = False) -> dict:
+    """One model size in this process: returns the row of the table. `compile` compiles the model in
+    place as `trainer.compile=true` does (pretrain/module.py), after the FLOPs are counted eagerly."""
     import torch
     from omegaconf import OmegaConf
 
@@ -97,6 +99,8 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
     flops_per_step = counter.get_total_flops()
+    if compile:  # its first steps compile: warm-up should be a few steps
+        model.compile()
 
     for _ in range(warmup):
         step()
@@ -117,6 +121,7 @@ def bench_one(size: str, batch: int, steps: int, warmup: int, device: str) -> di
         "device": device,
         "batch": batch,
         "dtype": "bf16-autocast" if on_gpu else "fp32",
+        "compile": compile,
         "threads": torch.get_num_threads(),
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s_median": median,
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (trainer.compile=true)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single size, print JSON
     args = parser.parse_args(argv)
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(bench_one(args.one, args.batch, args.steps, args.warmup, args.device)))
+        row = bench_one(args.one, args.batch, args.steps, args.warmup, args.device, args.compile)
+        print(json.dumps(row))
         return 0
 
     rows = []
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "--one",
             size,
             *forwarded(args, "batch", "steps", "warmup", "threads", "device"),
+            *(["--compile"] if args.compile else []),
         ]
         env = child_env(args.threads)
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"device: {rows[0]['device']} ({platform.processor() or platform.machine()}), "
-        f"{rows[0]['dtype']}, {rows[0]['threads']} threads"
+        f"{rows[0]['dtype']}, {rows[0]['threads']} threads{', compiled' if args.compile else ''}"
     )
     print(header)
     for r in rows:

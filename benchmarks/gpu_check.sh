@@ -23,22 +23,8 @@
 # a check that would start later is reported as FAIL and not run; a running command is stopped there).
 set -uo pipefail
 
-[ $# -eq 1 ] || { echo "usage: bash benchmarks/gpu_check.sh OUT_DIR" >&2; exit 2; }
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 2
-if [ -z "${EMOMAE_PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then EMOMAE_PYTHON="$ROOT/.venv/bin/python"; else EMOMAE_PYTHON=python3; fi
-fi
-PY="$EMOMAE_PYTHON"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
-
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu_check.sh: no CUDA GPU visible to torch (torch.cuda.is_available() is False with $PY);" \
-       "these checks need one: run on a CUDA machine (CPU paths are covered by the test suite)" >&2
-  exit 2
-fi
-
-OUT="$(mkdir -p "$1" && cd "$1" && pwd)" || { echo "gpu_check.sh: cannot create $1" >&2; exit 2; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"
+gpu_setup gpu_check.sh "$@"
 LOG="$OUT/gpu_check.log"
 RESULTS="$OUT/results.tsv"
 : >"$LOG"

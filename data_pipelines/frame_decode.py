@@ -8,8 +8,8 @@ libjpeg-turbo with its defaults (accurate integer IDCT, fancy upsampling) and gi
 (tests/data_pipelines/test_frame_decode.py), which is why the GPU path's `decode_jpeg` matches.
 
 A frame simplejpeg declines (damage libjpeg only warns about, or a size other than the first frame's)
-and a CMYK frame go through torchvision's `decode_jpeg`, so what decodes, what is refused, the pixels
-and the error text are as before.
+and the frames of a CMYK / YCCK clip (its first frame's header says so) go through torchvision's
+`decode_jpeg`, so what decodes, what is refused, the pixels and the error text are as before.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ class ClipFrameDecoder:
         self._buffer = np.empty(0, dtype=np.uint8)
 
     def __call__(self, jpegs: Sequence[bytes]) -> Tensor:
-        height, width = frame_size(jpegs[0])
+        height, width, by_libjpeg = clip_header(jpegs[0])
         frames = self.frames_array(len(jpegs), height, width)
         for t, data in enumerate(jpegs):
-            decode_into(data, frames[t], t)
+            decode_into(data, frames[t], t, by_libjpeg)
         return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
     def frames_array(self, count: int, height: int, width: int) -> np.ndarray:
@@ -58,22 +58,29 @@ class ClipFrameDecoder:
         return self._buffer[:size].reshape(shape)
 
 
-def frame_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the JPEG header; a header simplejpeg cannot read is decoded by torchvision,
-    which either raises the corrupt-sample error or finds the size."""
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        height, width = torchvision_frame(data).shape[:2]
-    return height, width
+def clip_header(data: bytes) -> tuple[int, int, bool]:
+    """(height, width, whether libjpeg makes the RGB) from the clip's first frame's JPEG header; a
+    header simplejpeg cannot read is decoded by torchvision, which either raises the corrupt-sample
+    error or finds the size.
 
-
-def decode_into(data: bytes, out: np.ndarray, index: int) -> None:
-    """Frame `index` of a clip into `out`, (H, W, 3) uint8, the size of the clip's first frame."""
+    Only the first frame's header is read (each read cost ~1.5 % of a pretraining clip): a clip is
+    one camera's frames, so its colour space is the first frame's.
+    """
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace in LIBJPEG_TO_RGB and (height, width) == out.shape[:2]:
-            simplejpeg.decode_jpeg(data, "rgb", buffer=out, strict=True)
+    except ValueError:
+        height, width = torchvision_frame(data).shape[:2]
+        return height, width, False
+    return height, width, colorspace in LIBJPEG_TO_RGB
+
+
+def decode_into(data: bytes, out: np.ndarray, index: int, by_libjpeg: bool = True) -> None:
+    """Frame `index` of a clip into `out`, (H, W, 3) uint8, the size of the clip's first frame;
+    `by_libjpeg` False sends it to torchvision (the clip is CMYK / YCCK)."""
+    try:
+        # No header read first: a frame larger than `out` is refused for the buffer's size and a
+        # smaller one comes back in another shape; both go to torchvision, which names the sizes.
+        if by_libjpeg and simplejpeg.decode_jpeg(data, "rgb", buffer=out, strict=True).shape == out.shape:
             return
     except ValueError:  # libjpeg's error, or a warning about damaged data
         pass
