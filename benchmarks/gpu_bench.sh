@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/scaling.md ("Feeding a GPU"), on one CUDA GPU in about 8 minutes:
+# The GPU speed figures of docs/scaling.md, on one CUDA GPU within GPU_BENCH_BUDGET_S (default 600 s):
 #
 #   bash benchmarks/gpu_bench.sh OUT_DIR        # e.g. bash benchmarks/gpu_bench.sh /tmp/gpu_bench
 #
