@@ -1,5 +1,5 @@
 """A benchmark script re-run in a child process (one model size or one rank set each), with the options
-the parent was given and the repository importable."""
+the parent was given and the repository importable; and the one way benchmarks write their JSON."""
 
 from __future__ import annotations
 
