@@ -99,7 +99,10 @@ def loader_rate(cfg, device: str, batches: int, warmup: int) -> dict:
 
 def training_rate(run_dir: Path, steps: int) -> dict:
     """Median `train/device/samples_per_sec` logged after the first third of the run's steps."""
-    (metrics,) = sorted(run_dir.glob("csv/version_*/metrics.csv"))[-1:]
+    logs = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    if not logs:
+        raise SystemExit(f"no csv/version_*/metrics.csv in {run_dir}: the run logged nothing")
+    metrics = logs[-1]
     values = [
         float(row["train/device/samples_per_sec"])
         for row in csv.DictReader(metrics.open())
