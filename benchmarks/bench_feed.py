@@ -165,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             shards = Path(tmp) / "data" / "shards"
         run_dir = Path(tmp) / "run"
         cfg = load_pretrain_config(args.size, run_overrides(args, shards, run_dir))
-        loader_device = args.decode_device if args.decode_device in ("cuda", "cpu") else args.device
-        if loader_device.startswith("cuda"):
-            cfg.data.decode_device = "cuda"  # no Trainer here to say "auto" means the GPU
+        if args.decode_device == "auto" and args.device.startswith("cuda"):
+            cfg.data.decode_device = "cuda"  # "auto" is the GPU when training on one; no Trainer here says so
         loader = loader_rate(cfg, args.device, batches=max(10, args.steps // 2), warmup=args.warmup)
         summary = pretrain(load_pretrain_config(args.size, run_overrides(args, shards, run_dir)))
         real = training_rate(run_dir, args.steps)

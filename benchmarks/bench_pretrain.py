@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from child_process import child_env, forwarded
+from child_process import child_env, forwarded, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_pretrain.json"
@@ -191,18 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['clips_per_s']:>8.2f} {r['gflops_per_clip']:>10.1f} {r['achieved_tflops']:>8.3f} "
             f"{r['matmul_peak_tflops']:>14.3f} {r['fraction_of_matmul_peak']:>8.1%} {r['peak_mem_gib']:>8.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "benchmarks/bench_pretrain.py", *(argv or sys.argv[1:])]),
-                "machine": platform.platform(),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "command": " ".join(["python", "benchmarks/bench_pretrain.py", *(argv or sys.argv[1:])]),
+            "machine": platform.platform(),
+            "rows": rows,
+        },
     )
-    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
     return 0
 
 
