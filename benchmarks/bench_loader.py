@@ -136,21 +136,39 @@ class CPUStamped(torch.utils.data.IterableDataset):
 
 def worker_timed(
     make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int
-) -> tuple[int, float]:
+) -> tuple[int, float, int, float]:
     """Clips and CPU seconds of DataLoader workers (`num_workers=1`, a new one per epoch) building
     batches until `min_clips` have arrived, counted from each worker's first batch (start-up is a
-    per-epoch cost that real epochs of thousands of batches amortise)."""
+    per-epoch cost that real epochs of thousands of batches amortise); then batches and CPU seconds of
+    this, the main process, receiving them over the same span. The main process reads one byte per
+    4 kB page of every tensor, as the copy to pinned memory or nvjpeg would read them all: a page
+    first mapped here costs a fault."""
     from torch.utils.data import DataLoader
 
-    clips, cpu = 0, 0.0
+    clips, cpu, batches, main_cpu = 0, 0.0, 0, 0.0
     while clips < min_clips:
-        stamps = [
-            (len(b["key"]), b["worker_cpu"])
-            for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1)
-        ]
+        stamps, main_start = [], None
+        for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1):
+            if main_start is None:
+                main_start = time.process_time()
+            else:
+                batches += 1
+            touch_pages(b)
+            stamps.append((len(b["key"]), b["worker_cpu"]))
+            del b
+        main_cpu += time.process_time() - main_start
         clips += sum(n for n, _ in stamps[1:])
         cpu += stamps[-1][1] - stamps[0][1]
-    return clips, cpu
+    return clips, cpu, batches, main_cpu
+
+
+def touch_pages(batch: dict) -> None:
+    for value in batch.values():
+        if isinstance(value, dict):
+            touch_pages(value)
+        elif isinstance(value, torch.Tensor):
+            memory = torch.empty(0, dtype=torch.uint8).set_(value.untyped_storage())
+            memory[::4096].sum(dtype=torch.int64)
 
 
 def raw_jpeg_bytes(urls: list[str]) -> list[list[bytes]]:
@@ -418,11 +436,16 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         worker_rounds: dict[str, list[float]] = {k: [] for k in worker_runs}
+        main_rounds: dict[str, list[float]] = {k: [] for k in worker_runs}
         for _ in range(args.rounds):  # interleaved, as above
             for name, make in worker_runs.items():
-                clips, cpu = worker_timed(make, 400)
+                clips, cpu, batches, main_cpu = worker_timed(make, 400)
                 worker_rounds[name].append(clips / cpu)
+                main_rounds[name].append(1000 * main_cpu / batches)
         worker_rates = {k: round(statistics.median(v), 2) for k, v in worker_rounds.items()}
+        results["main_process_ms_per_batch"] = {
+            k: round(statistics.median(v), 3) for k, v in main_rounds.items()
+        }
         results["dataloader_worker_clips_per_s_rounds"] = {
             k: [round(r, 1) for r in v] for k, v in worker_rounds.items()
         }
@@ -611,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  CPU cores (loader workers) per GPU, {name:<28} {cores:>7}  ({per_worker[name]:.1f} clips/s per worker)"
         )
     print("  the JPEG-bytes figure excludes the GPU's own decode and augmentation time")
+    print("main process CPU per batch received from a worker (one read per page of every tensor):")
+    for name, ms in results["main_process_ms_per_batch"].items():
+        print(f"  {name:<{width}}  {ms:>8} ms")
     if "device_decode" in results:
         d = results["device_decode"]
         print(

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
+from data_pipelines.batch_buffers import wire_batch
 from data_pipelines.datamodule import AVDataModule, StreamLoader
 
 # the captioned stream's seed offset: it must not replay the plain stream's order
@@ -69,8 +70,15 @@ class CaptionMix(IterableDataset):
         return len(self.plain)
 
     def __iter__(self):
-        for plain, captioned in zip(self.plain, self.captioned):
-            yield concat_batches(plain, captioned)
+        in_worker = get_worker_info() is not None
+        for plain, captioned in zip(self.plain.batches(), self.captioned.batches()):
+            batch = concat_batches(plain, captioned)
+            # the rows were copied: both batches' reused buffers can be refilled now
+            for lease in (plain["stream"].get("lease"), captioned["stream"].get("lease")):
+                if lease is not None:
+                    lease.release()
+            batch["stream"].pop("lease", None)
+            yield wire_batch(batch) if in_worker else batch
 
 
 def concat_batches(a: dict, b: dict) -> dict:

@@ -295,18 +295,24 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def tensors_in_one_buffer(
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pool: BatchBufferPool | None = None
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    pool: BatchBufferPool | None = None,
+    shared: bool = True,
 ) -> tuple[dict[str, Tensor], BufferLease | None]:
     """`{name: (shape, dtype)}` -> tensors that are views of one buffer (shared memory in a loader
-    worker, `batch_tensor`): a batch then sends one segment instead of one per tensor, and each
-    segment costs the worker ~0.15 ms to share and send (benchmarks/bench_loader.py). From `pool`,
-    the buffer comes with the lease the batch must carry (`batch_buffers.py`)."""
+    worker, `batch_tensor`, unless not `shared`: small fields that leave the worker by value): a batch
+    then sends one segment instead of one per tensor, and each segment costs the worker ~0.15 ms to
+    share and send (benchmarks/bench_loader.py). From `pool`, the buffer comes with the lease the
+    batch must carry (`batch_buffers.py`)."""
     starts, end = {}, 0
     for name, (shape, dtype) in specs.items():
         end = -(-end // 8) * 8  # 8-byte aligned, so any dtype can view its slice
         starts[name] = end
         end += math.prod(shape) * dtype.itemsize
-    buffer, lease = pool.take(end) if pool is not None else (batch_tensor((end,), torch.uint8), None)
+    if pool is not None:
+        buffer, lease = pool.take(end)
+    else:
+        buffer, lease = (batch_tensor if shared else torch.empty)((end,), dtype=torch.uint8), None
     return {
         name: buffer[starts[name] : starts[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         for name, (shape, dtype) in specs.items()
@@ -375,9 +381,10 @@ class BatchBuilder:
 
     def row_fields(self) -> dict:
         """Everything per sample but video and fbank. Its tensors share a buffer of their own, not the
-        video's: code that keeps labels across batches must not keep every batch's frames alive."""
+        video's: code that keeps labels across batches must not keep every batch's frames alive.
+        They are small, so they leave a loader worker by value (`batch_buffers.wire_batch`)."""
         rows = self.rows
-        out, _ = tensors_in_one_buffer(row_field_specs(len(rows)))
+        out, _ = tensors_in_one_buffer(row_field_specs(len(rows)), shared=False)  # small: sent by value
         out["label"].copy_(torch.tensor([s["label"] for s in rows], dtype=torch.int64))
         out["has_caption"].copy_(torch.tensor([bool(s["caption"]) for s in rows], dtype=torch.bool))
         out["audio_present"].copy_(torch.tensor([s["audio_present"] for s in rows], dtype=torch.bool))

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from data_pipelines.augment import VideoAugConfig
-from data_pipelines.batch_buffers import BatchBufferPool
+from data_pipelines.batch_buffers import BatchBufferPool, wire_batch
 from data_pipelines.corrupt import CorruptLog, CorruptSampleError, read_corrupt_logs
 from data_pipelines.exact_once import exact_once_split, shard_sizes
 from data_pipelines.features import FbankConfig
@@ -391,6 +391,12 @@ class AVStream(IterableDataset):
         return WorkerContext(self.rank, self.world_size, worker, num_workers, self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
+        """The batches; in a loader worker, ready to leave it (`batch_buffers.wire_batch`)."""
+        batches = self.batches()
+        return map(wire_batch, batches) if get_worker_info() is not None else batches
+
+    def batches(self) -> Iterator[dict]:
+        """The batches as built, for a consumer in the same process (`caption_mix.CaptionMix`)."""
         in_worker = get_worker_info() is not None
         if in_worker:
             ignore_stop_signals()

@@ -125,7 +125,7 @@ def test_the_pool_refills_free_buffers_grows_small_ones_and_says_once_when_it_ru
 
     pool = BatchBufferPool(1)
     first, lease = pool.take(1000)
-    assert lease.slot == 0 and lease.flags is pool.flags and first.is_shared()
+    assert lease.slot == 0 and lease.pool is pool and first.is_shared()
     with caplog.at_level("WARNING", logger="emomae.data"):
         spare, none = pool.take(1000)
         pool.take(1000)
@@ -174,3 +174,49 @@ def test_the_device_decoder_keeps_a_batchs_bytes_until_the_next_batch(synth_shar
     second = decode(next(batches))
     del second
     assert flags[0].item() == FREE and flags[1].item() == TAKEN
+
+
+def test_each_buffer_crosses_to_the_main_process_once(synth_shards):
+    """A pooled buffer is sent with the first batch of its slot only; later batches of the slot are
+    built on the mapping this process kept, and the small per-sample fields come by value."""
+    from data_pipelines.batch_buffers import _received
+
+    urls = shard_urls(synth_shards)
+    want = in_process(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1))
+    got, mapped = [], set()
+    for batch in worker_batches(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1)):
+        pool_id, slot = batch["stream"]["lease"]
+        pool = _received[pool_id]
+        generation, memory = pool.buffers[slot]
+        assert batch["video"].untyped_storage().data_ptr() == memory.ctypes.data  # on the kept mapping
+        assert not batch["label"].is_shared() and not batch["video"].is_shared()
+        mapped.add((slot, generation))
+        got.append({"key": batch["key"], "video": batch["video"].clone(), "fbank": batch["fbank"].clone()})
+        received = pool.received
+        del batch
+    assert_same_batches(got, want)
+    assert len(got) > 2 * EVAL.batch_buffers
+    assert received == len(mapped) <= EVAL.batch_buffers  # one sending per buffer, not per batch
+
+
+def test_the_mappings_of_an_ended_worker_are_dropped(synth_shards):
+    from data_pipelines.batch_buffers import _received
+
+    urls = shard_urls(synth_shards)
+    first = {b["stream"]["lease"][0] for b in worker_batches(eval_pipeline(urls, EVAL, rank=0, world_size=1))}
+    assert len(first) == 1 and first <= set(_received)  # the worker has ended; nothing new arrived yet
+    batch = next(iter(worker_batches(eval_pipeline(urls, EVAL, rank=0, world_size=1))))
+    assert batch["stream"]["lease"][0] in _received and not first & set(_received)
+
+
+def test_a_batch_received_in_inference_mode_gives_its_buffer_back_outside_it(synth_shards):
+    """A validation loop receives batches under torch.inference_mode(); the batch may die, and its
+    finaliser run, outside it."""
+    urls = shard_urls(synth_shards)
+    batches = iter(worker_batches(eval_pipeline(urls * 3, EVAL, rank=0, world_size=1)))
+    with torch.inference_mode():
+        first = next(batches)  # the pool's flags arrive here too
+    slot = first["stream"]["lease"][1]
+    del first
+    later = [b["stream"]["lease"][1] for b in batches]
+    assert slot in later  # freed, so handed out again

@@ -6,6 +6,7 @@ run, is in tests/pretrain/test_inject.py."""
 from __future__ import annotations
 
 import pytest
+import torch
 import webdataset as wds
 from shard_factory import make_sample, write_shard_dir
 
@@ -42,6 +43,40 @@ def test_rows_split_by_ratio_and_the_plain_stream_position_is_tracked(shards):
         assert all(k.startswith("c") for k in batch["key"][:2])
         assert all(k.startswith("k") for k in batch["key"][2:])  # never the uncaptioned `nocap`
     assert dm.state_dict()["batches"] == 3
+
+
+def test_mixed_batches_from_a_worker_hand_both_buffers_back(shards, tmp_path):
+    """In a loader worker both streams' rows are copied into the mixed batch, so both reused buffers
+    go back to their pools at once: 8 batches through pools of 2 never run either pool dry (which
+    the worker would log). The worker is forked, so it logs through the file handler set up here."""
+    import logging
+
+    handler = logging.FileHandler(tmp_path / "worker.log")
+    logger = logging.getLogger("emomae.data")
+    logger.addHandler(handler)
+    try:
+        cfg = dict(DATA, shards=str(shards / "plain"), train_groups=["fold0"], batch_size=4, epoch_length=8)
+        dm = CaptionMixDataModule(
+            {**cfg, "num_workers": 1, "batch_buffers": 2},
+            rank=0,
+            world_size=1,
+            caption_ratio=0.5,
+            caption_shards=str(shards / "captioned" / "all-000000.tar"),
+        )
+        want = list(
+            datamodule(
+                shards, caption_ratio=0.5, caption_shards=str(shards / "captioned" / "all-000000.tar")
+            ).train_dataloader()
+        )
+        got = [(b["key"], b["video"].clone(), b["stream"]) for b in dm.train_dataloader()]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert len(got) == 8
+    assert [k for k, _, _ in got[:3]] == [b["key"] for b in want]
+    assert all(torch.equal(v, b["video"]) for (_, v, _), b in zip(got, want))
+    assert all("lease" not in stream for _, _, stream in got)
+    assert "still held by the consumer" not in (tmp_path / "worker.log").read_text()
 
 
 def test_all_rows_captioned_uses_the_captioned_stream_alone(shards):
