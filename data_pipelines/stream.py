@@ -23,6 +23,7 @@ explains the guarantees.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -358,6 +359,30 @@ def ignore_stop_signals() -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def kill_loader_workers_at_exit() -> None:
+    """In the training process: at interpreter exit, SIGKILL the DataLoader workers still alive.
+
+    A script that dies of an uncaught exception can leave a loader iterator alive (its traceback
+    holds it), so its workers were never shut down. multiprocessing's own exit handler then stops
+    them with SIGTERM, which they ignore (`ignore_stop_signals`), and waits for them forever. This
+    handler is registered after that one (atexit runs the last registered first), so it goes first:
+    the first `AVStream` made in a process registers it.
+    """
+    import multiprocessing
+
+    for process in multiprocessing.active_children():
+        try:  # torch names its loader workers' threads so (Linux)
+            is_loader_worker = Path(f"/proc/{process.pid}/comm").read_text().strip() == "pt_data_worker"
+        except OSError:
+            continue
+        if is_loader_worker:
+            process.kill()
+            process.join()
+
+
+_exit_handler_registered = False
+
+
 class AVStream(IterableDataset):
     """Base: resolves the worker context at iteration time and runs the pipeline built for it."""
 
@@ -384,6 +409,12 @@ class AVStream(IterableDataset):
         self.epoch = 0
         self.buffer_pool: BatchBufferPool | None = None  # made in `__iter__`, where the stream runs
         self.start = StreamStart()
+        global _exit_handler_registered
+        if not _exit_handler_registered:
+            import multiprocessing.util  # noqa: F401  registers its exit handler now, so ours runs first
+
+            atexit.register(kill_loader_workers_at_exit)
+            _exit_handler_registered = True
 
     def context(self) -> WorkerContext:
         info = get_worker_info()
