@@ -33,10 +33,10 @@ the page faults of a new batch tensor (~0.3 ms per decoded clip in process on th
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
+import secrets
 import weakref
 from dataclasses import dataclass, field
 
@@ -66,8 +66,6 @@ BY_VALUE_DTYPES = frozenset(
 HEADROOM = 1.25
 PAGE = 4096
 
-_ids = itertools.count()
-
 
 def shared_bytes(nbytes: int) -> Tensor:
     """A uint8 tensor of `nbytes` in shared memory, as `default_collate` allocates in a worker."""
@@ -83,14 +81,16 @@ class BatchBufferPool:
     the receiver has mapped, then whether the receiver has these flags."""
 
     def __init__(self, size: int, shared: bool = True) -> None:
-        self.id = f"{os.getpid()}-{next(_ids)}"
+        # the pid (the receiver checks whether it has ended) and a token: a later worker may get the pid
+        self.id = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.shared = shared
         flags = 2 * size + 1
-        self.flags = (
-            shared_bytes(4 * flags).view(torch.int32).zero_()
-            if shared
-            else torch.zeros(flags, dtype=torch.int32)
-        )
+        with torch.inference_mode(False):  # not an inference tensor: finalisers update it in any mode
+            self.flags = (
+                shared_bytes(4 * flags).view(torch.int32).zero_()
+                if shared
+                else torch.zeros(flags, dtype=torch.int32)
+            )
         self.size = size
         self.buffers: list[Tensor | np.ndarray] = []
         self.generations: list[int] = []  # bumped each time a slot gets a new buffer

@@ -220,3 +220,15 @@ def test_a_batch_received_in_inference_mode_gives_its_buffer_back_outside_it(syn
     del first
     later = [b["stream"]["lease"][1] for b in batches]
     assert slot in later  # freed, so handed out again
+
+
+def test_an_in_process_stream_started_in_inference_mode_still_recycles_its_buffers(synth_shards):
+    """The in-process pool's flags are made where the stream starts, maybe under inference_mode();
+    a batch dropped outside it must still free its buffer."""
+    stream = eval_pipeline(shard_urls(synth_shards) * 3, EVAL, rank=0, world_size=1)
+    with torch.inference_mode():
+        batches = iter(stream)
+        first = next(batches)
+    pointer = first["video"].data_ptr()
+    del first
+    assert pointer in [b["video"].data_ptr() for b in batches]
