@@ -74,7 +74,7 @@ from data_pipelines.features import (  # noqa: E402
 )
 from data_pipelines.frame_decode import ClipFrameDecoder  # noqa: E402
 from data_pipelines.shards import ShardConfig, shard_urls, write_shards  # noqa: E402
-from data_pipelines.stream import StreamConfig, eval_pipeline, pretrain_pipeline  # noqa: E402
+from data_pipelines.stream import StreamConfig, as_built, eval_pipeline, pretrain_pipeline  # noqa: E402
 
 REALDATA = REPO / ".." / "shared" / "realdata"
 PRETRAIN_RESULTS = REPO / "benchmarks" / "results" / "bench_pretrain.json"
@@ -148,7 +148,7 @@ def worker_timed(
     clips, cpu, batches, main_cpu = 0, 0.0, 0, 0.0
     while clips < min_clips:
         stamps, main_start = [], None
-        for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1):
+        for b in DataLoader(CPUStamped(make_stream()), batch_size=None, num_workers=1, collate_fn=as_built):
             if main_start is None:
                 main_start = time.process_time()
             else:

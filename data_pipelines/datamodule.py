@@ -32,6 +32,7 @@ from data_pipelines.stream import (
     SampleFilter,
     StreamConfig,
     StreamStart,
+    as_built,
     eval_pipeline,
     pretrain_pipeline,
     resolve_rank,
@@ -179,7 +180,7 @@ class StreamLoader(DataLoader):
         on_batch: Callable[[dict], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+        super().__init__(dataset, batch_size=None, collate_fn=as_built, **kwargs)
         self.on_iter, self.on_batch = on_iter, on_batch
 
     def __iter__(self) -> Iterator[dict]:

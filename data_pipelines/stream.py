@@ -359,6 +359,13 @@ def ignore_stop_signals() -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def as_built(batch: dict) -> dict:
+    """A loader's `collate_fn` for these streams: they batch in the worker, so there is nothing to
+    collate, and torch's default (`default_convert`, which walks every value down to each key string)
+    took ~3 % of a pretraining worker's time (py-spy, batch 8)."""
+    return batch
+
+
 def kill_loader_workers_at_exit() -> None:
     """In the training process: at interpreter exit, SIGKILL the DataLoader workers still alive.
 

@@ -21,6 +21,7 @@ from data_pipelines.stream import (
     PretrainStream,
     StreamConfig,
     WorkerContext,
+    as_built,
     batch_samples,
     tag_batches,
 )
@@ -130,7 +131,7 @@ class PartEvalStream(EvalStream):
 
 
 def loader(stream, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=as_built)
 
 
 class StreamEpoch(pl.Callback):
