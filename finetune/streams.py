@@ -12,6 +12,7 @@ import webdataset as wds
 from webdataset.gopen import gopen
 
 from data_pipelines.augment import VideoAugConfig
+from data_pipelines.datamodule import StreamLoader
 from data_pipelines.exact_once import split_addresses
 from data_pipelines.features import FbankConfig
 from data_pipelines.samples import BatchBuilder, SampleDecoder
@@ -21,7 +22,6 @@ from data_pipelines.stream import (
     PretrainStream,
     StreamConfig,
     WorkerContext,
-    as_built,
     batch_samples,
     tag_batches,
 )
@@ -131,7 +131,7 @@ class PartEvalStream(EvalStream):
 
 
 def loader(stream, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=as_built)
+    return StreamLoader(stream, num_workers=num_workers)
 
 
 class StreamEpoch(pl.Callback):
