@@ -87,6 +87,10 @@ class FinetuneModule(pl.LightningModule):
                 self.task, self.recipe.loss, self.model(video, fbank), mixed, self.recipe.label_smoothing
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=video.shape[0])
+        # the epoch's mean: one step's loss swings with its batch, the mean shows whether training helps
+        self.log(
+            "train/epoch_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=video.shape[0]
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -175,7 +175,9 @@ class Run:
             stat.st_size,
             stat.st_mtime_ns,
             self.cfg.random_init,
-            self.cfg.seed,
+            # the seed draws a random encoder's weights; a trained one's features do not depend on it,
+            # so probes of several seeds share them
+            self.cfg.seed if self.cfg.random_init else None,
             (Path(self.cfg.protocol.shards) / "index.json").read_text(),
             kind,
             self.modalities,

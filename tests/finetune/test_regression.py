@@ -90,20 +90,22 @@ def test_full_finetuning_trains_on_ccc_and_reports_both_dimensions(regression_da
         "finetune",
         "head=finetune",
         "fold=0",
-        "recipes.finetune.epochs=2",
+        "recipes.finetune.epochs=4",
         "modalities=[av]",
     )
     fold = results["folds"][0]
     av = fold["test"]["av"]
     for key in ("ccc", "pcc", "ccc_valence", "ccc_arousal", "pcc_valence", "pcc_arousal"):
         assert -1.0 <= av[key] <= 1.0, key
-    # the fine-tuned model's arousal tracks the test speakers' targets. Measured (fold 0, 24 test
-    # clips): PCC 0.479, CCC 0.277. A CCC loss of the wrong sign drives them below zero.
-    assert av["pcc_arousal"] > 0.3 and av["ccc_arousal"] > 0.15, av
+    # the fine-tuned model's arousal tracks the test speakers' targets. Measured over seeds 0-5 (each
+    # its own fold 0 of 24 test clips): PCC 0.28-0.55, CCC 0.18-0.43. A CCC loss of the wrong sign
+    # drives them below zero.
+    assert av["pcc_arousal"] > 0.2 and av["ccc_arousal"] > 0.1, av
     with (tmp_path / "finetune" / "fold0" / "metrics.csv").open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    # one row per epoch: the loss of its last step; measured 0.807 -> 0.757
-    assert len(losses) == 2 and all(0.0 <= loss <= 2.0 for loss in losses), (
+        losses = [float(r["train/epoch_loss"]) for r in csv.DictReader(f) if r.get("train/epoch_loss")]
+    # each epoch's mean over its steps: one step's loss swings with its batch (it rose from epoch 1 to 2
+    # under seed 1). Measured, seeds 0-5, first -> last of 4 epochs: falls by 0.085-0.31.
+    assert len(losses) == 4 and all(0.0 <= loss <= 2.0 for loss in losses), (
         f"the CCC loss (1 - CCC) lies in [0, 2]: {losses}"
     )
-    assert losses[1] < losses[0] - 0.02, f"the CCC loss must fall while training: {losses}"
+    assert losses[-1] < losses[0] - 0.05, f"the CCC loss must fall while training: {losses}"
