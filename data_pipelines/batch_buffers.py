@@ -124,7 +124,8 @@ class BatchBufferPool:
                         self.size,
                     )
                 self.fresh += 1
-                return (shared_bytes(nbytes) if self.shared else torch.empty(nbytes, dtype=torch.uint8)), None
+                fresh = self.new_buffer(nbytes)
+                return (fresh if self.shared else torch.from_numpy(fresh)), None
         self.flags[slot] = TAKEN
         buffer = self.buffers[slot]
         if not self.shared:
