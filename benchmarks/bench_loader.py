@@ -135,14 +135,15 @@ class CPUStamped(torch.utils.data.IterableDataset):
 
 
 def worker_timed(
-    make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int
+    make_stream: Callable[[], torch.utils.data.IterableDataset], min_clips: int, read_pages: bool = True
 ) -> tuple[int, float, int, float]:
     """Clips and CPU seconds of DataLoader workers (`num_workers=1`, a new one per epoch) building
     batches until `min_clips` have arrived, counted from each worker's first batch (start-up is a
     per-epoch cost that real epochs of thousands of batches amortise); then batches and CPU seconds of
     this, the main process, receiving them over the same span. The main process reads one byte per
     4 kB page of every tensor, as the copy to pinned memory or nvjpeg would read them all: a page
-    first mapped here costs a fault."""
+    first mapped here costs a fault. Without `read_pages` it only receives them, which leaves the
+    worker the machine to itself: the difference is what a consumer's reads cost the worker."""
     from torch.utils.data import DataLoader
 
     clips, cpu, batches, main_cpu = 0, 0.0, 0, 0.0
@@ -153,7 +154,8 @@ def worker_timed(
                 main_start = time.process_time()
             else:
                 batches += 1
-            touch_pages(b)
+            if read_pages:
+                touch_pages(b)
             stamps.append((len(b["key"]), b["worker_cpu"]))
             del b
         main_cpu += time.process_time() - main_start
@@ -382,32 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "shared_buffer_decoded_clip": shared_buffer_run(clip_bytes),
             "shared_buffer_jpeg_bytes_clip": shared_buffer_run(bytes_clip),
         }
-        rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                items, cpu, wall = timed(run, args.seconds)
-                rounds[name].append((items / cpu, items / wall))
-        rates = {k: statistics.median(r[0] for r in v) for k, v in rounds.items()}
-        wall_rates = {k: statistics.median(r[1] for r in v) for k, v in rounds.items()}
-        results["per_worker_clips_per_s"] = {k: round(v, 2) for k, v in rates.items()}
-        results["per_worker_clips_per_s_rounds"] = {k: [round(r[0], 1) for r in v] for k, v in rounds.items()}
-        results["per_worker_clips_per_s_wall"] = {k: round(v, 2) for k, v in wall_rates.items()}
-        raw = rates["raw_jpeg_decode"]
-        results["ratio_to_raw_decode"] = {
-            "eval_fbank_npy": round(rates["loader_eval"] / raw, 3),
-            "pretrain_fbank_npy": round(rates["loader_pretrain"] / raw, 3),
-            "eval_wav_only": round(rates["loader_eval_wav_only"] / raw, 3),
-            "pretrain_wav_only": round(rates["loader_pretrain_wav_only"] / raw, 3),
-        }
-        # The loaders decode in place (frame_decode.py), faster than the reference decode above;
-        # against that same in-place decode the ratio is pure loader overhead.
-        in_place = rates["raw_jpeg_decode_in_place"]
-        results["ratio_to_in_place_decode"] = {
-            "eval_fbank_npy": round(rates["loader_eval"] / in_place, 3),
-            "pretrain_fbank_npy": round(rates["loader_pretrain"] / in_place, 3),
-        }
-
-        # Through a real DataLoader worker (batches in shared memory, pickled to this process).
+        # The same through a real DataLoader worker (batches in shared memory, pickled to this process).
         eval_urls = urls["fbank_npy"] * 10
         pretrain40_cfg = dataclasses.replace(pretrain_cfg, batch_size=40, epoch_length=8)
         bytes40_cfg = dataclasses.replace(pretrain40_cfg, jpeg_bytes=True)
@@ -422,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             "loader_pretrain_batch40": lambda: pretrain_pipeline(
                 urls["fbank_npy"], pretrain40_cfg, rank=0, world_size=1
             ),
+            # the consumer only receives (no reads of the pages): with the rest equal, the worker path's
+            # own cost against the in-process loader
+            "loader_pretrain_idle_consumer": lambda: pretrain_pipeline(
+                urls["fbank_npy"], pretrain_cfg, rank=0, world_size=1
+            ),
             "loader_pretrain_no_buffer_reuse": lambda: pretrain_pipeline(
                 urls["fbank_npy"], dataclasses.replace(pretrain_cfg, **no_reuse), rank=0, world_size=1
             ),
@@ -435,13 +417,24 @@ def main(argv: list[str] | None = None) -> int:
                 urls["fbank_npy"], dataclasses.replace(bytes40_cfg, **no_reuse), rank=0, world_size=1
             ),
         }
+        # One loop: every round times each in-process run, then each worker run, so a ratio compares
+        # runs made minutes apart at most (this VM's speed drifts by 10-30 % within the hour).
+        rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
         worker_rounds: dict[str, list[float]] = {k: [] for k in worker_runs}
         main_rounds: dict[str, list[float]] = {k: [] for k in worker_runs}
-        for _ in range(args.rounds):  # interleaved, as above
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                items, cpu, wall = timed(run, args.seconds)
+                rounds[name].append((items / cpu, items / wall))
             for name, make in worker_runs.items():
-                clips, cpu, batches, main_cpu = worker_timed(make, 400)
+                clips, cpu, batches, main_cpu = worker_timed(make, 400, read_pages="idle" not in name)
                 worker_rounds[name].append(clips / cpu)
                 main_rounds[name].append(1000 * main_cpu / batches)
+        rates = {k: statistics.median(r[0] for r in v) for k, v in rounds.items()}
+        wall_rates = {k: statistics.median(r[1] for r in v) for k, v in rounds.items()}
+        results["per_worker_clips_per_s"] = {k: round(v, 2) for k, v in rates.items()}
+        results["per_worker_clips_per_s_rounds"] = {k: [round(r[0], 1) for r in v] for k, v in rounds.items()}
+        results["per_worker_clips_per_s_wall"] = {k: round(v, 2) for k, v in wall_rates.items()}
         worker_rates = {k: round(statistics.median(v), 2) for k, v in worker_rounds.items()}
         results["main_process_ms_per_batch"] = {
             k: round(statistics.median(v), 3) for k, v in main_rounds.items()
@@ -450,13 +443,43 @@ def main(argv: list[str] | None = None) -> int:
             k: [round(r, 1) for r in v] for k, v in worker_rounds.items()
         }
         results["dataloader_worker_clips_per_s"] = worker_rates
-        results["ratio_to_raw_decode"]["eval_dataloader_worker"] = round(worker_rates["loader_eval"] / raw, 3)
-        results["ratio_to_raw_decode"]["pretrain_dataloader_worker"] = round(
-            worker_rates["loader_pretrain"] / raw, 3
-        )
-        results["ratio_to_raw_decode"]["pretrain_dataloader_worker_batch40"] = round(
-            worker_rates["loader_pretrain_batch40"] / raw, 3
-        )
+
+        def ratio(per_round: list[float], reference: str) -> float:
+            """Median over rounds of a rate over the reference's rate in the same round."""
+            return round(statistics.median(x / r[0] for x, r in zip(per_round, rounds[reference])), 3)
+
+        def in_process(name: str) -> list[float]:
+            return [r[0] for r in rounds[name]]
+
+        raw = rates["raw_jpeg_decode"]
+        results["ratio_to_raw_decode"] = {
+            "eval_fbank_npy": ratio(in_process("loader_eval"), "raw_jpeg_decode"),
+            "pretrain_fbank_npy": ratio(in_process("loader_pretrain"), "raw_jpeg_decode"),
+            "eval_wav_only": ratio(in_process("loader_eval_wav_only"), "raw_jpeg_decode"),
+            "pretrain_wav_only": ratio(in_process("loader_pretrain_wav_only"), "raw_jpeg_decode"),
+            "eval_dataloader_worker": ratio(worker_rounds["loader_eval"], "raw_jpeg_decode"),
+            "pretrain_dataloader_worker": ratio(worker_rounds["loader_pretrain"], "raw_jpeg_decode"),
+            "pretrain_dataloader_worker_batch40": ratio(
+                worker_rounds["loader_pretrain_batch40"], "raw_jpeg_decode"
+            ),
+            "pretrain_dataloader_worker_idle_consumer": ratio(
+                worker_rounds["loader_pretrain_idle_consumer"], "raw_jpeg_decode"
+            ),
+        }
+        # The loaders decode in place (frame_decode.py), faster than the reference decode above;
+        # against that same in-place decode the ratio is pure loader overhead.
+        results["ratio_to_in_place_decode"] = {
+            "eval_fbank_npy": ratio(in_process("loader_eval"), "raw_jpeg_decode_in_place"),
+            "pretrain_fbank_npy": ratio(in_process("loader_pretrain"), "raw_jpeg_decode_in_place"),
+        }
+        # a DataLoader worker against the same loader in this process, round by round
+        results["worker_over_in_process"] = {
+            "pretrain": ratio(worker_rounds["loader_pretrain"], "loader_pretrain"),
+            "pretrain_idle_consumer": ratio(
+                worker_rounds["loader_pretrain_idle_consumer"], "loader_pretrain"
+            ),
+            "eval": ratio(worker_rounds["loader_eval"], "loader_eval"),
+        }
 
         if args.decode_device != "none":
             stream = pretrain_pipeline(
@@ -571,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio {ratio['pretrain_dataloader_worker_batch40']:.3f}",
         ),
         (
+            "DataLoader worker, pretrain, fbank.npy, consumer reads nothing",
+            f"{worker_rates['loader_pretrain_idle_consumer']:.1f} clips/s",
+            f"ratio {ratio['pretrain_dataloader_worker_idle_consumer']:.3f}",
+        ),
+        (
             "DataLoader worker, pretrain, fbank.npy, no buffer reuse",
             f"{worker_rates['loader_pretrain_no_buffer_reuse']:.1f} clips/s",
             "data.batch_buffers=0",
@@ -628,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: loader / raw JPEG decode >= {results['target_ratio']}")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>16}  {note}")
+    over = results["worker_over_in_process"]
+    print(
+        f"DataLoader worker / the same loader in process (same rounds): pretrain {over['pretrain']}, "
+        f"with a consumer that reads nothing {over['pretrain_idle_consumer']}, eval {over['eval']}"
+    )
     print(f"GPU demand ({args.size}): {results['gpu_demand']['clips_per_s']} clips/s, {demand['source']}")
     for name, cores in results["cpu_cores_per_gpu"].items():
         print(
