@@ -94,7 +94,8 @@ def test_unimodal_loss_trains_every_clip_on_all_three_inputs_and_logs_each_loss(
     module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
     batch = next(iter(_batches(1, 0)))
     loss = module.training_step(batch, 0)
-    assert set(logged) == {"train/loss", "train/loss_audio", "train/loss_video"}
+    assert set(logged) == {"train/loss", "train/epoch_loss", "train/loss_audio", "train/loss_video"}
+    assert logged["train/epoch_loss"] == logged["train/loss"]  # the step's share of the epoch mean
     with torch.no_grad():
         video, fbank = normalize_video(batch["video"]), batch["fbank"].float()
         av, audio, only_video = (
